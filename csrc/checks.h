@@ -1,0 +1,123 @@
+// Boundary checks shared by the CPU and CUDA glue of every tgvkv op.
+//
+// Torch-light on purpose (compiles under nvcc and keeps translation units small): only
+// ATen/core/Tensor.h and c10's exception macros, no torch/extension.h. Every failure raises
+// a RuntimeError (ValueError for bad scalar values) naming the op, the argument, what was
+// expected and what was got, e.g.
+//   tgvkv::score_text_vision: 'k' must have 4 dims [B, Hkv, N, D], got shape [2, 3, 4]
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <cmath>
+#include <initializer_list>
+#include <sstream>
+#include <string>
+
+namespace tgvkv {
+namespace checks {
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << "[";
+  for (int64_t i = 0; i < t.dim(); ++i) os << (i ? ", " : "") << t.size(i);
+  os << "]";
+  return os.str();
+}
+
+// Generic condition with the op name prefixed.
+#define TGVKV_CHECK(cond, op, ...) TORCH_CHECK((cond), "tgvkv::", op, ": ", __VA_ARGS__)
+#define TGVKV_CHECK_VALUE(cond, op, ...) \
+  TORCH_CHECK_VALUE((cond), "tgvkv::", op, ": ", __VA_ARGS__)
+
+inline void check_defined(const at::Tensor& t, const char* op, const char* name) {
+  TGVKV_CHECK(t.defined(), op, "'", name, "' is an undefined tensor");
+}
+
+// t.dim() == dim; `layout` describes the expected shape, e.g. "[B, Hkv, N, D]".
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name,
+                      const char* layout) {
+  check_defined(t, op, name);
+  TGVKV_CHECK(t.dim() == dim, op, "'", name, "' must have ", dim, " dims ", layout,
+              ", got shape ", shape_str(t));
+}
+
+// t.size(d) == expected; `what` names the size, e.g. "B (from q)".
+inline void check_size(const at::Tensor& t, int64_t d, int64_t expected, const char* op,
+                       const char* name, const char* what) {
+  TGVKV_CHECK(t.size(d) == expected, op, "'", name, "' dim ", d, " (", what, ") must be ",
+              expected, ", got shape ", shape_str(t));
+}
+
+inline void check_dtype(const at::Tensor& t, at::ScalarType expected, const char* op,
+                        const char* name) {
+  TGVKV_CHECK(t.scalar_type() == expected, op, "'", name, "' must be ", expected, ", got ",
+              t.scalar_type());
+}
+
+// float32, float16 or bfloat16 (the K/V/Q dispatch set).
+inline void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
+  const auto s = t.scalar_type();
+  TGVKV_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, "'", name,
+              "' must be float32, float16 or bfloat16, got ", s);
+}
+
+inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                             const char* name, const char* ref_name) {
+  TGVKV_CHECK(t.scalar_type() == ref.scalar_type(), op, "'", name, "' must have the dtype of '",
+              ref_name, "' (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                              const char* name, const char* ref_name) {
+  TGVKV_CHECK(t.device() == ref.device(), op, "'", name, "' must be on the device of '",
+              ref_name, "' (", ref.device(), "), got ", t.device());
+}
+
+inline void check_device_type(const at::Tensor& t, c10::DeviceType type, const char* op,
+                              const char* name) {
+  TGVKV_CHECK(t.device().type() == type, op, "'", name, "' must be a ", c10::DeviceTypeName(type),
+              " tensor, got ", t.device());
+}
+
+inline void check_contiguous(const at::Tensor& t, const char* op, const char* name) {
+  TGVKV_CHECK(t.is_contiguous(), op, "'", name, "' must be contiguous");
+}
+
+// The small integer tensors of the API: q_pos [B, T] int64, modality [B, N] int8.
+inline void check_q_pos_modality(const at::Tensor& q_pos, const at::Tensor& modality,
+                                 const char* op) {
+  check_dim(q_pos, 2, op, "q_pos", "[B, T]");
+  check_dtype(q_pos, at::kLong, op, "q_pos");
+  check_dim(modality, 2, op, "modality", "[B, N]");
+  check_dtype(modality, at::kChar, op, "modality");
+  check_size(q_pos, 0, modality.size(0), op, "q_pos", "B (from modality)");
+  check_same_device(q_pos, modality, op, "q_pos", "modality");
+}
+
+inline void check_n_sink(int64_t n_sink, const char* op) {
+  TGVKV_CHECK_VALUE(n_sink >= 0, op, "n_sink must be >= 0, got ", n_sink);
+}
+
+inline void check_keep_ratio(double keep_ratio, const char* op) {
+  TGVKV_CHECK_VALUE(keep_ratio > 0.0 && keep_ratio <= 1.0, op,
+                    "keep_ratio must be in (0, 1], got ", keep_ratio);
+}
+
+// Returns kBudgetMass (0) or kBudgetMI (1).
+inline int parse_budget(c10::string_view budget, const char* op) {
+  if (budget == "mass") return 0;
+  if (budget == "mi") return 1;
+  TGVKV_CHECK_VALUE(false, op, "budget must be \"mass\" or \"mi\", got \"", std::string(budget),
+                    "\"");
+  return -1;
+}
+
+inline void check_scale(double scale, const char* op) {
+  TGVKV_CHECK_VALUE(std::isfinite(scale), op, "scale must be finite, got ", scale);
+}
+
+}  // namespace checks
+}  // namespace tgvkv
