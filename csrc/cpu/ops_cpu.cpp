@@ -1,0 +1,660 @@
+// CPU implementations of every tgvkv op (ATen glue + TORCH_LIBRARY_IMPL(tgvkv, CPU)).
+//
+// One translation unit on purpose: each torch-including TU costs minutes on small machines.
+// The kernel bodies are torch-free (csrc/include/tgvkv/cpu_*.h); this file validates inputs
+// (shapes, dtypes, devices, and the data-dependent invariants: q_pos layout, modality codes,
+// finite scores, ascending keep_idx), allocates outputs and runs the kernels with
+// at::parallel_for over (layer, sample, head / row chunk).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "tgvkv/common.h"
+#include "tgvkv/cpu_score.h"
+#include "tgvkv/cpu_select.h"
+
+namespace tgvkv {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+using cpu::SampleInfo;
+using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+cpu::DType to_dtype(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cpu::DType::kF32;
+    case at::kHalf: return cpu::DType::kF16;
+    default: return cpu::DType::kBF16;
+  }
+}
+
+auto par_for() {
+  return [](int64_t begin, int64_t end, const auto& fn) {
+    if (end <= begin) return;
+    at::parallel_for(begin, end, 1, fn);
+  };
+}
+
+// Validates q_pos [B, T] / modality [B, N] (CPU, data-dependent) and returns per-sample facts.
+// N: the number of cache slots the op works on.
+std::vector<SampleInfo> analyze_samples(const Tensor& q_pos_c, const Tensor& mod_c, const char* op) {
+  const int64_t B = mod_c.size(0), N = mod_c.size(1), T = q_pos_c.size(1);
+  TGVKV_CHECK(N < (int64_t{1} << 31), op, "at most 2^31 - 1 cache slots are supported, got N = ", N);
+  const int64_t* qp = q_pos_c.data_ptr<int64_t>();
+  const int8_t* mod = mod_c.data_ptr<int8_t>();
+  std::vector<SampleInfo> info(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    SampleInfo& si = info[b];
+    const int8_t* m = mod + b * N;
+    for (int64_t j = 0; j < N; ++j) {
+      const int8_t x = m[j];
+      TGVKV_CHECK(x == kPad || x == kText || x == kVision, op, "'modality' values must be 0 (pad), ",
+                  "1 (text) or 2 (vision), got ", static_cast<int>(x), " at [", b, ", ", j, "]");
+      if (x != kPad) {
+        ++si.n_real;
+        si.last_real = j;
+      }
+      if (x == kVision) si.has_vision = true;
+    }
+    const int64_t* q = qp + b * T;
+    int64_t prev = -1;
+    bool ended = false;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t p = q[t];
+      TGVKV_CHECK(p >= -1 && p < N, op, "'q_pos' values must be in [-1, N = ", N, "), got ", p,
+                  " at [", b, ", ", t, "]");
+      if (p < 0) {
+        ended = true;
+        continue;
+      }
+      TGVKV_CHECK(!ended, op, "'q_pos' rows must list valid slots first (then -1), got ", p,
+                  " after -1 at [", b, ", ", t, "]");
+      TGVKV_CHECK(p > prev, op, "'q_pos' must be strictly increasing, got ", p, " after ", prev,
+                  " at [", b, ", ", t, "]");
+      TGVKV_CHECK(m[p] != kPad, op, "'q_pos' must not point at a pad slot, got slot ", p,
+                  " at [", b, ", ", t, "]");
+      prev = p;
+      ++si.n_rows;
+    }
+    si.first_guid = si.n_rows > 0 ? q[0] : -1;
+  }
+  return info;
+}
+
+bool sample_evicts(const SampleInfo& si, int64_t n_sink) {
+  return si.has_vision && si.n_rows > 0 && si.n_real > n_sink + 1;
+}
+
+// ------------------------------------------------------------------------------------------------
+// score_text_vision
+// ------------------------------------------------------------------------------------------------
+void check_layer_qk(const Tensor& q, const Tensor& k, int64_t B, int64_t N, int64_t T,
+                    const char* op, const char* qname, const char* kname) {
+  checks::check_dim(q, 4, op, qname, "[B, Hq, T, D]");
+  checks::check_dim(k, 4, op, kname, "[B, Hkv, N, D]");
+  checks::check_float_dtype(k, op, kname);
+  checks::check_same_dtype(q, k, op, qname, kname);
+  checks::check_device_type(k, c10::DeviceType::CPU, op, kname);
+  checks::check_same_device(q, k, op, qname, kname);
+  checks::check_size(k, 0, B, op, kname, "B (from modality)");
+  checks::check_size(k, 2, N, op, kname, "N (from modality)");
+  checks::check_size(q, 0, B, op, qname, "B (from modality)");
+  checks::check_size(q, 2, T, op, qname, "T (from q_pos)");
+  checks::check_size(q, 3, k.size(3), op, qname, "D (from k)");
+  TGVKV_CHECK(k.size(1) > 0 && q.size(1) > 0 && q.size(1) % k.size(1) == 0, op, "'", qname,
+              "' heads (", q.size(1), ") must be a positive multiple of '", kname, "' heads (",
+              k.size(1), ")");
+}
+
+cpu::ScoreLayer make_layer(const Tensor& qc, const Tensor& k, float* scores, float* stats) {
+  cpu::ScoreLayer ly;
+  ly.q = qc.data_ptr();
+  ly.k = k.data_ptr();
+  ly.dtype = to_dtype(k);
+  ly.Hq = qc.size(1);
+  ly.Hkv = k.size(1);
+  ly.D = k.size(3);
+  ly.k_sb = k.stride(0);
+  ly.k_sh = k.stride(1);
+  ly.k_sn = k.stride(2);
+  ly.k_sd = k.stride(3);
+  ly.scores = scores;
+  ly.stats = stats;
+  return ly;
+}
+
+// Scores [L, B, N] and stats [L, B, 2] of L layers (q/k lists already checked).
+void score_all(const std::vector<Tensor>& qs, TensorList ks, const Tensor& q_pos_c,
+               const Tensor& mod_c, const std::vector<SampleInfo>& info, double scale,
+               bool want_mi, Tensor& scores, Tensor& stats) {
+  const int64_t L = static_cast<int64_t>(ks.size());
+  const int64_t B = mod_c.size(0), N = mod_c.size(1), T = q_pos_c.size(1);
+  std::vector<int64_t> n_rows(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) n_rows[b] = info[b].n_rows;
+  std::vector<cpu::ScoreLayer> layers;
+  layers.reserve(static_cast<size_t>(L));
+  float* sc = scores.data_ptr<float>();
+  float* st = stats.data_ptr<float>();
+  for (int64_t l = 0; l < L; ++l)
+    layers.push_back(make_layer(qs[l], ks[l], sc + l * B * N, st + l * B * 2));
+  cpu::ScoreBatch sb;
+  sb.q_pos = q_pos_c.data_ptr<int64_t>();
+  sb.mod = mod_c.data_ptr<int8_t>();
+  sb.n_rows = n_rows.data();
+  sb.B = B;
+  sb.T = T;
+  sb.N = N;
+  sb.scale = static_cast<float>(scale);
+  sb.want_mi = want_mi;
+  cpu::score_layers(layers.data(), L, sb, at::get_num_threads(), par_for());
+}
+
+std::tuple<Tensor, Tensor> score_text_vision_cpu(const Tensor& q, const Tensor& k,
+                                                 const Tensor& q_pos, const Tensor& modality,
+                                                 double scale) {
+  const char* op = "score_text_vision";
+  checks::check_q_pos_modality(q_pos, modality, op);
+  checks::check_device_type(modality, c10::DeviceType::CPU, op, "modality");
+  const int64_t B = modality.size(0), N = modality.size(1), T = q_pos.size(1);
+  check_layer_qk(q, k, B, N, T, op, "q", "k");
+  checks::check_scale(scale, op);
+  const Tensor q_pos_c = q_pos.contiguous(), mod_c = modality.contiguous();
+  const auto info = analyze_samples(q_pos_c, mod_c, op);
+  Tensor scores = at::empty({1, B, N}, k.options().dtype(at::kFloat));
+  Tensor stats = at::empty({1, B, 2}, k.options().dtype(at::kFloat));
+  std::vector<Tensor> qs{q.contiguous()};
+  score_all(qs, TensorList(&k, 1), q_pos_c, mod_c, info, scale, /*want_mi=*/true, scores, stats);
+  return {scores.squeeze(0), stats.squeeze(0)};
+}
+
+// ------------------------------------------------------------------------------------------------
+// layer_budgets
+// ------------------------------------------------------------------------------------------------
+void budgets_impl(const Tensor& stats_c, const std::vector<SampleInfo>& info, double keep_ratio,
+                  int mode, bool redistribute, int64_t n_sink, Tensor& keep, Tensor& frac,
+                  const char* op) {
+  const int64_t L = stats_c.size(0), B = stats_c.size(1);
+  const float* st = stats_c.data_ptr<float>();
+  int64_t* kp = keep.data_ptr<int64_t>();
+  double* fr = frac.data_ptr<double>();
+  std::vector<double> work(static_cast<size_t>(2 * std::max<int64_t>(L, 1)));
+  for (int64_t b = 0; b < B; ++b) {
+    const SampleInfo& si = info[b];
+    const int status = sample_layer_budgets(L, st + b * 2, B * 2, 1, si.n_real, n_sink,
+                                            sample_evicts(si, n_sink), keep_ratio, mode,
+                                            redistribute, work.data(), kp + b, B, fr + b, B);
+    TGVKV_CHECK(status == 0, op, "non-finite budget for sample ", b,
+                " (the stats contain inf/nan values)");
+  }
+}
+
+void check_stats(const Tensor& stats, int64_t B, const char* op) {
+  checks::check_dim(stats, 3, op, "stats", "[L, B, 2]");
+  checks::check_dtype(stats, at::kFloat, op, "stats");
+  checks::check_size(stats, 1, B, op, "stats", "B (from modality)");
+  checks::check_size(stats, 2, 2, op, "stats", "(S, I)");
+}
+
+std::tuple<Tensor, Tensor> layer_budgets_cpu(const Tensor& stats, const Tensor& q_pos,
+                                             const Tensor& modality, double keep_ratio,
+                                             c10::string_view budget, bool redistribute,
+                                             int64_t n_sink) {
+  const char* op = "layer_budgets";
+  checks::check_q_pos_modality(q_pos, modality, op);
+  checks::check_device_type(modality, c10::DeviceType::CPU, op, "modality");
+  check_stats(stats, modality.size(0), op);
+  checks::check_same_device(stats, modality, op, "stats", "modality");
+  checks::check_keep_ratio(keep_ratio, op);
+  const int mode = checks::parse_budget(budget, op);
+  checks::check_n_sink(n_sink, op);
+  const Tensor q_pos_c = q_pos.contiguous(), mod_c = modality.contiguous();
+  const auto info = analyze_samples(q_pos_c, mod_c, op);
+  const int64_t L = stats.size(0), B = stats.size(1);
+  Tensor keep = at::empty({L, B}, modality.options().dtype(at::kLong));
+  Tensor frac = at::empty({L, B}, modality.options().dtype(at::kDouble));
+  budgets_impl(stats.contiguous(), info, keep_ratio, mode, redistribute, n_sink, keep, frac, op);
+  return {keep, frac};
+}
+
+// ------------------------------------------------------------------------------------------------
+// select_keep
+// ------------------------------------------------------------------------------------------------
+void check_finite_scores(const Tensor& scores_c, const Tensor& mod_c, const char* op) {
+  const int64_t L = scores_c.size(0), B = scores_c.size(1), N = scores_c.size(2);
+  const float* sc = scores_c.data_ptr<float>();
+  const int8_t* mod = mod_c.data_ptr<int8_t>();
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t b = 0; b < B; ++b) {
+      const float* s = sc + (l * B + b) * N;
+      const int8_t* m = mod + b * N;
+      for (int64_t j = 0; j < N; ++j)
+        TGVKV_CHECK(m[j] == kPad || std::isfinite(s[j]), op, "'scores' must be finite at ",
+                    "non-pad slots, got ", s[j], " at [", l, ", ", b, ", ", j, "]");
+    }
+}
+
+// keep_idx [L, B, N] and n_protected [L, B]; also returns the kept counts in n_kept [L, B].
+void select_impl(const Tensor& scores_c, const Tensor& keep_c, const Tensor& mod_c,
+                 const std::vector<SampleInfo>& info, int64_t n_sink, Tensor& keep_idx,
+                 Tensor& n_prot, Tensor* n_kept) {
+  const int64_t L = scores_c.size(0), B = scores_c.size(1), N = scores_c.size(2);
+  const float* sc = scores_c.data_ptr<float>();
+  const int64_t* kp = keep_c.data_ptr<int64_t>();
+  const int8_t* mod = mod_c.data_ptr<int8_t>();
+  int64_t* ki = keep_idx.data_ptr<int64_t>();
+  int64_t* np = n_prot.data_ptr<int64_t>();
+  int64_t* nk = n_kept ? n_kept->data_ptr<int64_t>() : nullptr;
+  par_for()(0, L * B, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> keys(static_cast<size_t>(N));
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t b = it % B;
+      const int64_t cnt = cpu::select_keep_row(sc + it * N, mod + b * N, N, info[b], kp[it],
+                                               n_sink, ki + it * N, keys.data(), np + it);
+      if (nk) nk[it] = cnt;
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> select_keep_cpu(const Tensor& scores, const Tensor& keep,
+                                           const Tensor& q_pos, const Tensor& modality,
+                                           int64_t n_sink) {
+  const char* op = "select_keep";
+  checks::check_q_pos_modality(q_pos, modality, op);
+  checks::check_device_type(modality, c10::DeviceType::CPU, op, "modality");
+  const int64_t B = modality.size(0), N = modality.size(1);
+  checks::check_dim(scores, 3, op, "scores", "[L, B, N]");
+  checks::check_dtype(scores, at::kFloat, op, "scores");
+  checks::check_size(scores, 1, B, op, "scores", "B (from modality)");
+  checks::check_size(scores, 2, N, op, "scores", "N (from modality)");
+  checks::check_dim(keep, 2, op, "keep", "[L, B]");
+  checks::check_dtype(keep, at::kLong, op, "keep");
+  checks::check_size(keep, 0, scores.size(0), op, "keep", "L (from scores)");
+  checks::check_size(keep, 1, B, op, "keep", "B (from modality)");
+  checks::check_same_device(scores, modality, op, "scores", "modality");
+  checks::check_same_device(keep, modality, op, "keep", "modality");
+  checks::check_n_sink(n_sink, op);
+  const Tensor q_pos_c = q_pos.contiguous(), mod_c = modality.contiguous();
+  const auto info = analyze_samples(q_pos_c, mod_c, op);
+  const Tensor scores_c = scores.contiguous();
+  check_finite_scores(scores_c, mod_c, op);
+  const int64_t L = scores.size(0);
+  Tensor keep_idx = at::empty({L, B, N}, modality.options().dtype(at::kLong));
+  Tensor n_prot = at::empty({L, B}, modality.options().dtype(at::kLong));
+  select_impl(scores_c, keep.contiguous(), mod_c, info, n_sink, keep_idx, n_prot, nullptr);
+  return {keep_idx, n_prot};
+}
+
+// ------------------------------------------------------------------------------------------------
+// compact_
+// ------------------------------------------------------------------------------------------------
+void check_kv_pair(const Tensor& k, const Tensor& v, const char* op, const char* kname,
+                   const char* vname) {
+  checks::check_dim(k, 4, op, kname, "[B, Hkv, N, D]");
+  checks::check_dim(v, 4, op, vname, "[B, Hkv, N, Dv]");
+  checks::check_device_type(k, c10::DeviceType::CPU, op, kname);
+  checks::check_same_device(v, k, op, vname, kname);
+  checks::check_size(v, 0, k.size(0), op, vname, "B (from k)");
+  checks::check_size(v, 1, k.size(1), op, vname, "Hkv (from k)");
+  checks::check_size(v, 2, k.size(2), op, vname, "N (from k)");
+}
+
+// Validates keep_idx rows (values in [-1, Nslots), valid entries strictly increasing) and
+// returns their kept counts.
+std::vector<int64_t> check_keep_idx(const Tensor& idx_c, int64_t Nslots, const char* op) {
+  const int64_t B = idx_c.size(0), M = idx_c.size(1);
+  const int64_t* p = idx_c.data_ptr<int64_t>();
+  std::vector<int64_t> cnt(static_cast<size_t>(B), 0);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t prev = -1;
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t x = p[b * M + i];
+      if (x == -1) continue;
+      TGVKV_CHECK(x >= 0 && x < Nslots, op, "'keep_idx' values must be -1 or in [0, ", Nslots,
+                  "), got ", x, " at [", b, ", ", i, "]");
+      TGVKV_CHECK(x > prev, op, "'keep_idx' kept slots must be strictly increasing, got ", x,
+                  " after ", prev, " at [", b, ", ", i, "]");
+      prev = x;
+      ++cnt[b];
+    }
+  }
+  return cnt;
+}
+
+// Compacts one layer's k and v with keep_idx rows [B, M] (validated).
+void compact_layer(const Tensor& k, const Tensor& v, const int64_t* idx, int64_t M) {
+  const int64_t B = k.size(0), H = k.size(1);
+  if (B == 0 || H == 0 || M == 0) return;
+  char* kb = static_cast<char*>(k.data_ptr());
+  char* vb = static_cast<char*>(v.data_ptr());
+  const int64_t ke = k.element_size(), ve = v.element_size();
+  par_for()(0, B * H * 2, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t which = it % 2, bh = it / 2, b = bh / H, h = bh % H;
+      const Tensor& t = which == 0 ? k : v;
+      char* base = (which == 0 ? kb : vb) + (b * t.stride(0) + h * t.stride(1)) * (which == 0 ? ke : ve);
+      cpu::compact_rows(base, t.stride(2), t.stride(3), t.size(3), which == 0 ? ke : ve,
+                        idx + b * M, M);
+    }
+  });
+}
+
+Tensor compact_cpu(const Tensor& k, const Tensor& v, const Tensor& keep_idx) {
+  const char* op = "compact_";
+  check_kv_pair(k, v, op, "k", "v");
+  checks::check_dim(keep_idx, 2, op, "keep_idx", "[B, N]");
+  checks::check_dtype(keep_idx, at::kLong, op, "keep_idx");
+  checks::check_same_device(keep_idx, k, op, "keep_idx", "k");
+  checks::check_size(keep_idx, 0, k.size(0), op, "keep_idx", "B (from k)");
+  const Tensor idx_c = keep_idx.contiguous();
+  const auto cnt = check_keep_idx(idx_c, k.size(2), op);
+  compact_layer(k, v, idx_c.data_ptr<int64_t>(), idx_c.size(1));
+  Tensor n_kept = at::empty({k.size(0)}, keep_idx.options());
+  std::copy(cnt.begin(), cnt.end(), n_kept.data_ptr<int64_t>());
+  return n_kept;
+}
+
+// ------------------------------------------------------------------------------------------------
+// evict_from_scores / evict
+// ------------------------------------------------------------------------------------------------
+void check_cache_lists(TensorList k_cache, TensorList v_cache, int64_t L, int64_t B, int64_t N,
+                       const Tensor& modality, const char* op) {
+  TGVKV_CHECK(k_cache.size() == v_cache.size(), op, "'k_cache' and 'v_cache' must have the same ",
+              "number of layers, got ", k_cache.size(), " and ", v_cache.size());
+  TGVKV_CHECK(k_cache.empty() || static_cast<int64_t>(k_cache.size()) == L, op, "'k_cache' must ",
+              "have L = ", L, " layers (or none), got ", k_cache.size());
+  for (size_t l = 0; l < k_cache.size(); ++l) {
+    check_kv_pair(k_cache[l], v_cache[l], op, "k_cache[l]", "v_cache[l]");
+    checks::check_float_dtype(k_cache[l], op, "k_cache[l]");
+    checks::check_size(k_cache[l], 0, B, op, "k_cache[l]", "B (from modality)");
+    checks::check_size(k_cache[l], 2, N, op, "k_cache[l]", "N (from modality)");
+    checks::check_same_device(k_cache[l], modality, op, "k_cache[l]", "modality");
+  }
+}
+
+Tensor4 evict_tail(TensorList k_cache, TensorList v_cache, const Tensor& scores_c,
+                   const Tensor& stats_c, const Tensor& mod_c, const std::vector<SampleInfo>& info,
+                   double keep_ratio, int mode, bool redistribute, int64_t n_sink, const char* op) {
+  const int64_t L = scores_c.size(0), B = scores_c.size(1), N = scores_c.size(2);
+  const auto opts = mod_c.options();
+  Tensor keep = at::empty({L, B}, opts.dtype(at::kLong));
+  Tensor frac = at::empty({L, B}, opts.dtype(at::kDouble));
+  budgets_impl(stats_c, info, keep_ratio, mode, redistribute, n_sink, keep, frac, op);
+  Tensor keep_idx = at::empty({L, B, N}, opts.dtype(at::kLong));
+  Tensor n_prot = at::empty({L, B}, opts.dtype(at::kLong));
+  Tensor n_kept = at::empty({L, B}, opts.dtype(at::kLong));
+  select_impl(scores_c, keep, mod_c, info, n_sink, keep_idx, n_prot, &n_kept);
+  if (!k_cache.empty()) {
+    const int64_t* ki = keep_idx.data_ptr<int64_t>();
+    // one parallel loop over (layer, sample, head, k|v) rows of work
+    std::vector<int64_t> off(k_cache.size() + 1, 0);
+    for (size_t l = 0; l < k_cache.size(); ++l)
+      off[l + 1] = off[l] + B * k_cache[l].size(1) * 2;
+    par_for()(0, off.back(), [&](int64_t begin, int64_t end) {
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t l = std::upper_bound(off.begin(), off.end(), it) - off.begin() - 1;
+        const int64_t r = it - off[l];
+        const Tensor& k = k_cache[l];
+        const int64_t H = k.size(1);
+        const int64_t which = r % 2, bh = r / 2, b = bh / H, h = bh % H;
+        const Tensor& t = which == 0 ? k : v_cache[l];
+        const int64_t e = t.element_size();
+        char* base = static_cast<char*>(t.data_ptr()) + (b * t.stride(0) + h * t.stride(1)) * e;
+        const int64_t* idx = ki + (l * B + b) * N;
+        cpu::compact_rows(base, t.stride(2), t.stride(3), t.size(3), e, idx, n_kept.data_ptr<int64_t>()[l * B + b]);
+      }
+    });
+  }
+  return {keep_idx, n_kept, n_prot, frac};
+}
+
+Tensor4 evict_from_scores_cpu(TensorList k_cache, TensorList v_cache, const Tensor& scores,
+                              const Tensor& stats, const Tensor& q_pos, const Tensor& modality,
+                              double keep_ratio, c10::string_view budget, bool redistribute,
+                              int64_t n_sink) {
+  const char* op = "evict_from_scores";
+  checks::check_q_pos_modality(q_pos, modality, op);
+  checks::check_device_type(modality, c10::DeviceType::CPU, op, "modality");
+  const int64_t B = modality.size(0), N = modality.size(1);
+  checks::check_dim(scores, 3, op, "scores", "[L, B, N]");
+  checks::check_dtype(scores, at::kFloat, op, "scores");
+  checks::check_size(scores, 1, B, op, "scores", "B (from modality)");
+  checks::check_size(scores, 2, N, op, "scores", "N (from modality)");
+  checks::check_same_device(scores, modality, op, "scores", "modality");
+  check_stats(stats, B, op);
+  checks::check_size(stats, 0, scores.size(0), op, "stats", "L (from scores)");
+  checks::check_same_device(stats, modality, op, "stats", "modality");
+  checks::check_keep_ratio(keep_ratio, op);
+  const int mode = checks::parse_budget(budget, op);
+  checks::check_n_sink(n_sink, op);
+  const int64_t L = scores.size(0);
+  check_cache_lists(k_cache, v_cache, L, B, N, modality, op);
+  const Tensor q_pos_c = q_pos.contiguous(), mod_c = modality.contiguous();
+  const auto info = analyze_samples(q_pos_c, mod_c, op);
+  const Tensor scores_c = scores.contiguous();
+  check_finite_scores(scores_c, mod_c, op);
+  return evict_tail(k_cache, v_cache, scores_c, stats.contiguous(), mod_c, info, keep_ratio, mode,
+                    redistribute, n_sink, op);
+}
+
+Tensor4 evict_cpu(TensorList k_cache, TensorList v_cache, TensorList queries, const Tensor& q_pos,
+                  const Tensor& modality, double scale, double keep_ratio,
+                  c10::string_view budget, bool redistribute, int64_t n_sink) {
+  const char* op = "evict";
+  checks::check_q_pos_modality(q_pos, modality, op);
+  checks::check_device_type(modality, c10::DeviceType::CPU, op, "modality");
+  const int64_t B = modality.size(0), N = modality.size(1), T = q_pos.size(1);
+  const int64_t L = static_cast<int64_t>(k_cache.size());
+  TGVKV_CHECK(static_cast<int64_t>(queries.size()) == L, op, "'queries' must have one tensor per ",
+              "layer of 'k_cache' (", L, "), got ", queries.size());
+  check_cache_lists(k_cache, v_cache, L, B, N, modality, op);
+  for (int64_t l = 0; l < L; ++l)
+    check_layer_qk(queries[l], k_cache[l], B, N, T, op, "queries[l]", "k_cache[l]");
+  checks::check_scale(scale, op);
+  checks::check_keep_ratio(keep_ratio, op);
+  const int mode = checks::parse_budget(budget, op);
+  checks::check_n_sink(n_sink, op);
+  const Tensor q_pos_c = q_pos.contiguous(), mod_c = modality.contiguous();
+  const auto info = analyze_samples(q_pos_c, mod_c, op);
+  Tensor scores = at::empty({L, B, N}, modality.options().dtype(at::kFloat));
+  Tensor stats = at::empty({L, B, 2}, modality.options().dtype(at::kFloat));
+  // Scoring is skipped entirely when nothing can be evicted (keep_ratio == 1 or no sample evicts).
+  bool any = keep_ratio < 1.0;
+  if (any) {
+    any = false;
+    for (const auto& si : info) any = any || sample_evicts(si, n_sink);
+  }
+  if (any) {
+    std::vector<Tensor> qs;
+    qs.reserve(static_cast<size_t>(L));
+    for (int64_t l = 0; l < L; ++l) qs.push_back(queries[l].contiguous());
+    score_all(qs, k_cache, q_pos_c, mod_c, info, scale, /*want_mi=*/mode == kBudgetMI, scores,
+              stats);
+    check_finite_scores(scores, mod_c, op);
+  } else {
+    scores.zero_();
+    stats.zero_();
+  }
+  return evict_tail(k_cache, v_cache, scores, stats, mod_c, info, keep_ratio, mode, redistribute,
+                    n_sink, op);
+}
+
+// ------------------------------------------------------------------------------------------------
+// decode_evict_
+// ------------------------------------------------------------------------------------------------
+Tensor decode_evict_cpu(const Tensor& k, const Tensor& v, const Tensor& pos, const Tensor& length,
+                        const Tensor& q, const Tensor& n_seen, const Tensor& keep_fraction,
+                        const Tensor& n_protected, double scale, int64_t n_sink) {
+  const char* op = "decode_evict_";
+  check_kv_pair(k, v, op, "k", "v");
+  checks::check_float_dtype(k, op, "k");
+  const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), D = k.size(3);
+  checks::check_dim(q, 3, op, "q", "[B, Hq, D]");
+  checks::check_same_dtype(q, k, op, "q", "k");
+  checks::check_same_device(q, k, op, "q", "k");
+  checks::check_size(q, 0, B, op, "q", "B (from k)");
+  checks::check_size(q, 2, D, op, "q", "D (from k)");
+  TGVKV_CHECK(Hkv > 0 && q.size(1) > 0 && q.size(1) % Hkv == 0, op, "'q' heads (", q.size(1),
+              ") must be a positive multiple of 'k' heads (", Hkv, ")");
+  checks::check_dim(pos, 2, op, "pos", "[B, S]");
+  checks::check_dtype(pos, at::kLong, op, "pos");
+  checks::check_size(pos, 0, B, op, "pos", "B (from k)");
+  checks::check_size(pos, 1, S, op, "pos", "S (from k)");
+  struct Vec {
+    const Tensor* t;
+    const char* name;
+    at::ScalarType dt;
+  };
+  for (const Vec& x : {Vec{&length, "length", at::kLong}, Vec{&n_seen, "n_seen", at::kLong},
+                       Vec{&keep_fraction, "keep_fraction", at::kDouble},
+                       Vec{&n_protected, "n_protected", at::kLong}}) {
+    checks::check_dim(*x.t, 1, op, x.name, "[B]");
+    checks::check_dtype(*x.t, x.dt, op, x.name);
+    checks::check_size(*x.t, 0, B, op, x.name, "B (from k)");
+    checks::check_same_device(*x.t, k, op, x.name, "k");
+  }
+  checks::check_same_device(pos, k, op, "pos", "k");
+  checks::check_scale(scale, op);
+  checks::check_n_sink(n_sink, op);
+  const int64_t Hq = q.size(1), g = Hq / Hkv;
+
+  // length / pos / n_protected accessed through strides (they are mutated in place)
+  auto at1 = [](const Tensor& t, int64_t i) -> int64_t& {
+    return t.data_ptr<int64_t>()[i * t.stride(0)];
+  };
+  const double* kf = keep_fraction.data_ptr<double>();
+  const int64_t kf_s = keep_fraction.stride(0);
+  std::vector<int64_t> n(static_cast<size_t>(B)), act(static_cast<size_t>(B), 0);
+  int64_t n_max = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    n[b] = at1(length, b);
+    TGVKV_CHECK(n[b] >= 0 && n[b] <= S, op, "'length' values must be in [0, S = ", S, "], got ",
+                n[b], " at [", b, "]");
+    const double f = kf[b * kf_s];
+    if (f >= 1.0) continue;
+    bool ok = true;
+    const int64_t forget = decode_forget(n[b], at1(n_seen, b), f, &ok);
+    TGVKV_CHECK(ok, op, "non-finite forget count for sample ", b, " (keep_fraction = ", f, ")");
+    if (forget <= 0) continue;
+    const int64_t np = at1(n_protected, b);
+    if (n[b] - np <= n_sink) continue;
+    act[b] = 1;
+    n_max = std::max(n_max, n[b]);
+  }
+  Tensor evicted = at::full({B}, -1, k.options().dtype(at::kLong));
+  if (n_max == 0) return evicted;
+
+  // per-(b, query head) softmax over the live slots, in parallel; reduced in head order below
+  std::vector<float> probs(static_cast<size_t>(B * Hq * n_max));
+  const Tensor qc = q.contiguous();
+  const cpu::DType dt = to_dtype(k);
+  const int64_t es = k.element_size();
+  par_for()(0, B * Hq, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(static_cast<size_t>(std::max<int64_t>(D, 1)));
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t b = it / Hq, hq = it % Hq;
+      if (!act[b]) continue;
+      const char* kbh =
+          static_cast<const char*>(k.data_ptr()) + (b * k.stride(0) + (hq / g) * k.stride(1)) * es;
+      const char* qh = static_cast<const char*>(qc.data_ptr()) + (b * Hq + hq) * D * es;
+      float* pr = probs.data() + it * n_max;
+      switch (dt) {
+        case cpu::DType::kF32:
+          cpu::decode_head_probs(reinterpret_cast<const float*>(qh),
+                                 reinterpret_cast<const float*>(kbh), k.stride(2), k.stride(3),
+                                 n[b], D, static_cast<float>(scale), qf.data(), pr);
+          break;
+        case cpu::DType::kF16:
+          cpu::decode_head_probs(reinterpret_cast<const half_t*>(qh),
+                                 reinterpret_cast<const half_t*>(kbh), k.stride(2), k.stride(3),
+                                 n[b], D, static_cast<float>(scale), qf.data(), pr);
+          break;
+        default:
+          cpu::decode_head_probs(reinterpret_cast<const bf16_t*>(qh),
+                                 reinterpret_cast<const bf16_t*>(kbh), k.stride(2), k.stride(3),
+                                 n[b], D, static_cast<float>(scale), qf.data(), pr);
+      }
+    }
+  });
+
+  int64_t* ev = evicted.data_ptr<int64_t>();
+  const int64_t ps = pos.stride(1);
+  int64_t* pos_p = pos.data_ptr<int64_t>();
+  const int64_t ve = v.element_size();
+  std::vector<float> att(static_cast<size_t>(n_max));
+  std::vector<int64_t> tmp(static_cast<size_t>(n_max));
+  for (int64_t b = 0; b < B; ++b) {
+    if (!act[b]) continue;
+    const int64_t nb = n[b];
+    int64_t* pb = pos_p + b * pos.stride(0);
+    for (int64_t s = 0; s < nb; ++s) att[s] = 0.0f;
+    for (int64_t hq = 0; hq < Hq; ++hq) {
+      const float* pr = probs.data() + (b * Hq + hq) * n_max;
+      for (int64_t s = 0; s < nb; ++s) att[s] += pr[s];
+    }
+    const float hqf = static_cast<float>(Hq);
+    for (int64_t s = 0; s < nb; ++s) att[s] = att[s] / hqf;
+    // protected: the n_protected live entries of largest pos (threshold = n_prot-th largest)
+    const int64_t np = at1(n_protected, b);
+    int64_t thr = std::numeric_limits<int64_t>::max();
+    if (np > 0) {
+      for (int64_t s = 0; s < nb; ++s) tmp[s] = pb[s * ps];
+      std::nth_element(tmp.begin(), tmp.begin() + (np - 1), tmp.begin() + nb,
+                       std::greater<int64_t>());
+      thr = tmp[np - 1];
+    }
+    int64_t best = -1;
+    for (int64_t s = n_sink; s < nb; ++s) {
+      const int64_t p = pb[s * ps];
+      if (np > 0 && p >= thr) continue;
+      if (best < 0 || att[s] < att[best] || (att[s] == att[best] && p < pb[best * ps])) best = s;
+    }
+    if (best < 0) continue;
+    ev[b] = pb[best * ps];
+    const int64_t last = nb - 1;
+    if (best != last) {
+      for (int which = 0; which < 2; ++which) {
+        const Tensor& t = which == 0 ? k : v;
+        const int64_t e = which == 0 ? es : ve;
+        char* base = static_cast<char*>(t.data_ptr());
+        for (int64_t h = 0; h < Hkv; ++h) {
+          char* bh = base + (b * t.stride(0) + h * t.stride(1)) * e;
+          char* dst = bh + best * t.stride(2) * e;
+          const char* src = bh + last * t.stride(2) * e;
+          const int64_t Dt = t.size(3), sd = t.stride(3);
+          if (sd == 1) {
+            std::memcpy(dst, src, static_cast<size_t>(Dt * e));
+          } else {
+            for (int64_t d = 0; d < Dt; ++d)
+              std::memcpy(dst + d * sd * e, src + d * sd * e, static_cast<size_t>(e));
+          }
+        }
+      }
+      pb[best * ps] = pb[last * ps];
+    }
+    at1(length, b) = nb - 1;
+  }
+  return evicted;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tgvkv, CPU, m) {
+  m.impl("score_text_vision", &score_text_vision_cpu);
+  m.impl("layer_budgets", &layer_budgets_cpu);
+  m.impl("select_keep", &select_keep_cpu);
+  m.impl("compact_", &compact_cpu);
+  m.impl("evict_from_scores", &evict_from_scores_cpu);
+  m.impl("evict", &evict_cpu);
+  m.impl("decode_evict_", &decode_evict_cpu);
+}
+
+}  // namespace tgvkv

@@ -1,0 +1,37 @@
+// The Python module tgvkv._C. Importing it runs the static op registrations of every
+// translation unit (TORCH_LIBRARY in ops.cpp, TORCH_LIBRARY_IMPL in cpu/ and cuda/); the module
+// itself only exposes build facts. The only file that needs pybind11.
+#include <pybind11/pybind11.h>
+
+#ifndef TGVKV_VERSION
+#define TGVKV_VERSION "unknown"
+#endif
+#ifndef TGVKV_TORCH_VERSION
+#define TGVKV_TORCH_VERSION "unknown"
+#endif
+#ifndef TGVKV_CUDA_ARCHS
+#define TGVKV_CUDA_ARCHS ""
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "tgvkv compiled kernels (ops are registered under torch.ops.tgvkv)";
+  m.def(
+      "build_info",
+      []() {
+        py::dict d;
+        d["version"] = TGVKV_VERSION;
+        d["torch_version"] = TGVKV_TORCH_VERSION;
+#ifdef TGVKV_WITH_CUDA
+        d["cuda"] = true;
+        d["cuda_archs"] = TGVKV_CUDA_ARCHS;
+#else
+        d["cuda"] = false;
+        d["cuda_archs"] = "";
+#endif
+        return d;
+      },
+      "Build facts: version, torch version built against, whether CUDA kernels are present "
+      "and for which archs.");
+}

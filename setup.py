@@ -1,0 +1,119 @@
+"""Build of tgvkv: one extension module, tgvkv._C (CPU kernels, plus CUDA kernels when possible).
+
+Build with ``pip install --no-build-isolation .`` so that the extension is compiled against the
+torch that will run it (torch is deliberately not a build requirement, see pyproject.toml).
+
+Environment:
+  TGVKV_CUDA=0|1     force the CUDA kernels off / on (default: on when torch is a CUDA build
+                     and nvcc is found; never decided from a visible GPU).
+  TGVKV_CUDA_ARCHS   nvcc targets: either raw flags ("-gencode=arch=compute_90a,code=sm_90a ...")
+                     or a list of archs ("90a;80;80+PTX"). Default: sm_90a, sm_80 and PTX 8.0.
+  CFLAGS=-g0         halves the build time; MAX_JOBS=N bounds parallel compiles.
+"""
+
+import glob
+import os
+import re
+import shutil
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+VERSION = "0.1.0"
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = ("-gencode=arch=compute_90a,code=sm_90a "
+                 "-gencode=arch=compute_80,code=sm_80 "
+                 "-gencode=arch=compute_80,code=compute_80")
+
+
+def _rel_glob(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _find_nvcc():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _want_cuda(cu_sources):
+    env = os.environ.get("TGVKV_CUDA", "").strip()
+    if env == "0":
+        return False
+    if env == "1":
+        if not torch.version.cuda:
+            raise RuntimeError("TGVKV_CUDA=1 but the installed torch (%s) is not a CUDA build"
+                               % torch.__version__)
+        if not _find_nvcc():
+            raise RuntimeError("TGVKV_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
+        if not cu_sources:
+            raise RuntimeError("TGVKV_CUDA=1 but csrc/cuda/ has no .cu sources")
+        return True
+    if env:
+        raise RuntimeError("TGVKV_CUDA must be 0 or 1, got %r" % env)
+    return bool(torch.version.cuda) and _find_nvcc() is not None and bool(cu_sources)
+
+
+def _arch_flags():
+    spec = os.environ.get("TGVKV_CUDA_ARCHS", "").strip() or DEFAULT_ARCHS
+    if spec.startswith("-"):
+        return spec.split()
+    flags = []
+    for a in re.split(r"[;,\s]+", spec):
+        if not a:
+            continue
+        ptx = a.endswith("+PTX")
+        a = a.replace("+PTX", "").replace(".", "").replace("sm_", "").replace("compute_", "")
+        flags.append("-gencode=arch=compute_%s,code=sm_%s" % (a, a))
+        if ptx:
+            flags.append("-gencode=arch=compute_%s,code=compute_%s" % (a, a))
+    return flags
+
+
+def _extension():
+    cpp_sources = _rel_glob("csrc/*.cpp") + _rel_glob("csrc/cpu/*.cpp")
+    cu_sources = _rel_glob("csrc/cuda/*.cu")
+    with_cuda = _want_cuda(cu_sources)
+    archs = _arch_flags() if with_cuda else []
+    archs_str = " ".join(archs)
+    macros = [
+        ("TGVKV_VERSION", '"%s"' % VERSION),
+        ("TGVKV_TORCH_VERSION", '"%s"' % torch.__version__),
+        ("TGVKV_CUDA_ARCHS", '"%s"' % archs_str),
+    ]
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden"]
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
+    if with_cuda:
+        macros.append(("TGVKV_WITH_CUDA", "1"))
+        nvcc = ["-O3", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "--expt-relaxed-constexpr",
+                "-lineinfo"] + archs
+        return CUDAExtension(
+            "tgvkv._C", cpp_sources + cu_sources, include_dirs=include_dirs,
+            define_macros=macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"])
+    return CppExtension(
+        "tgvkv._C", cpp_sources, include_dirs=include_dirs, define_macros=macros,
+        extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+
+
+setup(
+    name="tgvkv",
+    version=VERSION,
+    description="TGV-KV: text-grounded KV-cache eviction for vision-language models "
+                "(fused C++/CUDA kernels + Hugging Face integration)",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tgvkv", "tgvkv.*"]),
+    include_package_data=True,
+    package_data={"tgvkv": ["data/**/*", "data/*"]},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    install_requires=["torch>=2.11", "transformers>=5.17,<6", "numpy", "tqdm"],
+    extras_require={"test": ["pytest", "hypothesis"], "plot": ["matplotlib"]},
+    entry_points={"console_scripts": ["tgvkv-bench = tgvkv.cli:main"]},
+    zip_safe=False,
+)

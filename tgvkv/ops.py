@@ -1,0 +1,330 @@
+"""Typed wrappers over ``torch.ops.tgvkv.*``, their fake (meta) kernels, and the fast modality helpers.
+
+The ops themselves are implemented in C++ (``csrc/cpu``) and CUDA (``csrc/cuda``); their contract
+is README.md "API" and their oracle ``tgvkv.reference``. Conventions:
+
+- ``modality`` ``[B, N]`` int8: :data:`PAD` (0), :data:`TEXT` (1), :data:`VISION` (2) per cache slot.
+- ``q_pos`` ``[B, T]`` int64: the slot of each guidance-text query row, valid rows first and strictly
+  increasing, ``-1`` for unused rows (:func:`guidance_positions`).
+- Small tensors (``q_pos``, ``modality``, counts) live on the device of ``k``.
+
+Every wrapper is a thin call of the op (so it works under ``torch.compile(fullgraph=True)``); the
+fake kernels below compute output shapes from input shapes only.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+PAD, TEXT, VISION = 0, 1, 2
+
+_ops = torch.ops.tgvkv
+
+
+# --------------------------------------------------------------------------------------------
+# Modality map and guidance positions (vectorised; identical in output to tgvkv.reference)
+# --------------------------------------------------------------------------------------------
+def modality_map(input_ids: Tensor, vision_token_ids: Sequence[int],
+                 attention_mask: Tensor | None = None) -> Tensor:
+    """Modality of every prompt slot.
+
+    Parameters
+    ----------
+    input_ids : Tensor
+        ``[B, N]`` integer token ids, image/video placeholders already expanded.
+    vision_token_ids : sequence of int
+        The model's image/video placeholder ids (read from its config).
+    attention_mask : Tensor, optional
+        ``[B, N]``; ``0`` (or ``False``) marks padding.
+
+    Returns
+    -------
+    Tensor
+        ``[B, N]`` int8 of :data:`PAD` / :data:`TEXT` / :data:`VISION`, on ``input_ids.device``.
+    """
+    ids = [int(t) for t in vision_token_ids]
+    if ids:
+        vt = torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device)
+        is_vis = torch.isin(input_ids, vt)
+    else:
+        is_vis = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    mod = torch.where(is_vis, VISION, TEXT).to(torch.int8)
+    if attention_mask is not None:
+        mod = mod.masked_fill(attention_mask.to(input_ids.device) == 0, PAD)
+    return mod
+
+
+def guidance_positions(modality: Tensor) -> Tensor:
+    """Slots of the guidance-text queries: the non-pad slots after the last vision slot.
+
+    Parameters
+    ----------
+    modality : Tensor
+        ``[B, N]`` int8.
+
+    Returns
+    -------
+    Tensor
+        ``q_pos`` ``[B, T]`` int64 with ``T`` the largest guidance count in the batch (may be 0);
+        each row lists its sample's guidance slots ascending, padded with ``-1``. A sample without
+        a vision slot has no guidance set (SPEC §5: nothing to ground): its row is all ``-1``.
+        (``T`` is data-dependent, so this reads one scalar back from the device.)
+    """
+    B, N = modality.shape
+    dev = modality.device
+    if B == 0 or N == 0:
+        return torch.full((B, 0), -1, dtype=torch.int64, device=dev)
+    idx = torch.arange(N, device=dev)
+    last_vis = torch.where(modality == VISION, idx, -1).amax(dim=1)  # [B], -1 if none
+    guid = (idx[None, :] > last_vis[:, None]) & (modality != PAD) & (last_vis >= 0)[:, None]
+    counts = guid.sum(dim=1)
+    T = int(counts.max())
+    if T == 0:
+        return torch.full((B, 0), -1, dtype=torch.int64, device=dev)
+    # stable sort puts the guidance slots first, in ascending slot order
+    order = torch.sort((~guid).to(torch.int8), dim=1, stable=True).indices[:, :T]
+    valid = torch.arange(T, device=dev)[None, :] < counts[:, None]
+    return torch.where(valid, order, -1).to(torch.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Op wrappers
+# --------------------------------------------------------------------------------------------
+def score_text_vision(q: Tensor, k: Tensor, q_pos: Tensor, modality: Tensor,
+                      scale: float) -> tuple[Tensor, Tensor]:
+    """Ranking scores and text-vision statistics of one layer, from the guidance rows only.
+
+    Parameters
+    ----------
+    q : Tensor
+        ``[B, Hq, T, D]`` fp32/fp16/bf16 post-RoPE guidance queries (row ``t`` is slot
+        ``q_pos[b, t]``).
+    k : Tensor
+        ``[B, Hkv, N, D]`` post-RoPE keys, same dtype as ``q``, ``Hq % Hkv == 0``.
+    q_pos : Tensor
+        ``[B, T]`` int64. modality : ``[B, N]`` int8.
+    scale : float
+        Softmax scale (usually ``D ** -0.5``).
+
+    Returns
+    -------
+    scores : Tensor
+        ``[B, N]`` fp32: vision slots get ``Σ_t w_t A[t, v]``, text slots ``Σ_t A[t, p]``, pad 0.
+    stats : Tensor
+        ``[B, 2]`` fp32: text->vision attention mass ``S`` and its mutual information ``I``.
+    """
+    return _ops.score_text_vision(q, k, q_pos, modality, float(scale))
+
+
+def layer_budgets(stats: Tensor, q_pos: Tensor, modality: Tensor, keep_ratio: float,
+                  budget: str = "mass", redistribute: bool = False,
+                  n_sink: int = 4) -> tuple[Tensor, Tensor]:
+    """Per-layer keep counts (SPEC §2).
+
+    Parameters
+    ----------
+    stats : Tensor
+        ``[L, B, 2]`` fp32 ``(S, I)`` of every layer. q_pos : ``[B, T]``. modality : ``[B, N]``.
+    keep_ratio : float
+        κ in ``(0, 1]``.
+    budget : {"mass", "mi"}
+        Share ∝ ``S`` or ∝ ``S·I``.
+    redistribute : bool
+        Hand the excess of layers clamped at ``N_b`` to the others, iteratively.
+    n_sink : int
+        Sink count (never evicted).
+
+    Returns
+    -------
+    keep : Tensor
+        ``[L, B]`` int64 kept real slots (``N_b`` for samples that are not evicted).
+    keep_fraction : Tensor
+        ``[L, B]`` float64 ``1 - r_l`` (1.0 for samples that are not evicted).
+    """
+    return _ops.layer_budgets(stats, q_pos, modality, float(keep_ratio), budget,
+                              bool(redistribute), int(n_sink))
+
+
+def select_keep(scores: Tensor, keep: Tensor, q_pos: Tensor, modality: Tensor,
+                n_sink: int = 4) -> tuple[Tensor, Tensor]:
+    """Kept slots of every layer, ascending (SPEC §3).
+
+    Parameters
+    ----------
+    scores : Tensor
+        ``[L, B, N]`` fp32 (finite at non-pad slots). keep : ``[L, B]`` int64.
+    q_pos : Tensor
+        ``[B, T]`` int64. modality : ``[B, N]`` int8. n_sink : int.
+
+    Returns
+    -------
+    keep_idx : Tensor
+        ``[L, B, N]`` int64, kept slots ascending then ``-1``.
+    n_protected : Tensor
+        ``[L, B]`` int64, kept slots at or after the first guidance slot (at least 1).
+    """
+    return _ops.select_keep(scores, keep, q_pos, modality, int(n_sink))
+
+
+def compact_(k: Tensor, v: Tensor, keep_idx: Tensor) -> Tensor:
+    """In place: ``k[b, h, s] = k[b, h, keep_idx[b, s]]`` (and ``v``) for the kept entries.
+
+    Parameters
+    ----------
+    k, v : Tensor
+        ``[B, Hkv, N, D]`` and ``[B, Hkv, N, Dv]``, modified in place.
+    keep_idx : Tensor
+        ``[B, M]`` int64, kept slots strictly increasing, ``-1`` for unused entries.
+
+    Returns
+    -------
+    Tensor
+        ``n_kept`` ``[B]`` int64. Slots at and after ``n_kept[b]`` are unspecified.
+    """
+    return _ops.compact_(k, v, keep_idx)
+
+
+def evict_from_scores(k_cache: Sequence[Tensor], v_cache: Sequence[Tensor], scores: Tensor,
+                      stats: Tensor, q_pos: Tensor, modality: Tensor, keep_ratio: float,
+                      budget: str = "mass", redistribute: bool = False,
+                      n_sink: int = 4) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Budgets, selection and in-place compaction of a whole cache from precomputed scores.
+
+    Parameters
+    ----------
+    k_cache, v_cache : sequence of Tensor
+        ``L`` tensors ``[B, Hkv, N, D]`` (or empty lists: indices only), compacted in place.
+    scores : Tensor
+        ``[L, B, N]`` fp32. stats : ``[L, B, 2]`` fp32. q_pos, modality, keep_ratio, budget,
+        redistribute, n_sink : as in :func:`layer_budgets` / :func:`select_keep`.
+
+    Returns
+    -------
+    keep_idx : ``[L, B, N]`` int64. n_kept : ``[L, B]`` int64. n_protected : ``[L, B]`` int64.
+    keep_fraction : ``[L, B]`` float64.
+    """
+    return _ops.evict_from_scores(list(k_cache), list(v_cache), scores, stats, q_pos, modality,
+                                  float(keep_ratio), budget, bool(redistribute), int(n_sink))
+
+
+def evict(k_cache: Sequence[Tensor], v_cache: Sequence[Tensor], queries: Sequence[Tensor],
+          q_pos: Tensor, modality: Tensor, scale: float, keep_ratio: float,
+          budget: str = "mass", redistribute: bool = False,
+          n_sink: int = 4) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The whole TGV-KV prefill eviction of a cache of ``L`` layers, **in place**.
+
+    A sample is not evicted (keeps all real slots) when it has no vision slot, no guidance text
+    (the prompt ends with a vision token), ``N_b <= n_sink + 1``, or ``keep_ratio == 1``.
+
+    Parameters
+    ----------
+    k_cache, v_cache : sequence of Tensor
+        ``L`` tensors ``[B, Hkv, N, D]``, compacted in place (kept slots first, ascending).
+    queries : sequence of Tensor
+        ``L`` tensors ``[B, Hq, T, D]``, the post-RoPE guidance queries of each layer.
+    q_pos : Tensor
+        ``[B, T]`` int64. modality : ``[B, N]`` int8.
+    scale : float
+        Softmax scale. keep_ratio : κ in ``(0, 1]``. budget : ``"mass"`` or ``"mi"``.
+    redistribute : bool
+        See :func:`layer_budgets`. n_sink : int, sink count.
+
+    Returns
+    -------
+    keep_idx : ``[L, B, N]`` int64. n_kept : ``[L, B]`` int64. n_protected : ``[L, B]`` int64.
+    keep_fraction : ``[L, B]`` float64.
+    """
+    return _ops.evict(list(k_cache), list(v_cache), list(queries), q_pos, modality,
+                      float(scale), float(keep_ratio), budget, bool(redistribute), int(n_sink))
+
+
+def decode_evict_(k: Tensor, v: Tensor, pos: Tensor, length: Tensor, q: Tensor, n_seen: Tensor,
+                  keep_fraction: Tensor, n_protected: Tensor, scale: float,
+                  n_sink: int = 4) -> Tensor:
+    """One decode-time eviction step of one layer, in place (SPEC §4).
+
+    Parameters
+    ----------
+    k, v : Tensor
+        ``[B, Hkv, S, D]``, live slots ``[0, length[b])`` (any order), modified in place.
+    pos : Tensor
+        ``[B, S]`` int64 original position of each slot, modified in place.
+    length : Tensor
+        ``[B]`` int64 live slot counts, modified in place.
+    q : Tensor
+        ``[B, Hq, D]`` post-RoPE query of the newest token.
+    n_seen : ``[B]`` int64 tokens seen. keep_fraction : ``[B]`` float64. n_protected : ``[B]``
+        int64. scale : float. n_sink : int.
+
+    Returns
+    -------
+    Tensor
+        ``[B]`` int64: the evicted ``pos`` per sample, or ``-1``. The evicted slot is refilled
+        with the last live slot (O(Hkv·D) bytes moved).
+    """
+    return _ops.decode_evict_(k, v, pos, length, q, n_seen, keep_fraction, n_protected,
+                              float(scale), int(n_sink))
+
+
+# --------------------------------------------------------------------------------------------
+# Fake kernels: output shapes from input shapes (torch.compile / meta tensors / opcheck)
+# --------------------------------------------------------------------------------------------
+@torch.library.register_fake("tgvkv::score_text_vision")
+def _score_text_vision_fake(q, k, q_pos, modality, scale):
+    B, N = k.shape[0], k.shape[2]
+    return (k.new_empty((B, N), dtype=torch.float32), k.new_empty((B, 2), dtype=torch.float32))
+
+
+@torch.library.register_fake("tgvkv::layer_budgets")
+def _layer_budgets_fake(stats, q_pos, modality, keep_ratio, budget="mass", redistribute=False,
+                        n_sink=4):
+    L, B = stats.shape[0], stats.shape[1]
+    return (modality.new_empty((L, B), dtype=torch.int64),
+            modality.new_empty((L, B), dtype=torch.float64))
+
+
+@torch.library.register_fake("tgvkv::select_keep")
+def _select_keep_fake(scores, keep, q_pos, modality, n_sink=4):
+    L, B, N = scores.shape
+    return (modality.new_empty((L, B, N), dtype=torch.int64),
+            modality.new_empty((L, B), dtype=torch.int64))
+
+
+@torch.library.register_fake("tgvkv::compact_")
+def _compact_fake(k, v, keep_idx):
+    return keep_idx.new_empty((k.shape[0],), dtype=torch.int64)
+
+
+def _evict_outputs(L, modality):
+    B, N = modality.shape
+    return (modality.new_empty((L, B, N), dtype=torch.int64),
+            modality.new_empty((L, B), dtype=torch.int64),
+            modality.new_empty((L, B), dtype=torch.int64),
+            modality.new_empty((L, B), dtype=torch.float64))
+
+
+@torch.library.register_fake("tgvkv::evict_from_scores")
+def _evict_from_scores_fake(k_cache, v_cache, scores, stats, q_pos, modality, keep_ratio,
+                            budget="mass", redistribute=False, n_sink=4):
+    return _evict_outputs(scores.shape[0], modality)
+
+
+@torch.library.register_fake("tgvkv::evict")
+def _evict_fake(k_cache, v_cache, queries, q_pos, modality, scale, keep_ratio, budget="mass",
+                redistribute=False, n_sink=4):
+    return _evict_outputs(len(k_cache), modality)
+
+
+@torch.library.register_fake("tgvkv::decode_evict_")
+def _decode_evict_fake(k, v, pos, length, q, n_seen, keep_fraction, n_protected, scale,
+                       n_sink=4):
+    return k.new_empty((k.shape[0],), dtype=torch.int64)
+
+
+__all__ = [
+    "PAD", "TEXT", "VISION", "modality_map", "guidance_positions", "score_text_vision",
+    "layer_budgets", "select_keep", "compact_", "evict_from_scores", "evict", "decode_evict_",
+]
