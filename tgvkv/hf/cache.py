@@ -1,0 +1,265 @@
+"""A transformers ``Cache`` that holds a TGV-KV-compacted KV cache.
+
+Life of a :class:`TGVKVCache` in ``generate()``:
+
+1. Prefill: it behaves exactly like ``DynamicCache`` (dense ``[B, Hkv, N, D]`` per layer, pads
+   included) while the attention wrapper hands each layer's scores/statistics to it.
+2. After the prefill forward (or lazily at the first decode update), :meth:`TGVKVCache.finalize`
+   calls the policy once for the whole cache (budgets, selection, in-place compaction), then narrows
+   each layer to its largest kept length over the batch and reallocates (``clone``), so the evicted
+   memory is really freed. Layers are ragged across layers and across samples.
+3. Decode: each new token is written at slot ``length[b]`` of its sample; live slots are
+   ``[0, length[l, b])`` in any order (``pos`` records each slot's original padded position).
+   The attention wrapper attends with a per-layer/per-sample boolean mask
+   ``slot < length[l, b]`` (causality is trivial for a single new query), then runs the decode-time
+   eviction in place.
+
+Positions: ``get_seq_length()`` and ``get_mask_sizes()`` report the *virtual* length, i.e. what an
+unpatched cache would hold (padded prompt length N + generated tokens), so ``cache_position``,
+``position_ids``, the rope deltas of Qwen-VL M-RoPE and the 2D attention mask of ``generate`` go on
+from the original N exactly as without eviction. The mask the model builds from these sizes is
+ignored by the attention wrapper after compaction (it uses the cache's own per-layer mask).
+
+When the policy cannot evict anything for a batch (``keep_ratio == 1``, no vision tokens, no
+guidance text...), the cache stays in *passthrough* mode and the model runs bit for bit as unpatched.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from ..policy import PAD, Policy
+from .modality import modality_map
+
+_REBOUND_EVERY = 16  # decode steps between host syncs that tighten the live-length upper bound
+
+
+class TGVKVLayer(DynamicLayer):
+    """One decoder layer's cache: dense during prefill, compacted and ragged afterwards."""
+
+    is_croppable = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.n_virtual = 0  # tokens an unpatched cache would hold (pads included)
+        self.compacted = False
+        self.length: torch.Tensor | None = None  # [B] int64 live slots
+        self.pos: torch.Tensor | None = None  # [B, Cap] int64 original (padded) position per slot
+        self.keep_fraction: torch.Tensor | None = None  # [B] float64 decode target fraction
+        self.n_protected: torch.Tensor | None = None  # [B] int64 protected suffix length
+        self.bound = 0  # host-side upper bound of length.max()
+        self.mask: torch.Tensor | None = None  # [B, 1, 1, bound] bool, live slots this step
+
+    # ---- transformers layer API -------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        q_len = key_states.shape[-2]
+        if not self.compacted:
+            self.n_virtual += q_len
+            return super().update(key_states, value_states, *args, **kwargs)
+        if q_len != 1:
+            raise NotImplementedError(
+                "tgvkv: after eviction the cache accepts one new token per step (greedy/sampling "
+                f"decode); got {q_len} tokens (chunked prefill, assisted or speculative decoding, "
+                "or a second prompt on the same cache are not supported)")
+        B = key_states.shape[0]
+        if self.bound + 1 > self.keys.shape[2]:
+            self._grow(self.bound + 1)
+        b = torch.arange(B, device=self.keys.device)
+        self.keys[b, :, self.length] = key_states[:, :, 0].to(self.keys.dtype)
+        self.values[b, :, self.length] = value_states[:, :, 0].to(self.values.dtype)
+        self.pos[b, self.length] = self.n_virtual
+        self.length += 1
+        self.n_virtual += 1
+        self.bound += 1
+        if self.n_virtual % _REBOUND_EVERY == 0:  # decode evictions shrink lengths: re-tighten
+            self.bound = max(1, int(self.length.max()))
+        S = self.bound
+        slots = torch.arange(S, device=self.keys.device)
+        self.mask = (slots[None, :] < self.length[:, None])[:, None, None, :]
+        return self.keys[:, :, :S], self.values[:, :, :S]
+
+    def get_seq_length(self) -> int:
+        return self.n_virtual
+
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        if not isinstance(query_length, int):  # some versions pass cache_position
+            query_length = int(query_length.shape[0])
+        return self.n_virtual + query_length, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.__init__()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.compacted:
+            raise NotImplementedError("tgvkv: crop() of an evicted cache is not supported")
+        super().crop(tokens_to_remove)
+        self.n_virtual = self.keys.shape[-2] if self.keys is not None else 0
+
+    def _select_batch(self, idx: torch.Tensor) -> None:
+        self.keys = self.keys[idx]
+        self.values = self.values[idx]
+        if self.compacted:
+            for name in ("length", "pos", "keep_fraction", "n_protected"):
+                setattr(self, name, getattr(self, name)[idx])
+
+    def reorder_cache(self, beam_idx):
+        if self.keys is not None and self.keys.numel():
+            self._select_batch(beam_idx.to(self.keys.device))
+
+    def batch_select_indices(self, indices):
+        if self.keys is not None and self.keys.numel():
+            self._select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int):
+        if self.keys is not None and self.keys.numel():
+            idx = torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats)
+            self._select_batch(idx)
+
+    # ---- compaction ---------------------------------------------------------------------------
+    def _grow(self, need: int) -> None:
+        cap = self.keys.shape[2]
+        new_cap = max(need, cap + max(16, cap // 4))
+        B, H, _, D = self.keys.shape
+        # zeros, not empty: masked-out slots still enter SDPA's (0 * value) products, and garbage
+        # NaN/inf there would poison the output
+        k = self.keys.new_zeros(B, H, new_cap, D)
+        v = self.values.new_zeros(B, H, new_cap, self.values.shape[-1])
+        p = self.pos.new_full((B, new_cap), -1)
+        k[:, :, :cap] = self.keys
+        v[:, :, :cap] = self.values
+        p[:, :cap] = self.pos
+        self.keys, self.values, self.pos = k, v, p
+
+    def _compact_to(self, keep_idx_l, n_kept_l, n_kept_host, keep_fraction_l, n_protected_l):
+        S = max(1, max(n_kept_host))
+        dev = self.keys.device
+        # narrow + clone: the dense prompt-length buffers are released
+        self.keys = self.keys[:, :, :S].clone()
+        self.values = self.values[:, :, :S].clone()
+        self.pos = keep_idx_l[:, :S].to(dev, torch.int64).clone()
+        self.length = n_kept_l.to(dev, torch.int64).clone()
+        self.keep_fraction = keep_fraction_l.to(dev, torch.float64).clone()
+        self.n_protected = n_protected_l.to(dev, torch.int64).clone()
+        self.bound = S
+        self.compacted = True
+
+
+class TGVKVCache(DynamicCache):
+    """KV cache driven by a :class:`tgvkv.Policy`; pass it as ``past_key_values`` (``tgvkv.apply``
+    does so inside ``generate``). One cache serves one prompt (one prefill, then decode steps).
+
+    Parameters
+    ----------
+    num_layers : decoder layers of the language model.
+    policy : the eviction policy.
+    vision_ids : image/video placeholder ids from the model config.
+
+    Attributes after prefill (for inspection and tests)
+    ---------------------------------------------------
+    modality [B, N] int8, q_pos [B, T], result = (keep_idx [L, B, N], n_kept [L, B],
+    n_protected [L, B], keep_fraction [L, B]) or None when nothing was evicted (passthrough).
+    """
+
+    def __init__(self, num_layers: int, policy: Policy, vision_ids=(), runtime=None):
+        Cache.__init__(self, layers=[TGVKVLayer() for _ in range(num_layers)])
+        self.policy = policy
+        self.vision_ids = tuple(vision_ids)
+        self.runtime = runtime
+        self.phase = "empty"  # empty -> prefill -> (done | passthrough)
+        self.passthrough = True
+        self.modality = None
+        self.q_pos = None
+        self.n_seen = None  # [B] int64 real tokens seen (prompt + generated)
+        self.result = None
+        self._scores: list = [None] * num_layers
+        self._stats: list = [None] * num_layers
+
+    # ---- prefill ------------------------------------------------------------------------------
+    def begin_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        if self.phase != "empty":
+            raise NotImplementedError("tgvkv: a TGVKVCache serves one prompt; make a new cache "
+                                      "(tgvkv.apply does so for every generate() call)")
+        mod = modality_map(input_ids, self.vision_ids, attention_mask)
+        self.modality = mod
+        self.q_pos = self.policy.guidance(mod).to(mod.device)
+        self.n_seen = (mod != PAD).sum(1).to(torch.int64)
+        self.passthrough = not self.policy.evicts(self.q_pos, mod)
+        self.phase = "passthrough" if self.passthrough else "prefill"
+
+    def record_layer(self, layer_idx: int, scores: torch.Tensor, stats: torch.Tensor) -> None:
+        self._scores[layer_idx] = scores
+        self._stats[layer_idx] = stats
+
+    def finalize(self) -> None:
+        """Budgets + selection + compaction for all layers at once (after the prefill forward)."""
+        if self.phase != "prefill":
+            return
+        missing = [l for l, s in enumerate(self._scores) if s is None]
+        if missing:
+            raise RuntimeError(f"tgvkv: no scores were recorded for layers {missing} during prefill "
+                               "(was the model's attention implementation changed after patching?)")
+        dev = self.layers[0].keys.device
+        scores = torch.stack([s.to(dev) for s in self._scores])
+        stats = torch.stack([s.to(dev) for s in self._stats])
+        self._scores = [None] * len(self._scores)
+        self._stats = [None] * len(self._stats)
+        k_cache = [layer.keys for layer in self.layers]
+        v_cache = [layer.values for layer in self.layers]
+        keep_idx, n_kept, n_prot, frac = self.policy.evict(
+            k_cache, v_cache, scores, stats, self.q_pos.to(dev), self.modality.to(dev))
+        n_kept_host = n_kept.tolist()  # the one host sync of the prefill
+        for l, layer in enumerate(self.layers):
+            layer._compact_to(keep_idx[l], n_kept[l], n_kept_host[l], frac[l], n_prot[l])
+        self.result = (keep_idx, n_kept, n_prot, frac)
+        self.n_seen = self.n_seen.to(dev)
+        self.phase = "done"
+
+    # ---- decode -------------------------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.phase == "prefill" and self.layers[layer_idx].n_virtual > 0:
+            self.finalize()  # lazily, when no post-forward hook ran
+        if self.phase == "done" and layer_idx == 0:
+            self.n_seen += key_states.shape[-2]
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _batch_state(self, idx):
+        for name in ("modality", "q_pos", "n_seen"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[idx.to(t.device)])
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)
+        self._batch_state(beam_idx)
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        self._batch_state(indices)
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        if self.modality is not None:
+            idx = torch.arange(self.modality.shape[0]).repeat_interleave(repeats)
+            self._batch_state(idx)
+
+    # ---- inspection -----------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes held by the K and V tensors of all layers (allocated capacity)."""
+        tot = 0
+        for layer in self.layers:
+            if layer.keys is not None:
+                tot += layer.keys.numel() * layer.keys.element_size()
+                tot += layer.values.numel() * layer.values.element_size()
+        return tot
+
+    def kept_positions(self, layer_idx: int, batch_idx: int) -> list[int]:
+        """Original (padded) positions live in a layer's cache for one sample, ascending."""
+        layer = self.layers[layer_idx]
+        if not layer.compacted:
+            return [j for j in range(layer.n_virtual)
+                    if self.modality is None or j >= self.modality.shape[1]
+                    or int(self.modality[batch_idx, j]) != PAD]
+        n = int(layer.length[batch_idx])
+        return sorted(int(p) for p in layer.pos[batch_idx, :n].tolist())

@@ -1,0 +1,307 @@
+"""Plugging a policy into a Hugging Face model: ``tgvkv.apply`` / ``tgvkv.patch``.
+
+What patching does (and undoes on ``remove()``), all on the model *instance*, no installed file is
+touched:
+
+- registers an attention function ``tgvkv|<base>`` (``<base>`` = the model's own ``sdpa`` or
+  ``flash_attention_*``) in transformers' ``AttentionInterface`` (and the same mask function as the
+  base in ``AttentionMaskInterface``) and sets it as the ``_attn_implementation`` of the language
+  model's config only (the vision tower keeps its own);
+- tags the language model's attention modules with a runtime object (the active cache);
+- adds a forward pre-hook / hook on the top-level model: the pre-hook reads ``input_ids`` and
+  ``attention_mask`` of a prefill (modality map, guidance rows), the hook runs the eviction once the
+  prefill forward is done;
+- wraps ``model.generate`` so that it uses a fresh :class:`~tgvkv.hf.cache.TGVKVCache` unless the
+  caller passes ``past_key_values``.
+
+The attention function: without an active TGV-KV cache (or in passthrough) it calls the base
+function unchanged. During prefill it calls the base function, then the policy's
+``layer_scores`` on the post-RoPE queries/keys it was given. After compaction (decode) it attends
+with SDPA and the cache's own per-layer mask, then calls the policy's ``decode_step``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from ..policy import Policy
+from .cache import TGVKVCache
+from .modality import vision_token_ids
+
+VLM_MODEL_TYPES = {
+    "llava": "LLaVA-1.5 (LlavaForConditionalGeneration)",
+    "llava_next": "LLaVA-NeXT (LlavaNextForConditionalGeneration)",
+    "llava_onevision": "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration)",
+    "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration)",
+    "qwen2_5_vl": "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
+    "qwen3_vl": "Qwen3-VL (Qwen3VLForConditionalGeneration)",
+}
+TEXT_MODEL_TYPES = {
+    "llama": "Llama (LlamaForCausalLM)",
+    "mistral": "Mistral (MistralForCausalLM)",
+    "qwen2": "Qwen2 (Qwen2ForCausalLM)",
+    "qwen3": "Qwen3 (Qwen3ForCausalLM)",
+}
+BASE_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "eager")
+PREFIX = "tgvkv|"
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def supported_models() -> str:
+    rows = list(VLM_MODEL_TYPES.values()) + [v + " (text only: no eviction by default)"
+                                             for v in TEXT_MODEL_TYPES.values()]
+    return "; ".join(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# The attention function
+# --------------------------------------------------------------------------------------------
+def _make_attention(base_name: str):
+    def tgvkv_attention(module, query, key, value, attention_mask, **kwargs):
+        base = (ALL_ATTENTION_FUNCTIONS[base_name] if base_name != "eager"
+                else _eager_forward(module))
+        rt = getattr(module, "_tgvkv_runtime", None)
+        cache = rt.cache if rt is not None else None
+        if cache is None or cache.passthrough:
+            return base(module, query, key, value, attention_mask, **kwargs)
+        layer_idx = module.layer_idx
+        layer = cache.layers[layer_idx]
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+        if layer.compacted:
+            if query.shape[2] != 1:
+                raise NotImplementedError("tgvkv: one query token per decode step after eviction")
+            kw = {k: v for k, v in kwargs.items() if k not in ("sliding_window", "s_aux")}
+            out = sdpa_attention_forward(module, query, key, value, layer.mask, **kw)
+            cache.policy.decode_step(layer_idx, layer.keys, layer.values, layer.pos, layer.length,
+                                     query[:, :, -1], cache.n_seen, layer.keep_fraction,
+                                     layer.n_protected, scaling)
+            return out
+        out = base(module, query, key, value, attention_mask, **kwargs)
+        if cache.phase == "prefill":
+            if key.shape[2] != cache.modality.shape[1]:
+                raise RuntimeError(
+                    f"tgvkv: layer {layer_idx} keys cover {key.shape[2]} slots but the prompt has "
+                    f"{cache.modality.shape[1]}; chunked prefill is not supported")
+            scores, stats = cache.policy.layer_scores(layer_idx, query, key, cache.q_pos,
+                                                      cache.modality, scaling)
+            cache.record_layer(layer_idx, scores, stats)
+        return out
+
+    tgvkv_attention.__name__ = f"tgvkv_attention_{base_name}"
+    return tgvkv_attention
+
+
+def _eager_forward(module):
+    import sys
+
+    mod = sys.modules[type(module).__module__]
+    return mod.eager_attention_forward
+
+
+def _register(base_name: str) -> str:
+    name = PREFIX + base_name
+    if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionInterface.register(name, _make_attention(base_name))
+        mask_base = "sdpa" if base_name not in AttentionMaskInterface._global_mapping else base_name
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[mask_base])
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# Patching
+# --------------------------------------------------------------------------------------------
+class _Runtime:
+    def __init__(self, policy: Policy, num_layers: int, vision_ids):
+        self.policy = policy
+        self.num_layers = num_layers
+        self.vision_ids = vision_ids
+        self.cache: TGVKVCache | None = None
+
+    def new_cache(self) -> TGVKVCache:
+        return TGVKVCache(self.num_layers, self.policy, self.vision_ids, runtime=self)
+
+
+def _language_model(model):
+    inner = getattr(model, "model", None)
+    if inner is None:
+        raise UnsupportedModelError(f"tgvkv: {type(model).__name__} has no .model; supported: "
+                                    f"{supported_models()}")
+    return getattr(inner, "language_model", None) or inner
+
+
+def _check_supported(model):
+    mt = getattr(model.config, "model_type", None)
+    if mt in VLM_MODEL_TYPES:
+        ids = vision_token_ids(model.config)
+        if not ids:
+            raise ValueError(f"tgvkv: the {mt} config has no image/video token id (looked for "
+                             "image_token_id, image_token_index, video_token_id, video_token_index)"
+                             "; the modality map cannot be built")
+        return ids
+    if mt in TEXT_MODEL_TYPES:
+        return vision_token_ids(model.config)
+    raise UnsupportedModelError(f"tgvkv: model type {mt!r} ({type(model).__name__}) is not "
+                                f"supported. Supported: {supported_models()}")
+
+
+class Handle:
+    """A patched model; ``remove()`` restores it. Also a context manager."""
+
+    def __init__(self, model, policy: Policy):
+        if not isinstance(policy, Policy):
+            raise TypeError(f"tgvkv: policy must be a tgvkv.Policy (e.g. tgvkv.TGVKV(...)), got "
+                            f"{type(policy).__name__}")
+        policy.validate()
+        if getattr(model, "_tgvkv_handle", None) is not None:
+            raise RuntimeError("tgvkv: this model is already patched; remove() the first handle")
+        vision_ids = _check_supported(model)
+        lm = _language_model(model)
+        attn_modules = [m for m in lm.modules()
+                        if hasattr(m, "layer_idx") and hasattr(m, "scaling") and hasattr(m, "config")]
+        if not attn_modules:
+            raise UnsupportedModelError(f"tgvkv: no attention modules found in {type(lm).__name__}")
+        configs = {id(c): c for c in [lm.config] + [m.config for m in attn_modules]}
+        for c in configs.values():
+            impl = c._attn_implementation
+            if impl is not None and impl.startswith(PREFIX):
+                raise RuntimeError("tgvkv: the model's attention is already a tgvkv function")
+            if impl not in BASE_ATTENTION:
+                raise UnsupportedModelError(
+                    f"tgvkv: attention implementation {impl!r} is not supported; use one of "
+                    f"{BASE_ATTENTION[:-1]} (sdpa is the default)")
+            layer_types = getattr(c, "layer_types", None) or []
+            if any(t != "full_attention" for t in layer_types) or (
+                    getattr(c, "sliding_window", None) is not None
+                    and getattr(c, "use_sliding_window", True)
+                    and getattr(c, "model_type", "") in ("mistral",)):
+                raise UnsupportedModelError("tgvkv: sliding-window / non-full attention layers are "
+                                            "not supported")
+        num_layers = max(m.layer_idx for m in attn_modules) + 1
+        self.model = model
+        self.policy = policy
+        self.runtime = _Runtime(policy, num_layers, vision_ids)
+        self._configs = [(c, c._attn_implementation) for c in configs.values()]
+        self._modules = attn_modules
+        for c, impl in self._configs:
+            c._attn_implementation = _register(impl)
+        for m in attn_modules:
+            m._tgvkv_runtime = self.runtime
+        rt = self.runtime
+        self._hooks = [
+            model.register_forward_pre_hook(functools.partial(_pre_hook, rt), with_kwargs=True),
+            model.register_forward_hook(functools.partial(_post_hook, rt), with_kwargs=True),
+        ]
+        self._had_generate = "generate" in model.__dict__
+        self._orig_generate = model.generate
+        model.generate = functools.partial(_generate, weakref.ref(rt), self._orig_generate)
+        model._tgvkv_handle = self
+        self.removed = False
+
+    def new_cache(self) -> TGVKVCache:
+        """A fresh cache for a direct ``model(..., past_key_values=cache)`` call."""
+        return self.runtime.new_cache()
+
+    @property
+    def last_cache(self) -> TGVKVCache | None:
+        return self.runtime.cache
+
+    def remove(self) -> None:
+        if self.removed:
+            return
+        for h in self._hooks:
+            h.remove()
+        for c, impl in self._configs:
+            c._attn_implementation = impl
+        for m in self._modules:
+            if hasattr(m, "_tgvkv_runtime"):
+                del m._tgvkv_runtime
+        if self._had_generate:
+            self.model.generate = self._orig_generate
+        else:
+            self.model.__dict__.pop("generate", None)
+        self.model._tgvkv_handle = None
+        self.runtime.cache = None
+        self.removed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+
+def _pre_hook(rt: _Runtime, module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    if not isinstance(cache, TGVKVCache):
+        rt.cache = None
+        return None
+    if cache.policy is not rt.policy:
+        raise ValueError("tgvkv: this TGVKVCache was made for another policy/handle")
+    rt.cache = cache
+    if cache.phase == "empty":
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None and args and isinstance(args[0], torch.Tensor):
+            input_ids = args[0]
+        if input_ids is None:
+            raise ValueError("tgvkv: the prefill call needs input_ids (the modality map is read "
+                             "from the image/video placeholder ids); inputs_embeds alone is not "
+                             "supported")
+        am = kwargs.get("attention_mask")
+        if isinstance(am, torch.Tensor) and am.dim() != 2:
+            am = None if am.dim() != 2 else am
+        cache.begin_prefill(input_ids, am)
+    elif cache.phase == "prefill":
+        cache.finalize()
+    return None
+
+
+def _post_hook(rt: _Runtime, module, args, kwargs, output):
+    cache = rt.cache
+    if cache is not None and cache.phase == "prefill":
+        cache.finalize()
+    return None
+
+
+def _generate(rt_ref, orig_generate, *args, **kwargs):
+    rt = rt_ref()
+    if rt is not None and kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+        kwargs["past_key_values"] = rt.new_cache()
+    try:
+        return orig_generate(*args, **kwargs)
+    finally:
+        if rt is not None and rt.cache is not None and rt.cache.phase == "prefill":
+            rt.cache.finalize()
+
+
+def patch(model, policy: Policy) -> Handle:
+    """Patch ``model`` (persistent) with ``policy``; returns a handle with ``.remove()``.
+
+    Parameters
+    ----------
+    model : a supported transformers model instance (see :func:`supported_models`).
+    policy : a :class:`tgvkv.Policy`, e.g. ``tgvkv.TGVKV(keep_ratio=0.05)``.
+    """
+    return Handle(model, policy)
+
+
+@contextlib.contextmanager
+def apply(model, policy: Policy):
+    """``with tgvkv.apply(model, policy): model.generate(...)``: patch for the block only."""
+    handle = Handle(model, policy)
+    try:
+        yield handle
+    finally:
+        handle.remove()

@@ -1,0 +1,263 @@
+"""The TGV-KV policy: its configuration and the small extension point the model layer calls.
+
+The policy decides *what* is kept; ``tgvkv.ops`` decide *how fast*; ``tgvkv.hf`` decides *where
+it plugs in*. The model layer (:mod:`tgvkv.hf`) never looks inside a policy: during prefill it hands
+every decoder layer's post-RoPE queries and keys to :meth:`Policy.layer_scores`, after the last layer
+it calls :meth:`Policy.evict` once for the whole cache, and after every decode step it calls
+:meth:`Policy.decode_step` per layer. A baseline (H2O, SnapKV, StreamingLLM, PyramidKV, random, ...)
+is a subclass that overrides some of these hooks and reuses the same wiring::
+
+    class Random(tgvkv.Policy):
+        def layer_scores(self, layer_idx, q, k, q_pos, modality, scale):
+            B, N = modality.shape
+            return torch.rand(B, N, device=k.device), torch.ones(B, 2, device=k.device)
+
+    with tgvkv.apply(model, Random(keep_ratio=0.1)):
+        model.generate(**inputs)
+
+Hooks (shapes as in the README's API table; ``L`` layers, ``B`` samples, ``N`` padded prompt slots):
+
+- ``guidance(modality) -> q_pos [B, T]``: the query rows that ground the ranking (default: the SPEC's
+  guidance text, :func:`tgvkv.ops.guidance_positions`).
+- ``layer_scores(layer_idx, q, k, q_pos, modality, scale) -> (scores [B, N] f32, stats [B, 2] f32)``:
+  ``q`` is the layer's **full** post-RoPE query states ``[B, Hq, N, D]`` (gather the rows you need;
+  ``q_pos`` lists the guidance rows), ``k`` its post-RoPE keys ``[B, Hkv, N, D]``.
+- ``budgets(stats [L, B, 2], q_pos, modality) -> (keep [L, B] i64, keep_fraction [L, B] f64)``:
+  per-layer keep counts and the decode-time target fraction (1.0: never evict while decoding).
+- ``select(scores [L, B, N], keep, q_pos, modality) -> (keep_idx [L, B, N], n_protected [L, B])``:
+  kept slots ascending (-1 padded) and the protected suffix length used while decoding.
+- ``evict(k_cache, v_cache, scores, stats, q_pos, modality)``: budgets + select + in-place
+  compaction of the L layers; returns ``(keep_idx, n_kept, n_protected, keep_fraction)``.
+- ``decode_step(layer_idx, k, v, pos, length, q, n_seen, keep_fraction, n_protected, scale)``:
+  at most one in-place eviction per sample after a decode step (default: ``decode_evict_``).
+- ``evicts(q_pos, modality) -> bool``: whether prefill eviction can change anything for this batch;
+  when it returns False the model runs exactly as unpatched (bit for bit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from . import reference as _reference
+
+PAD, TEXT, VISION = 0, 1, 2
+
+__all__ = ["Policy", "TGVKV", "ops_backend"]
+
+
+# --------------------------------------------------------------------------------------------
+# Which implementation of the ops: the compiled extension when it is loaded, else the reference.
+# --------------------------------------------------------------------------------------------
+_OPS = None
+
+
+def ops_backend():
+    """The module providing the op functions: ``tgvkv.ops`` when the compiled extension is loaded
+    (``torch.ops.tgvkv.evict`` exists), else :mod:`tgvkv.reference` (same signatures, slow)."""
+    global _OPS
+    if _OPS is None:
+        try:
+            torch.ops.tgvkv.evict  # noqa: B018  (raises when the extension is not loaded)
+            from . import ops as _ops  # type: ignore[attr-defined]
+
+            _OPS = _ops
+        except (AttributeError, ImportError, RuntimeError):
+            _OPS = _reference
+    return _OPS
+
+
+def _on(t: torch.Tensor, device) -> torch.Tensor:
+    return t if t.device == device else t.to(device)
+
+
+class Policy:
+    """Base class of an eviction policy (see the module docstring for the hooks).
+
+    Parameters
+    ----------
+    keep_ratio : float in (0, 1]; the fraction kappa of the prompt's KV cache kept after prefill
+        (averaged over layers). 1.0 keeps everything and the model runs exactly as unpatched.
+    n_sink : first ``n_sink`` real slots of every sample are never evicted (nor is the last one).
+    decode_evict : evict during decoding so that each layer keeps a constant fraction (SPEC §4).
+    """
+
+    keep_ratio: float = 1.0
+    n_sink: int = 4
+    decode_evict: bool = True
+
+    def __init__(self, keep_ratio: float = 1.0, n_sink: int = 4, decode_evict: bool = True):
+        self.keep_ratio = keep_ratio
+        self.n_sink = n_sink
+        self.decode_evict = decode_evict
+        self.validate()
+
+    # ---- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        kr = self.keep_ratio
+        if isinstance(kr, bool) or not isinstance(kr, (int, float)) or not (0.0 < float(kr) <= 1.0):
+            raise ValueError(f"keep_ratio must be a number in (0, 1], got {kr!r}")
+        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
+            raise ValueError(f"n_sink must be an int >= 0, got {self.n_sink!r}")
+
+    # ---- hooks --------------------------------------------------------------------------------
+    def guidance(self, modality: torch.Tensor) -> torch.Tensor:
+        return ops_backend().guidance_positions(modality)
+
+    def evicts(self, q_pos: torch.Tensor, modality: torch.Tensor) -> bool:
+        """True when prefill eviction can drop something in at least one sample (one host sync)."""
+        if float(self.keep_ratio) >= 1.0:
+            return False
+        real = (modality != PAD).sum(1)
+        has_vis = (modality == VISION).any(1)
+        has_guid = (q_pos >= 0).any(1) if q_pos.numel() else torch.zeros_like(has_vis)
+        return bool((has_vis & _on(has_guid, has_vis.device) & (real > self.n_sink + 1)).any())
+
+    def layer_scores(self, layer_idx, q, k, q_pos, modality, scale):
+        raise NotImplementedError
+
+    def budgets(self, stats, q_pos, modality):
+        return ops_backend().layer_budgets(stats, q_pos, modality, float(self.keep_ratio), "mass",
+                                           False, self.n_sink)
+
+    def select(self, scores, keep, q_pos, modality):
+        return ops_backend().select_keep(scores, keep, q_pos, modality, self.n_sink)
+
+    def evict(self, k_cache, v_cache, scores, stats, q_pos, modality):
+        ops = ops_backend()
+        keep, frac = self.budgets(stats, q_pos, modality)
+        keep_idx, n_prot = self.select(scores, keep, q_pos, modality)
+        n_kept = torch.stack([_on(ops.compact_(k, v, _on(keep_idx[l], k.device)), k.device)
+                              for l, (k, v) in enumerate(zip(k_cache, v_cache))])
+        return keep_idx, n_kept, n_prot, frac
+
+    def decode_step(self, layer_idx, k, v, pos, length, q, n_seen, keep_fraction, n_protected,
+                    scale):
+        if not self.decode_evict:
+            return None
+        return ops_backend().decode_evict_(k, v, pos, length, q, n_seen, keep_fraction,
+                                           n_protected, float(scale), self.n_sink)
+
+
+def _gather_rows(q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, N, D], q_pos [B, T] (-1 = unused) -> [B, Hq, T, D] (unused rows: row 0)."""
+    B, Hq, _, D = q.shape
+    idx = _on(q_pos, q.device).clamp(min=0)[:, None, :, None].expand(B, Hq, q_pos.shape[1], D)
+    return torch.gather(q, 2, idx)
+
+
+def guidance_attention(q_rows, k, q_pos, modality, scale):
+    """Head-averaged causal fp32 attention of the guidance rows, [B, T, N] (pure torch, T x N).
+
+    Used by the ablations that need raw rows (``text_weighting=False``); the default path never
+    materialises them.
+    """
+    B, Hq, T, D = q_rows.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    kk = k.float().repeat_interleave(Hq // Hkv, dim=1)
+    logits = torch.einsum("bhtd,bhnd->bhtn", q_rows.float(), kk) * scale
+    qp = _on(q_pos, k.device)
+    cols = torch.arange(N, device=k.device)
+    allowed = (cols[None, None, :] <= qp[:, :, None]) & (_on(modality, k.device) != PAD)[:, None, :]
+    allowed = allowed & (qp >= 0)[:, :, None]
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    A = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(1)
+    return A
+
+
+@dataclass
+class TGVKV(Policy):
+    """TGV-KV (text-grounded KV eviction) configuration; defaults follow ``shared/SPEC.md``.
+
+    Parameters
+    ----------
+    keep_ratio : kappa in (0, 1]: the average fraction of the prompt's KV cache kept per layer.
+    budget : "mass" (released behaviour: share ∝ text→vision attention mass S_l) or "mi"
+        (experimental, not in the paper: share ∝ S_l · I_l, I the mutual information).
+    redistribute : hand the excess of layers clamped at N to the other layers (off: released).
+    n_sink : the first ``n_sink`` real positions (and the last prompt position) are never evicted.
+    decode_evict : keep evicting one token per layer per decode step (SPEC §4).
+    text_score : "guidance" (fast path: text scores are column sums over the guidance queries).
+        "all_queries" (the released code: sums over all N queries) needs full N×N attention and is
+        only available in :func:`tgvkv.reference.policy_from_attention`; asking for it here raises.
+    no_vision : "keep": a sample without vision tokens (or without guidance text after the last
+        vision token) is not evicted at all (SPEC §5). Only "keep" is implemented.
+    text_weighting : TWR ablation switch. False: vision scores are plain column sums over the
+        guidance queries instead of the text-weighted sums.
+    text_priority : TPR ablation switch. False: text and vision compete on score alone.
+    uniform_budgets : TVB ablation switch. True: every layer gets the same share 1/L.
+    """
+
+    keep_ratio: float = 0.05
+    budget: str = "mass"
+    redistribute: bool = False
+    n_sink: int = 4
+    decode_evict: bool = True
+    text_score: str = "guidance"
+    no_vision: str = "keep"
+    text_weighting: bool = True
+    text_priority: bool = True
+    uniform_budgets: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        super().validate()
+        if self.budget not in _reference.BUDGET_MODES:
+            raise ValueError(f"budget must be one of {_reference.BUDGET_MODES}, got {self.budget!r}")
+        if self.text_score == "all_queries":
+            raise NotImplementedError(
+                "text_score='all_queries' (text scores summed over all N queries, the released "
+                "code's behaviour) needs the full N x N attention; the model layer only supports "
+                "text_score='guidance'. Use tgvkv.reference.policy_from_attention(..., "
+                "text_score='all_queries') with eager attention weights instead.")
+        if self.text_score != "guidance":
+            raise ValueError(f"text_score must be 'guidance' (or 'all_queries' in tgvkv.reference), "
+                             f"got {self.text_score!r}")
+        if self.no_vision != "keep":
+            raise NotImplementedError(f"no_vision={self.no_vision!r}: only 'keep' (no eviction for "
+                                      "samples without vision tokens) is implemented")
+        for name in ("redistribute", "decode_evict", "text_weighting", "text_priority",
+                     "uniform_budgets"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    def replace(self, **changes) -> "TGVKV":
+        return dataclasses.replace(self, **changes)
+
+    # ---- hooks --------------------------------------------------------------------------------
+    @property
+    def _fast(self) -> bool:
+        return self.text_weighting and self.text_priority and not self.uniform_budgets
+
+    def layer_scores(self, layer_idx, q, k, q_pos, modality, scale):
+        ops = ops_backend()
+        q_pos_d, mod_d = _on(q_pos, k.device), _on(modality, k.device)
+        rows = _gather_rows(q, q_pos_d)
+        scores, stats = ops.score_text_vision(rows, k, q_pos_d, mod_d, float(scale))
+        scores, stats = _on(scores, k.device), _on(stats, k.device)
+        if not self.text_weighting:
+            colsum = guidance_attention(rows, k, q_pos_d, mod_d, float(scale)).sum(1)
+            scores = torch.where(mod_d == VISION, colsum, scores)
+        return scores, stats
+
+    def budgets(self, stats, q_pos, modality):
+        if self.uniform_budgets:
+            stats = torch.ones_like(stats)
+        return ops_backend().layer_budgets(stats, q_pos, modality, float(self.keep_ratio),
+                                           self.budget, self.redistribute, self.n_sink)
+
+    def select(self, scores, keep, q_pos, modality):
+        if not self.text_priority:  # one class for every real slot: rank on score alone
+            modality = torch.where(modality == VISION, torch.full_like(modality, TEXT), modality)
+        return ops_backend().select_keep(scores, keep, q_pos, modality, self.n_sink)
+
+    def evict(self, k_cache, v_cache, scores, stats, q_pos, modality):
+        if not self._fast:
+            return super().evict(k_cache, v_cache, scores, stats, q_pos, modality)
+        return ops_backend().evict_from_scores(
+            k_cache, v_cache, scores, stats, q_pos, modality, float(self.keep_ratio), self.budget,
+            self.redistribute, self.n_sink)
