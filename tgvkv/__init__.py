@@ -52,3 +52,27 @@ __all__ = [
     "evict_from_scores", "guidance_positions", "layer_budgets", "modality_map", "ops",
     "score_text_vision", "select_keep",
 ]
+
+# ---- model layer: policy + Hugging Face wiring (tgvkv/policy.py, tgvkv/hf/) -------------------
+# transformers is imported lazily: `import tgvkv` needs only torch.
+from .policy import Policy, TGVKV  # noqa: E402
+
+
+def apply(model, policy):
+    """``with tgvkv.apply(model, tgvkv.TGVKV(keep_ratio=0.05)): model.generate(...)``.
+
+    Patches a supported Hugging Face model for the ``with`` block (see :mod:`tgvkv.hf`)."""
+    from .hf import apply as _apply
+
+    return _apply(model, policy)
+
+
+def patch(model, policy):
+    """Persistent :func:`apply`: returns a handle; ``handle.remove()`` restores the model."""
+    from .hf import patch as _patch
+
+    return _patch(model, policy)
+
+
+__all__ += ["Policy", "TGVKV", "apply", "patch"]
+# ---- end of the model-layer block ----------------------------------------------------------------
