@@ -119,16 +119,16 @@ def _bad_cases(g):
         ("select_keep", "keep|scores", dict(keep=g["keep"][:1])),
         ("select_keep", "keep", dict(keep=g["keep"].float())),
         ("compact_", "v|k", dict(v=g["v"][:, :, :-1])),
-        ("compact_", "v|k", dict(v=g["v"].half())),
-        ("compact_", "keep_idx|k", dict(keep_idx=g["keep_idx"][:, :-1])),
         ("compact_", "keep_idx", dict(keep_idx=g["keep_idx"].int())),
         ("evict_from_scores", "v_cache|k_cache", dict(v_cache=[g["v"].clone()] * (L - 1))),   # list len
         ("evict_from_scores", "scores|k_cache|stats", dict(scores=g["scores"][:1])),                # L
         ("evict_from_scores", "stats|k_cache|scores", dict(stats=g["stats"][:1])),
-        ("evict_from_scores", "k_cache|modality|scores", dict(k_cache=[g["k"][:, :, :-1].clone()] * L)),  # N
+        ("evict_from_scores", "k_cache|v_cache|modality|scores",
+         dict(k_cache=[g["k"][:, :, :-1].clone()] * L, v_cache=[g["v"][:, :, :-1].clone()] * L)),
         ("evict", "queries|k_cache", dict(queries=[g["q"]] * (L - 1))),
-        ("evict", "v_cache|k_cache", dict(v_cache=[g["v"].half()] * L)),
-        ("evict", "k_cache|queries", dict(k_cache=[randn((B, 3, N, D), device=g["k"].device)] * L)),
+        ("evict", "k_cache|v_cache|queries",
+         dict(k_cache=[randn((B, 3, N, D), device=g["k"].device)] * L,
+              v_cache=[randn((B, 3, N, D), device=g["k"].device)] * L)),
         ("evict", "modality|k_cache", dict(modality=g["modality"][:, :-1])),
     ]
 
@@ -147,7 +147,6 @@ def test_bad_dtype_or_shape(device, i):
 _DEC_B, _DEC_S, _DEC_H = 2, 16, 2
 _DEC_CASES = [
     ("v|k", dict(v=(_DEC_B, _DEC_H, _DEC_S - 1, D))),
-    ("v|k", dict(v_dtype=torch.float16)),
     ("q|k", dict(q=(_DEC_B, 3, D))),                     # Hq % Hkv
     ("q|k", dict(q_dtype=torch.float16)),
     ("pos", dict(pos=torch.arange(_DEC_S - 1).repeat(_DEC_B, 1))),
@@ -172,6 +171,54 @@ def _decode_run(**o):
     a.update(o)
     return OPS.decode_evict_(a["k"], a["v"], a["pos"], a["length"], a["q"], a["n_seen"],
                              a["keep_fraction"], a["n_protected"], 0.125, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_v_dtype_differs_from_k_rejected_or_correct(device):
+    """README: K/V share q's dtype. An op may instead accept a V of another dtype (the move is a
+    row copy); then the V rows must move exactly like the K rows."""
+    g = good(device)
+    k, v = g["k"].clone(), g["v"].half()
+    k0, v0 = k.clone(), v.clone()
+    idx = torch.full((B, N), -1, dtype=torch.int64)
+    idx[:, :5] = torch.tensor([0, 3, 4, 9, 20])
+    try:
+        n = OPS.compact_(k, v, idx.to(device))
+    except (RuntimeError, ValueError) as e:
+        assert "compact_" in str(e) and re.search(r"\bv\b", str(e)), str(e)
+    else:
+        assert n.cpu().tolist() == [5, 5]
+        assert torch.equal(v[:, :, :5].cpu(), v0[:, :, [0, 3, 4, 9, 20]].cpu())
+        assert torch.equal(k[:, :, :5].cpu(), k0[:, :, [0, 3, 4, 9, 20]].cpu())
+    kc, vc = [g["k"].clone() for _ in range(L)], [g["v"].half() for _ in range(L)]
+    vc0 = [t.clone() for t in vc]
+    try:
+        out = OPS.evict(kc, vc, [g["q"]] * L, g["q_pos"], g["modality"], 0.125, 0.2)
+    except (RuntimeError, ValueError) as e:
+        assert "evict" in str(e) and "v_cache" in str(e), str(e)
+    else:
+        for l in range(L):
+            for b in range(B):
+                nk = int(out[1][l, b])
+                assert torch.equal(vc[l][b, :, :nk].cpu(),
+                                   vc0[l][b][:, out[0][l, b, :nk]].cpu())
+
+
+def test_keep_idx_narrower_than_n():
+    """README says keep_idx is [B, N]; a narrower [B, M < N] row set is either rejected clearly
+    or compacts exactly like the same indices padded with -1 to N."""
+    g = good()
+    idx = torch.full((B, N - 4), -1, dtype=torch.int64)
+    idx[:, :3] = torch.tensor([1, 5, 22])
+    k, v = g["k"].clone(), g["v"].clone()
+    try:
+        n = OPS.compact_(k, v, idx)
+    except (RuntimeError, ValueError) as e:
+        assert "compact_" in str(e) and "keep_idx" in str(e), str(e)
+        return
+    assert n.tolist() == [3, 3]
+    assert torch.equal(k[:, :, :3], g["k"][:, :, [1, 5, 22]])
+    assert torch.equal(v[:, :, :3], g["v"][:, :, [1, 5, 22]])
 
 
 def test_decode_evict_good_inputs():

@@ -188,7 +188,8 @@ def _cache(L, B, Hkv, N, D, dtype, device, seed):
     return kc, vc
 
 
-def _check_outputs(got, exp, kc, vc, kc0, vc0, L, B, N, scores=None, mod=None, rel=0.0):
+def _check_outputs(got, exp, kc, vc, kc0, vc0, L, B, N, scores=None, mod=None, rel=0.0,
+                   frac_rtol=1e-9):
     gi, gn, gp, gf = got
     ei, en, ep, ef = exp
     assert gi.shape == (L, B, N) and gn.shape == (L, B) and gp.shape == (L, B) and gf.shape == (L, B)
@@ -196,7 +197,7 @@ def _check_outputs(got, exp, kc, vc, kc0, vc0, L, B, N, scores=None, mod=None, r
     assert torch.equal(gn.cpu(), en), (gn.cpu(), en)
     assert_same_kept(gi, ei, scores, mod, rel)
     assert torch.equal(gp.cpu(), ep) or rel > 0, (gp.cpu(), ep)
-    torch.testing.assert_close(gf.cpu(), ef, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gf.cpu(), ef, rtol=frac_rtol, atol=1e-12)
     for l in range(L):  # the op's own kept set defines what must have been gathered
         assert_compacted(kc[l], kc0[l], gi[l].cpu(), gn[l].cpu())
         assert_compacted(vc[l], vc0[l], gi[l].cpu(), gn[l].cpu())
@@ -287,7 +288,8 @@ def test_evict_end_to_end_reference_scores(device):
     sc = [ref.score_text_vision(q.cpu(), k.cpu(), q_pos, mod, 0.125) for q, k in zip(qs, kc0)]
     scores = torch.stack([s for s, _ in sc])
     got = OPS.evict(kc, vc, qs, q_pos.to(device), mod.to(device), 0.125, 0.1)
-    _check_outputs(got, exp, kc, vc, kc0, vc0, L, B, N, scores, mod, rel=1e-4)
+    # stats from reference vs op kernels differ in the last fp32 bits: so does keep_fraction
+    _check_outputs(got, exp, kc, vc, kc0, vc0, L, B, N, scores, mod, rel=1e-4, frac_rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -316,4 +318,4 @@ def test_evict_noncontiguous_queries(device):
     except (RuntimeError, ValueError) as e:
         assert "evict" in str(e) and "contiguous" in str(e).lower(), str(e)
         return
-    _check_outputs(got, exp, kc, vc, kc0, vc0, 2, B, N, scores, mod, rel=1e-4)
+    _check_outputs(got, exp, kc, vc, kc0, vc0, 2, B, N, scores, mod, rel=1e-4, frac_rtol=1e-5)
