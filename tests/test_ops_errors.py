@@ -375,3 +375,23 @@ def test_empty_layer_list(device):
     g = good(device)
     _empty_ok_or_clear(lambda: OPS.evict([], [], [], g["q_pos"], g["modality"], 0.125, 0.1),
                        "evict", lambda o: o[0].shape == (0, B, N) or pytest.fail(str(o[0].shape)))
+
+
+def test_decode_v_dtype_differs_rejected_or_consistent():
+    """A V of another dtype than K/q: a clear error, or V rows move exactly like K rows."""
+    S = _DEC_S
+    k = randn((_DEC_B, _DEC_H, S, D), seed=1)
+    v = k.half() * 1  # V row s == K row s (in fp16), so moves can be cross-checked
+    pos = torch.arange(S).repeat(_DEC_B, 1)
+    length = torch.tensor([10, 12])
+    try:
+        ev = OPS.decode_evict_(k, v, pos, length, randn((_DEC_B, 4, D), seed=3),
+                               torch.tensor([40, 50]), torch.tensor([0.2, 0.2], dtype=torch.float64),
+                               torch.tensor([2, 2]), 0.125, 4)
+    except (RuntimeError, ValueError) as e:
+        assert "decode_evict_" in str(e) and re.search(r"\bv\b", str(e)), str(e)
+        return
+    assert bool((ev >= 0).all())
+    for b in range(_DEC_B):
+        n = int(length[b])
+        assert torch.equal(v[b, :, :n], k[b, :, :n].half())
