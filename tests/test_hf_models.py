@@ -274,3 +274,26 @@ def test_right_padding_scores_match_oracle():
     cache, _ = _prefill(m, inp, TGVKV(keep_ratio=0.3))
     assert torch.equal(cache.result[1].cpu(), keep)
     assert torch.equal(cache.result[0].cpu(), keep_idx)
+
+
+@pytest.mark.parametrize("name", ["tiny-llava-next", "tiny-qwen3-vl"])
+def test_ops_backend_matches_reference_backend_end_to_end(name, monkeypatch):
+    """The compiled ops and tgvkv.reference drive the model to the same kept sets and tokens,
+    decode-time eviction included (live slot order may differ: compare sets)."""
+    import tgvkv.policy as P
+
+    if P.ops_backend() is reference:
+        pytest.skip("compiled ops not loaded")
+    m = model(name)
+    inp = tiny.make_inputs(m, [PROMPT, [2, "image", 3, "image", 5]])
+    runs = []
+    for backend in (P.ops_backend(), reference):
+        monkeypatch.setattr(P, "_OPS", backend)
+        with hf.apply(m, TGVKV(keep_ratio=0.3)) as h:
+            out = m.generate(**inp, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            c = h.last_cache
+        live = [[c.kept_positions(l, b) for b in range(2)] for l in range(len(c.layers))]
+        runs.append((out, live, c.result[1].cpu()))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+    assert torch.equal(runs[0][2], runs[1][2])

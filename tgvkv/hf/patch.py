@@ -51,6 +51,24 @@ TEXT_MODEL_TYPES = {
 }
 BASE_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "eager")
 PREFIX = "tgvkv|"
+# Tested with transformers 5.17 (GPU machine) and 5.23 (CPU machines); the Cache-layer and
+# AttentionInterface APIs used here appeared in 5.0.
+TRANSFORMERS_RANGE = ">=5.17,<5.24"
+
+
+def _check_transformers_version():
+    import warnings
+
+    import transformers
+    from packaging.version import Version
+
+    v = Version(transformers.__version__)
+    if v < Version("5.0"):
+        raise ImportError(f"tgvkv.hf needs transformers {TRANSFORMERS_RANGE} (found "
+                          f"{transformers.__version__}: the Cache-layer API differs before 5.0)")
+    if not (Version("5.17") <= v < Version("5.24")):
+        warnings.warn(f"tgvkv.hf is tested with transformers {TRANSFORMERS_RANGE}; found "
+                      f"{transformers.__version__}", stacklevel=3)
 
 
 class UnsupportedModelError(ValueError):
@@ -164,6 +182,7 @@ class Handle:
             raise TypeError(f"tgvkv: policy must be a tgvkv.Policy (e.g. tgvkv.TGVKV(...)), got "
                             f"{type(policy).__name__}")
         policy.validate()
+        _check_transformers_version()
         if getattr(model, "_tgvkv_handle", None) is not None:
             raise RuntimeError("tgvkv: this model is already patched; remove() the first handle")
         vision_ids = _check_supported(model)
@@ -279,11 +298,7 @@ def _generate(rt_ref, orig_generate, *args, **kwargs):
     rt = rt_ref()
     if rt is not None and kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
         kwargs["past_key_values"] = rt.new_cache()
-    try:
-        return orig_generate(*args, **kwargs)
-    finally:
-        if rt is not None and rt.cache is not None and rt.cache.phase == "prefill":
-            rt.cache.finalize()
+    return orig_generate(*args, **kwargs)
 
 
 def patch(model, policy: Policy) -> Handle:

@@ -109,7 +109,7 @@ def preset_config(name: str):
                              num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                              max_position_embeddings=32768, rope_theta=1000000.0)
         return tf.LlavaOnevisionConfig(vision_config=vis, text_config=txt,
-                                       vision_feature_layer=-1)
+                                       vision_feature_layer=-1, tie_word_embeddings=True)
     if name in ("qwen2-vl-7b", "qwen2.5-vl-7b"):
         txt = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                    num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
@@ -118,7 +118,9 @@ def preset_config(name: str):
                                     "mrope_section": [16, 24, 24]})
         if name == "qwen2-vl-7b":
             return tf.Qwen2VLConfig(text_config=txt, vision_config=dict(hidden_size=3584))
-        return tf.Qwen2_5_VLConfig(text_config=txt, vision_config=dict(out_hidden_size=3584))
+        vis = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                   out_hidden_size=3584, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+        return tf.Qwen2_5_VLConfig(text_config=txt, vision_config=vis)
     if name in ("qwen3-vl-4b", "qwen3-vl-8b"):
         big = name == "qwen3-vl-8b"
         txt = dict(vocab_size=151936, hidden_size=4096 if big else 2560,
@@ -129,7 +131,7 @@ def preset_config(name: str):
                                     "mrope_section": [24, 20, 20], "mrope_interleaved": True})
         vis = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
                    out_hidden_size=txt["hidden_size"], deepstack_visual_indexes=[8, 16, 24])
-        return tf.Qwen3VLConfig(text_config=txt, vision_config=vis)
+        return tf.Qwen3VLConfig(text_config=txt, vision_config=vis, tie_word_embeddings=not big)
     raise KeyError(name)
 
 
@@ -186,7 +188,7 @@ def _llava_image(model, hw, g):
     if mt == "llava":
         pv = torch.randn(1, 3, side, side, generator=g)
         extra = {}
-        feats = model.model.get_image_features(pixel_values=pv).pooler_output
+        feats = model.model.get_image_features(pixel_values=_dev(model, pv)).pooler_output
     else:
         h, w = hw or (side, 2 * side)
         pinpoints = model.config.image_grid_pinpoints
@@ -197,9 +199,14 @@ def _llava_image(model, hw, g):
         pv = torch.randn(1, n_patch, 3, side, side, generator=g)
         sizes = torch.tensor([[h, w]])
         extra = {"image_sizes": sizes}
-        feats = model.model.get_image_features(pixel_values=pv, image_sizes=sizes).pooler_output
+        feats = model.model.get_image_features(pixel_values=_dev(model, pv),
+                                               image_sizes=sizes.to(model.device)).pooler_output
     n = sum(int(f.shape[0]) if f.dim() == 2 else int(f.shape[0] * f.shape[1]) for f in feats)
     return pv, extra, n
+
+
+def _dev(model, t):
+    return t.to(model.device, model.dtype)
 
 
 def _qwen_grid(model, t, h, w, g):
@@ -265,8 +272,12 @@ def make_inputs(model, prompts, padding_side: str = "left", seed: int = 0):
                 side = cfg.vision_config.image_size
                 pv = torch.randn(1, frames, 3, side, side, generator=g)
                 with torch.no_grad():
-                    feats = model.model.get_video_features(pixel_values_videos=pv).pooler_output
-                n = sum(int(f.numel() // f.shape[-1]) for f in feats)
+                    feats = model.model.get_video_features(_dev(model, pv)).pooler_output  # positional: renamed across versions
+                if isinstance(feats, torch.Tensor) and feats.dim() == 3:
+                    # transformers < 5.2x: the forward appends one newline feature per video
+                    n = int(feats.shape[0] * (feats.shape[1] + 1))
+                else:
+                    n = sum(int(f.numel() // f.shape[-1]) for f in feats)
                 vids.append(pv)
                 ids += [cfg.video_token_id] * n
                 tt += [2] * n
