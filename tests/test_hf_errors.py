@@ -154,3 +154,11 @@ def test_custom_policy_plugs_in(llava):
     assert out.shape[1] == inp["input_ids"].shape[1] + GEN["max_new_tokens"]
     N = inp["input_ids"].shape[1]
     assert (cache.result[1] < N).all()
+
+
+def test_cache_outside_patched_model_is_a_clear_error(llava):
+    inp = tiny.make_inputs(llava, [[4, "image", 6]])
+    with hf.apply(llava, TGVKV(keep_ratio=0.2)) as h:
+        cache = h.new_cache()
+    with pytest.raises(RuntimeError, match="patched"):
+        llava(**inp, past_key_values=cache, use_cache=True)

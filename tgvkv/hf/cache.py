@@ -218,6 +218,11 @@ class TGVKVCache(DynamicCache):
 
     # ---- decode -------------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.phase == "empty":
+            raise RuntimeError(
+                "tgvkv: a TGVKVCache must be fed through the top-level forward/generate of a model "
+                "patched with tgvkv.apply/tgvkv.patch (the prefill call builds the modality map); "
+                "it was updated before any such call")
         if self.phase == "prefill" and self.layers[layer_idx].n_virtual > 0:
             self.finalize()  # lazily, when no post-forward hook ran
         if self.phase == "done" and layer_idx == 0:
