@@ -27,6 +27,23 @@ inline std::string shape_str(const at::Tensor& t) {
   return os.str();
 }
 
+// numpy-style dtype names ("int8", "float32") instead of c10's ("Char", "Float").
+inline const char* dtype_name(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kShort: return "int16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kBool: return "bool";
+    default: return c10::toString(s);
+  }
+}
+
 // Generic condition with the op name prefixed.
 #define TGVKV_CHECK(cond, op, ...) TORCH_CHECK((cond), "tgvkv::", op, ": ", __VA_ARGS__)
 #define TGVKV_CHECK_VALUE(cond, op, ...) \
@@ -53,21 +70,22 @@ inline void check_size(const at::Tensor& t, int64_t d, int64_t expected, const c
 
 inline void check_dtype(const at::Tensor& t, at::ScalarType expected, const char* op,
                         const char* name) {
-  TGVKV_CHECK(t.scalar_type() == expected, op, "'", name, "' must be ", expected, ", got ",
-              t.scalar_type());
+  TGVKV_CHECK(t.scalar_type() == expected, op, "'", name, "' must be ", dtype_name(expected), ", got ",
+              dtype_name(t.scalar_type()));
 }
 
 // float32, float16 or bfloat16 (the K/V/Q dispatch set).
 inline void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
   const auto s = t.scalar_type();
   TGVKV_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, "'", name,
-              "' must be float32, float16 or bfloat16, got ", s);
+              "' must be float32, float16 or bfloat16, got ", dtype_name(s));
 }
 
 inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op,
                              const char* name, const char* ref_name) {
   TGVKV_CHECK(t.scalar_type() == ref.scalar_type(), op, "'", name, "' must have the dtype of '",
-              ref_name, "' (", ref.scalar_type(), "), got ", t.scalar_type());
+              ref_name, "' (", dtype_name(ref.scalar_type()), "), got ",
+              dtype_name(t.scalar_type()));
 }
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,

@@ -192,7 +192,7 @@ void budgets_impl(const Tensor& stats_c, const std::vector<SampleInfo>& info, do
     const int status = sample_layer_budgets(L, st + b * 2, B * 2, 1, si.n_real, n_sink,
                                             sample_evicts(si, n_sink), keep_ratio, mode,
                                             redistribute, work.data(), kp + b, B, fr + b, B);
-    TGVKV_CHECK(status == 0, op, "non-finite budget for sample ", b,
+    TGVKV_CHECK_VALUE(status == 0, op, "non-finite budget for sample ", b,
                 " (the stats contain inf/nan values)");
   }
 }
