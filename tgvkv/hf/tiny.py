@@ -205,6 +205,13 @@ def _llava_image(model, hw, g):
     return pv, extra, n
 
 
+def _forward_appends_video_newline(model) -> bool:
+    import inspect
+
+    src = inspect.getsource(type(model.model).forward)
+    return "torch.cat((video_features, image_newline)" in src
+
+
 def _dev(model, t):
     return t.to(model.device, model.dtype)
 
@@ -273,11 +280,9 @@ def make_inputs(model, prompts, padding_side: str = "left", seed: int = 0):
                 pv = torch.randn(1, frames, 3, side, side, generator=g)
                 with torch.no_grad():
                     feats = model.model.get_video_features(_dev(model, pv)).pooler_output  # positional: renamed across versions
-                if isinstance(feats, torch.Tensor) and feats.dim() == 3:
-                    # transformers < 5.2x: the forward appends one newline feature per video
-                    n = int(feats.shape[0] * (feats.shape[1] + 1))
-                else:
-                    n = sum(int(f.numel() // f.shape[-1]) for f in feats)
+                n = sum(int(f.numel() // f.shape[-1]) for f in feats)
+                if _forward_appends_video_newline(model):  # e.g. transformers 5.17
+                    n += len(feats)
                 vids.append(pv)
                 ids += [cfg.video_token_id] * n
                 tt += [2] * n
