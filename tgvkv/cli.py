@@ -623,14 +623,15 @@ def write_plot(report: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     for ax, kind in zip(axes[0], panels):
         if kind == "gen_speed":
-            for b in sorted({r["batch"] for r in gen["rows"]}):
+            for i, b in enumerate(sorted({r["batch"] for r in gen["rows"]})):
                 rs = sorted([r for r in gen["rows"] if r["batch"] == b and r["keep_ratio"]],
                             key=lambda r: r["keep_ratio"])
+                c = f"C{i}"
                 ax.plot([r["keep_ratio"] for r in rs], [r["decode_tok_s"] for r in rs], "o-",
-                        label=f"decode, batch {b}")
+                        color=c, label=f"decode, batch {b}")
                 base = [r for r in gen["rows"] if r["batch"] == b and r["keep_ratio"] is None]
                 if base:
-                    ax.axhline(base[0]["decode_tok_s"], ls="--", color="gray",
+                    ax.axhline(base[0]["decode_tok_s"], ls="--", color=c, alpha=0.6,
                                label=f"unpatched, batch {b}")
             ax.set_xscale("log")
             ax.set_xlabel("keep ratio")
@@ -638,15 +639,16 @@ def write_plot(report: dict, path: str) -> None:
             ax.set_title(f"generate: {gen.get('model')}")
             ax.legend(fontsize=8)
         elif kind == "gen_mem":
-            for b in sorted({r["batch"] for r in gen["rows"]}):
+            for i, b in enumerate(sorted({r["batch"] for r in gen["rows"]})):
                 rs = sorted([r for r in gen["rows"] if r["batch"] == b and r["keep_ratio"]],
                             key=lambda r: r["keep_ratio"])
+                c = f"C{i}"
                 ax.plot([r["keep_ratio"] for r in rs], [r["cache_bytes"] / 2**20 for r in rs],
-                        "o-", label=f"KV cache after generate(), batch {b}")
+                        "o-", color=c, label=f"KV cache after generate(), batch {b}")
                 if rs and rs[0].get("peak_bytes") is not None:
                     ax.plot([r["keep_ratio"] for r in rs],
-                            [(r["peak_bytes"] or 0) / 2**20 for r in rs], "s:",
-                            label=f"peak extra memory, batch {b}")
+                            [(r["peak_bytes"] or 0) / 2**20 for r in rs], "s:", color=c,
+                            label=f"peak extra memory of generate(), batch {b}")
             ax.set_xscale("log")
             ax.set_xlabel("keep ratio")
             ax.set_ylabel("MiB")
@@ -763,7 +765,7 @@ def _run(argv: list[str]) -> int:
         if "generate" not in skip:
             report["generate"] = run_generate_section(
                 args, device, dtype, dtype_name, progress, keep_ratios=[1.0, 0.5, 0.2, 0.1],
-                batches=[1, 4], new_tokens=16, reps=2)
+                batches=[1, 4], new_tokens=16, reps=3)
             texts.append(generate_table(report["generate"]))
             print(texts[-1] + "\n", flush=True)
         if "accuracy" not in skip:
