@@ -110,6 +110,22 @@ static void test_score_paths() {
   cpu::gemm_panels_avx512(q.data(), T, D, panel.data(), nb, logits2.data(), nb * 64);
 #endif
   for (int64_t i = 0; i < T * nb * 64; ++i) EXPECT(float_to_bits(logits1[i]) == float_to_bits(logits2[i]));
+#if TGVKV_HAVE_AVX512_PATH
+  // vectorised pack == scalar pack (fp32, and bf16/fp16 storage), odd D and N
+  for (int64_t Dt : {int64_t{40}, int64_t{16}, int64_t{7}}) {
+    std::vector<float> p1(256 * Dt), p2(256 * Dt);
+    std::vector<uint16_t> h(N * Dt);
+    for (size_t i = 0; i < h.size(); ++i) h[i] = static_cast<uint16_t>(rng() & 0x7BFF);
+    for (int dtc = 0; dtc < 3; ++dtc) {
+      const cpu::DType dt = static_cast<cpu::DType>(dtc);
+      const void* src = dtc == 0 ? static_cast<const void*>(k.data()) : static_cast<const void*>(h.data());
+      const int64_t nk = 137;
+      cpu::pack_key_panels_any(src, dt, Dt, 1, nk, Dt, p1.data());
+      cpu::pack_key_panels_avx512(src, dt, Dt, 1, nk, Dt, p2.data());
+      for (int64_t i = 0; i < 3 * 64 * Dt; ++i) EXPECT(float_to_bits(p1[i]) == float_to_bits(p2[i]));
+    }
+  }
+#endif
   // scores sane: non-negative, pad zero
   for (int64_t j = 0; j < N; ++j) EXPECT(s1[j] >= 0.0f);
   EXPECT(s1[N + 0] == 0.0f && s1[N + 1] == 0.0f);

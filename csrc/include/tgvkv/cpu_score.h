@@ -168,6 +168,82 @@ TGVKV_TARGET_AVX512 inline void gemm_panels_avx512(const float* a, int64_t R, in
   }
 }
 
+// 16x16 fp32 transpose in registers: r[i] (row i) -> r[i] (column i).
+TGVKV_TARGET_AVX512 inline void transpose16_avx512(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
+// 16 consecutive elements of a row as fp32.
+TGVKV_TARGET_AVX512 inline __m512 load16_as_f32(const void* p, DType dt) {
+  switch (dt) {
+    case DType::kF32: return _mm512_loadu_ps(p);
+    case DType::kF16:
+      return _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+    default:
+      return _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p))), 16));
+  }
+}
+
+// pack_key_panels with 16x16 register transposes (same output, bit for bit).
+TGVKV_TARGET_AVX512 inline void pack_key_panels_avx512(const void* k, DType dt, int64_t stride_n,
+                                                       int64_t stride_d, int64_t nk, int64_t D,
+                                                       float* panel) {
+  if (stride_d != 1) {
+    pack_key_panels_any(k, dt, stride_n, stride_d, nk, D, panel);
+    return;
+  }
+  const int64_t es = dt == DType::kF32 ? 4 : 2;
+  const char* kb = static_cast<const char*>(k);
+  const int64_t nb = (nk + kKeyPanel - 1) / kKeyPanel;
+  const int64_t Dfull = D / 16 * 16;
+  for (int64_t jb = 0; jb < nb; ++jb) {
+    float* P = panel + jb * D * kKeyPanel;
+    const int64_t j0 = jb * kKeyPanel;
+    const int64_t jn = std::min<int64_t>(kKeyPanel, nk - j0);
+    int64_t jj0 = 0;
+    for (; jj0 + 16 <= jn; jj0 += 16) {
+      const char* rows = kb + (j0 + jj0) * stride_n * es;
+      for (int64_t d0 = 0; d0 < Dfull; d0 += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) r[i] = load16_as_f32(rows + (i * stride_n + d0) * es, dt);
+        transpose16_avx512(r);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(P + (d0 + i) * kKeyPanel + jj0, r[i]);
+      }
+      for (int64_t i = 0; i < 16; ++i)
+        for (int64_t d = Dfull; d < D; ++d)
+          P[d * kKeyPanel + jj0 + i] = load_any(rows, dt, i * stride_n + d);
+    }
+    for (int64_t jj = jj0; jj < jn; ++jj) {
+      const char* row = kb + (j0 + jj) * stride_n * es;
+      for (int64_t d = 0; d < D; ++d) P[d * kKeyPanel + jj] = load_any(row, dt, d);
+    }
+    if (jn < kKeyPanel)
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t jj = jn; jj < kKeyPanel; ++jj) P[d * kKeyPanel + jj] = 0.0f;
+  }
+}
+
 // exp(x) for x <= 0 (Cephes expf polynomial, ~1 ulp); exactly 0 below -87.33 (fp32 underflow).
 TGVKV_TARGET_AVX512 inline __m512 exp_nonpos_avx512(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.33654f);
@@ -304,7 +380,12 @@ inline void score_rows(const ScoreLayer& ly, const ScoreBatch& sb, const uint16_
   const int64_t es = ly.dtype == DType::kF32 ? 4 : 2;
   for (int64_t h = 0; h < ly.Hkv; ++h) {
     const char* kbh = static_cast<const char*>(ly.k) + (b * ly.k_sb + h * ly.k_sh) * es;
-    pack_key_panels_any(kbh, ly.dtype, ly.k_sn, ly.k_sd, nk, D, panel);
+#if TGVKV_HAVE_AVX512_PATH
+    if (avx512)
+      pack_key_panels_avx512(kbh, ly.dtype, ly.k_sn, ly.k_sd, nk, D, panel);
+    else
+#endif
+      pack_key_panels_any(kbh, ly.dtype, ly.k_sn, ly.k_sd, nk, D, panel);
     for (int64_t gi = 0; gi < g; ++gi) {
       const int64_t hq = h * g + gi;
       const int64_t qoff = ((b * ly.Hq + hq) * T + t0) * D;
