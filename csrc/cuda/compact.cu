@@ -1,0 +1,77 @@
+// CUDA implementation of tgvkv::compact_, and the launcher of the compaction kernel
+// (csrc/include/tgvkv/cuda/compact.cuh) that evict.cu reuses.
+#include <torch/library.h>
+
+#include "tgvkv/cuda/glue.cuh"
+#include "tgvkv/cuda/compact.cuh"
+
+namespace tgvkv {
+namespace cuda {
+
+void launch_compact(const compact::Params& p, int unit_bytes, cudaStream_t st) {
+  using namespace compact;
+  const dim3 grid(unsigned(int64_t(2) * p.B * p.H * p.dsplit), unsigned(p.L));
+  if (empty_grid(grid)) return;
+  switch (unit_bytes) {
+    case 16: compact_kernel<16><<<grid, kThreads, 0, st>>>(p); break;
+    case 8: compact_kernel<8><<<grid, kThreads, 0, st>>>(p); break;
+    case 4: compact_kernel<4><<<grid, kThreads, 0, st>>>(p); break;
+    case 2: compact_kernel<2><<<grid, kThreads, 0, st>>>(p); break;
+    default: compact_kernel<1><<<grid, kThreads, 0, st>>>(p); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+namespace {
+
+at::Tensor compact_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& keep_idx) {
+  const char* op = "compact_";
+  check_cuda(k, op, "k");
+  check_cuda(v, op, "v");
+  check_cuda(keep_idx, op, "keep_idx");
+  checks::check_dim(k, 4, op, "k", "[B, Hkv, N, D]");
+  checks::check_dim(v, 4, op, "v", "[B, Hkv, N, Dv]");
+  checks::check_float_dtype(k, op, "k");
+  checks::check_same_dtype(v, k, op, "v", "k");
+  checks::check_same_device(v, k, op, "v", "k");
+  checks::check_size(v, 0, k.size(0), op, "v", "B (from k)");
+  checks::check_size(v, 1, k.size(1), op, "v", "Hkv (from k)");
+  checks::check_size(v, 2, k.size(2), op, "v", "N (from k)");
+  checks::check_dim(keep_idx, 2, op, "keep_idx", "[B, N]");
+  checks::check_dtype(keep_idx, at::kLong, op, "keep_idx");
+  checks::check_same_device(keep_idx, k, op, "keep_idx", "k");
+  checks::check_size(keep_idx, 0, k.size(0), op, "keep_idx", "B (from k)");
+  checks::check_size(keep_idx, 1, k.size(2), op, "keep_idx", "N (from k)");
+  const int64_t B = k.size(0), H = k.size(1), N = k.size(2);
+  TGVKV_CHECK(N < (int64_t{1} << 31), op, "at most 2^31 - 1 cache slots are supported, got N = ", N);
+  c10::cuda::CUDAGuard guard(k.device());
+  const at::Tensor idx = keep_idx.contiguous();
+  at::Tensor n_kept = at::empty({B}, keep_idx.options());
+  if (B == 0) return n_kept;
+  // The kernel needs a contiguous head dim; otherwise compact a contiguous copy and copy back.
+  const at::Tensor kw = k.stride(3) == 1 || k.size(3) <= 1 ? k : k.contiguous();
+  const at::Tensor vw = v.stride(3) == 1 || v.size(3) <= 1 ? v : v.contiguous();
+  compact::Params p{};
+  p.B = int(B);
+  p.H = int(H > 0 ? H : 1);  // H == 0: one (empty) row per sample still reports n_kept
+  p.N = N;
+  p.keep_idx = idx.data_ptr<int64_t>();
+  p.n_kept_in = nullptr;
+  p.n_kept_out = n_kept.data_ptr<int64_t>();
+  compact::Layer layer{kw.data_ptr(), {kw.stride(0), kw.stride(1), kw.stride(2)},
+                       int64_t(kw.element_size()), H > 0 ? kw.size(3) : 0,
+                       vw.data_ptr(), {vw.stride(0), vw.stride(1), vw.stride(2)},
+                       int64_t(vw.element_size()), H > 0 ? vw.size(3) : 0};
+  const int ub = compact::plan(p, &layer, 1, num_sms(k.get_device()));
+  launch_compact(p, ub, current_stream());
+  if (!kw.is_same(k)) k.copy_(kw);
+  if (!vw.is_same(v)) v.copy_(vw);
+  return n_kept;
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(tgvkv, CUDA, m) { m.impl("compact_", &cuda::compact_cuda); }
+
+}  // namespace tgvkv

@@ -1,0 +1,142 @@
+// CUDA implementation of tgvkv::decode_evict_ (kernels: csrc/include/tgvkv/cuda/decode.cuh).
+// Three launches, no host sync. Data-dependent checks of the CPU op (length in [0, S], finite
+// forget count) are not done on CUDA: length is clamped to [0, S] and a non-finite forget count
+// evicts nothing.
+#include <torch/library.h>
+
+#include "tgvkv/cuda/glue.cuh"
+#include "tgvkv/cuda/decode.cuh"
+
+namespace tgvkv {
+namespace cuda {
+namespace {
+
+// Slots per split of the decode kernels. Fixed (not derived from the device or the batch) so the
+// fp32 rounding of the attention, hence the victim, depends on the sample's inputs only.
+constexpr int64_t kDecodeSpan = 256;
+
+template <typename T>
+void launch_decode_t(const decode::Params& p, size_t smem1, cudaStream_t st) {
+  using namespace decode;
+  C10_CUDA_CHECK(ensure_dynamic_smem(logits_kernel<T>, smem1));
+  logits_kernel<T><<<dim3(p.nsplit + 1, p.B), kThreads, smem1, st>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.nsplit > 0) {
+    argmin_kernel<<<dim3(p.nsplit, p.B), kThreads, 2 * p.Hq * sizeof(float), st>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  apply_kernel<T><<<p.B, kThreads, 0, st>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor decode_evict_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
+                             const at::Tensor& length, const at::Tensor& q,
+                             const at::Tensor& n_seen, const at::Tensor& keep_fraction,
+                             const at::Tensor& n_protected, double scale, int64_t n_sink) {
+  const char* op = "decode_evict_";
+  check_cuda(k, op, "k");
+  check_cuda(v, op, "v");
+  check_cuda(q, op, "q");
+  checks::check_dim(k, 4, op, "k", "[B, Hkv, S, D]");
+  checks::check_dim(v, 4, op, "v", "[B, Hkv, S, D]");
+  checks::check_float_dtype(k, op, "k");
+  checks::check_same_dtype(v, k, op, "v", "k");
+  checks::check_same_device(v, k, op, "v", "k");
+  const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), D = k.size(3);
+  checks::check_size(v, 0, B, op, "v", "B (from k)");
+  checks::check_size(v, 1, Hkv, op, "v", "Hkv (from k)");
+  checks::check_size(v, 2, S, op, "v", "S (from k)");
+  checks::check_size(v, 3, D, op, "v", "D (from k)");
+  checks::check_dim(q, 3, op, "q", "[B, Hq, D]");
+  checks::check_same_dtype(q, k, op, "q", "k");
+  checks::check_same_device(q, k, op, "q", "k");
+  checks::check_size(q, 0, B, op, "q", "B (from k)");
+  checks::check_size(q, 2, D, op, "q", "D (from k)");
+  TGVKV_CHECK(Hkv > 0 && q.size(1) > 0 && q.size(1) % Hkv == 0, op, "'q' heads (", q.size(1),
+              ") must be a positive multiple of 'k' heads (", Hkv, ")");
+  checks::check_dim(pos, 2, op, "pos", "[B, S]");
+  checks::check_dtype(pos, at::kLong, op, "pos");
+  checks::check_size(pos, 0, B, op, "pos", "B (from k)");
+  checks::check_size(pos, 1, S, op, "pos", "S (from k)");
+  checks::check_same_device(pos, k, op, "pos", "k");
+  struct Vec {
+    const at::Tensor* t;
+    const char* name;
+    at::ScalarType dt;
+  };
+  for (const Vec& x : {Vec{&length, "length", at::kLong}, Vec{&n_seen, "n_seen", at::kLong},
+                       Vec{&keep_fraction, "keep_fraction", at::kDouble},
+                       Vec{&n_protected, "n_protected", at::kLong}}) {
+    checks::check_dim(*x.t, 1, op, x.name, "[B]");
+    checks::check_dtype(*x.t, x.dt, op, x.name);
+    checks::check_size(*x.t, 0, B, op, x.name, "B (from k)");
+    checks::check_same_device(*x.t, k, op, x.name, "k");
+  }
+  checks::check_scale(scale, op);
+  checks::check_n_sink(n_sink, op);
+  check_batch(B, op);
+  const int64_t Hq = q.size(1);
+  // q lives in shared memory as fp32 next to one key row per warp.
+  const size_t smem1 = size_t(Hq + decode::kWarps) * size_t(D) * sizeof(float);
+  TGVKV_CHECK(smem1 <= 200 * 1024, op, "Hq * D too large for the CUDA kernel (", Hq, " x ", D,
+              ")");
+  c10::cuda::CUDAGuard guard(k.device());
+  at::Tensor evicted = at::empty({B}, pos.options());
+  if (B == 0) return evicted;
+  const at::Tensor qc = q.contiguous(), ns = n_seen.contiguous(), kf = keep_fraction.contiguous(),
+                   np = n_protected.contiguous();
+  decode::Params p{};
+  p.B = int(B);
+  p.Hq = int(Hq);
+  p.Hkv = int(Hkv);
+  p.D = int(D);
+  p.S = S;
+  p.scale = float(scale);
+  p.n_sink = n_sink;
+  p.k = k.data_ptr();
+  p.ks0 = k.stride(0); p.ks1 = k.stride(1); p.ks2 = k.stride(2); p.ks3 = k.stride(3);
+  p.v = v.data_ptr();
+  p.vs0 = v.stride(0); p.vs1 = v.stride(1); p.vs2 = v.stride(2); p.vs3 = v.stride(3);
+  p.pos = pos.data_ptr<int64_t>();
+  p.ps0 = pos.stride(0);
+  p.ps1 = pos.stride(1);
+  p.length = length.data_ptr<int64_t>();
+  p.ls0 = length.stride(0);
+  p.q = qc.data_ptr();
+  p.n_seen = ns.data_ptr<int64_t>();
+  p.keep_fraction = kf.data_ptr<double>();
+  p.n_protected = np.data_ptr<int64_t>();
+  p.span = kDecodeSpan;
+  p.nsplit = int((S + kDecodeSpan - 1) / kDecodeSpan);
+  // workspace: logits [B, Hq, S] f32 | part [B, nsplit, Hq] f32x2 | theta [B] | best [B, nsplit] x3
+  Carver c;
+  const size_t o_lg = c.take<float>(size_t(B) * Hq * S);
+  const size_t o_part = c.take<float2>(size_t(B) * p.nsplit * Hq);
+  const size_t o_theta = c.take<int64_t>(size_t(B));
+  const size_t o_ba = c.take<float>(size_t(B) * p.nsplit);
+  const size_t o_bp = c.take<int64_t>(size_t(B) * p.nsplit);
+  const size_t o_bs = c.take<int64_t>(size_t(B) * p.nsplit);
+  at::Tensor ws = at::empty({int64_t(c.off + 256)}, k.options().dtype(at::kByte));
+  char* base = static_cast<char*>(ws.data_ptr());
+  p.logits = reinterpret_cast<float*>(base + o_lg);
+  p.part = reinterpret_cast<float2*>(base + o_part);
+  p.theta = reinterpret_cast<int64_t*>(base + o_theta);
+  p.best_att = reinterpret_cast<float*>(base + o_ba);
+  p.best_pos = reinterpret_cast<int64_t*>(base + o_bp);
+  p.best_slot = reinterpret_cast<int64_t*>(base + o_bs);
+  p.evicted = evicted.data_ptr<int64_t>();
+  const cudaStream_t st = current_stream();
+  switch (dtype_of(k)) {
+    case DType::F32: launch_decode_t<float>(p, smem1, st); break;
+    case DType::F16: launch_decode_t<half_t>(p, smem1, st); break;
+    case DType::BF16: launch_decode_t<bf16_t>(p, smem1, st); break;
+  }
+  return evicted;
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(tgvkv, CUDA, m) { m.impl("decode_evict_", &cuda::decode_evict_cuda); }
+
+}  // namespace tgvkv

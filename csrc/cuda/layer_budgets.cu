@@ -1,0 +1,62 @@
+// CUDA implementation of tgvkv::layer_budgets: one block per sample scans its modality row and
+// calls the torch-free tgvkv::sample_layer_budgets (shared with the CPU: bit-identical keep
+// counts). Kernel: csrc/include/tgvkv/cuda/select.cuh (launched by select_keep.cu's launcher).
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "tgvkv/cuda/glue.cuh"
+
+namespace tgvkv {
+namespace cuda {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> layer_budgets_cuda(const at::Tensor& stats,
+                                                      const at::Tensor& q_pos,
+                                                      const at::Tensor& modality,
+                                                      double keep_ratio,
+                                                      c10::string_view budget, bool redistribute,
+                                                      int64_t n_sink) {
+  const char* op = "layer_budgets";
+  checks::check_q_pos_modality(q_pos, modality, op);
+  check_cuda(modality, op, "modality");
+  const int64_t B = modality.size(0), N = modality.size(1);
+  checks::check_dim(stats, 3, op, "stats", "[L, B, 2]");
+  checks::check_dtype(stats, at::kFloat, op, "stats");
+  checks::check_size(stats, 1, B, op, "stats", "B (from modality)");
+  checks::check_size(stats, 2, 2, op, "stats", "(S, I)");
+  checks::check_same_device(stats, modality, op, "stats", "modality");
+  checks::check_keep_ratio(keep_ratio, op);
+  const int mode = checks::parse_budget(budget, op);
+  checks::check_n_sink(n_sink, op);
+  TGVKV_CHECK(N < (int64_t{1} << 31), op, "at most 2^31 - 1 cache slots are supported, got N = ", N);
+  const int64_t L = stats.size(0);
+  TGVKV_CHECK(L <= 4096, op, "the CUDA kernels support up to 4096 layers, got ", L);
+  c10::cuda::CUDAGuard guard(modality.device());
+  const at::Tensor st = stats.contiguous(), qp = q_pos.contiguous(), mod = modality.contiguous();
+  at::Tensor keep = at::empty({L, B}, modality.options().dtype(at::kLong));
+  at::Tensor frac = at::empty({L, B}, modality.options().dtype(at::kDouble));
+  select::Params p{};
+  p.L = int(L);
+  p.B = int(B);
+  p.T = int(q_pos.size(1));
+  p.N = N;
+  p.n_sink = n_sink;
+  p.stats = st.data_ptr<float>();
+  p.keep_ratio = keep_ratio;
+  p.budget_mode = mode;
+  p.redistribute = redistribute;
+  p.q_pos = qp.data_ptr<int64_t>();
+  p.modality = mod.data_ptr<int8_t>();
+  p.keep_out = keep.data_ptr<int64_t>();
+  p.keep_fraction = frac.data_ptr<double>();
+  launch_budgets(p, current_stream());
+  return {keep, frac};
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(tgvkv, CUDA, m) { m.impl("layer_budgets", &cuda::layer_budgets_cuda); }
+
+}  // namespace tgvkv

@@ -1,0 +1,80 @@
+// CUDA implementation of tgvkv::select_keep, and the launchers of the budget and selection
+// kernels (csrc/include/tgvkv/cuda/select.cuh) that layer_budgets.cu and evict.cu reuse.
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "tgvkv/cuda/glue.cuh"
+#include "tgvkv/cuda/select.cuh"
+
+namespace tgvkv {
+namespace cuda {
+
+void launch_budgets(const select::Params& p, cudaStream_t st) {
+  if (p.B == 0 || p.L == 0) return;
+  const size_t smem = select::budget_smem_bytes(p.L);
+  C10_CUDA_CHECK(ensure_dynamic_smem(select::budgets_kernel, smem));
+  select::budgets_kernel<<<p.B, select::kThreads, smem, st>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_select(const select::Params& p, cudaStream_t st) {
+  const int64_t blocks = int64_t(p.L) * p.B;
+  if (blocks == 0) return;
+  const size_t smem = p.keep == nullptr ? select::budget_smem_bytes(p.L) : 0;
+  C10_CUDA_CHECK(ensure_dynamic_smem(select::select_kernel, smem));
+  select::select_kernel<<<unsigned(blocks), select::kThreads, smem, st>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> select_keep_cuda(const at::Tensor& scores,
+                                                    const at::Tensor& keep,
+                                                    const at::Tensor& q_pos,
+                                                    const at::Tensor& modality, int64_t n_sink) {
+  const char* op = "select_keep";
+  checks::check_q_pos_modality(q_pos, modality, op);
+  check_cuda(modality, op, "modality");
+  const int64_t B = modality.size(0), N = modality.size(1);
+  checks::check_dim(scores, 3, op, "scores", "[L, B, N]");
+  checks::check_dtype(scores, at::kFloat, op, "scores");
+  checks::check_size(scores, 1, B, op, "scores", "B (from modality)");
+  checks::check_size(scores, 2, N, op, "scores", "N (from modality)");
+  checks::check_dim(keep, 2, op, "keep", "[L, B]");
+  checks::check_dtype(keep, at::kLong, op, "keep");
+  checks::check_size(keep, 0, scores.size(0), op, "keep", "L (from scores)");
+  checks::check_size(keep, 1, B, op, "keep", "B (from modality)");
+  checks::check_same_device(scores, modality, op, "scores", "modality");
+  checks::check_same_device(keep, modality, op, "keep", "modality");
+  checks::check_n_sink(n_sink, op);
+  TGVKV_CHECK(N < (int64_t{1} << 31), op, "at most 2^31 - 1 cache slots are supported, got N = ", N);
+  const int64_t L = scores.size(0);
+  TGVKV_CHECK(L * B < (int64_t{1} << 31), op, "L * B too large: ", L * B);
+  c10::cuda::CUDAGuard guard(modality.device());
+  const at::Tensor sc = scores.contiguous(), kp = keep.contiguous(), qp = q_pos.contiguous(),
+                   mod = modality.contiguous();
+  at::Tensor keep_idx = at::empty({L, B, N}, modality.options().dtype(at::kLong));
+  at::Tensor n_prot = at::empty({L, B}, modality.options().dtype(at::kLong));
+  select::Params p{};
+  p.L = int(L);
+  p.B = int(B);
+  p.T = int(q_pos.size(1));
+  p.N = N;
+  p.n_sink = n_sink;
+  p.scores = sc.data_ptr<float>();
+  p.keep = kp.data_ptr<int64_t>();
+  p.q_pos = qp.data_ptr<int64_t>();
+  p.modality = mod.data_ptr<int8_t>();
+  p.keep_idx = keep_idx.data_ptr<int64_t>();
+  p.n_protected = n_prot.data_ptr<int64_t>();
+  launch_select(p, current_stream());
+  return {keep_idx, n_prot};
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(tgvkv, CUDA, m) { m.impl("select_keep", &cuda::select_keep_cuda); }
+
+}  // namespace tgvkv

@@ -1,0 +1,308 @@
+// Torch-free CUDA kernels of decode_evict_ (one decode step of one layer, SPEC §4).
+//
+// Per sample b with n = length[b] live slots [0, n) (any order; pos[b, s] = original position):
+// if keep_fraction < 1 and forget = int(n - n_seen * keep_fraction) > 0 (tgvkv::decode_forget,
+// shared with the CPU), evict the candidate with the lowest head-averaged attention of q, ties to
+// the smaller pos. Candidates: slots s >= n_sink whose pos is not among the n_protected largest
+// pos of the live slots. The hole is filled by the last live slot (O(Hkv·D) moved), pos follows,
+// length -= 1; evicted[b] = the evicted pos, or -1.
+//
+// Three launches, no host sync:
+//   logits_kernel  grid (nsplit + 1, B): block x < nsplit writes logits [B, Hq, S] of its slot
+//                  span and the span's per-head (max, sum of exp); block x == nsplit computes the
+//                  protection threshold theta[b] (the n_protected-th largest pos, radix select).
+//   argmin_kernel  grid (nsplit, B): combines the per-head (max, sum) in a fixed order, then the
+//                  head-averaged attention of every candidate of the span and its argmin.
+//   apply_kernel   grid (B): argmin over the spans (fixed order), then the move.
+// length is clamped to [0, S] for memory safety (a longer length is not detected on CUDA).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
+#include "tgvkv/common.h"
+#include "tgvkv/cuda/common.cuh"
+#include "tgvkv/cuda/launch.cuh"
+
+namespace tgvkv {
+namespace cuda {
+namespace decode {
+
+
+__device__ __forceinline__ int64_t live_length(const Params& P, int b) {
+  int64_t n = P.length[int64_t(b) * P.ls0];
+  return n < 0 ? 0 : (n > P.S ? P.S : n);
+}
+
+__device__ __forceinline__ bool wants_evict(const Params& P, int b, int64_t n) {
+  const double f = P.keep_fraction[b];
+  if (f >= 1.0) return false;
+  bool ok = false;
+  const int64_t forget = tgvkv::decode_forget(n, P.n_seen[b], f, &ok);
+  // as the CPU op: no candidate range when the protected suffix reaches the sinks
+  return ok && forget > 0 && n - P.n_protected[b] > P.n_sink;
+}
+
+__device__ __forceinline__ int64_t pos_at(const Params& P, int b, int64_t s) {
+  return P.pos[int64_t(b) * P.ps0 + s * P.ps1];
+}
+
+// The n_protected-th largest pos among live slots (protected iff pos >= theta).
+__device__ inline void theta_block(const Params& P, int b, int64_t n) {
+  __shared__ long long mn_s[kWarps], mx_s[kWarps];
+  __shared__ int hist[256];
+  __shared__ unsigned long long prefix_s, mask_s;
+  __shared__ int remaining_s;
+  const int tid = threadIdx.x;
+  const int64_t np = P.n_protected[b];
+  if (np <= 0 || np >= n) {  // nothing / everything protected
+    if (tid == 0) P.theta[b] = np <= 0 ? INT64_MAX : INT64_MIN;
+    return;
+  }
+  long long mn = INT64_MAX, mx = INT64_MIN;
+  for (int64_t s = tid; s < n; s += kThreads) {
+    const long long p = pos_at(P, b, s);
+    mn = p < mn ? p : mn;
+    mx = p > mx ? p : mx;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const long long a = __shfl_xor_sync(0xffffffffu, mn, o);
+    const long long c = __shfl_xor_sync(0xffffffffu, mx, o);
+    mn = a < mn ? a : mn;
+    mx = c > mx ? c : mx;
+  }
+  if ((tid & 31) == 0) {
+    mn_s[tid >> 5] = mn;
+    mx_s[tid >> 5] = mx;
+  }
+  if (tid == 0) {
+    prefix_s = 0;
+    mask_s = 0;
+    remaining_s = int(n - np + 1);  // 1-based rank from the smallest
+  }
+  __syncthreads();
+  mn = mn_s[0];
+  mx = mx_s[0];
+  for (int i = 1; i < kWarps; ++i) {
+    mn = mn_s[i] < mn ? mn_s[i] : mn;
+    mx = mx_s[i] > mx ? mx_s[i] : mx;
+  }
+  const uint64_t range = static_cast<uint64_t>(mx) - static_cast<uint64_t>(mn);
+  const int bits = range ? 64 - __clzll(range) : 0;
+  const int passes = (bits + 7) / 8;
+  for (int pass = passes - 1; pass >= 0; --pass) {
+    const int shift = 8 * pass;
+    hist[tid] = 0;  // kThreads == 256
+    __syncthreads();
+    const uint64_t prefix = prefix_s, mask = mask_s;
+    for (int64_t s = tid; s < n; s += kThreads) {
+      const uint64_t k = static_cast<uint64_t>(pos_at(P, b, s)) - static_cast<uint64_t>(mn);
+      if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255u], 1);
+    }
+    __syncthreads();
+    if (tid < 32) {
+      int c[8], sum = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        c[i] = hist[tid * 8 + i];
+        sum += c[i];
+      }
+      int incl = sum;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (tid >= o) incl += v;
+      }
+      const int excl = incl - sum;
+      const int r = remaining_s;
+      __syncwarp();
+      if (excl < r && r <= incl) {
+        int acc = excl;
+        for (int i = 0; i < 8; ++i) {
+          if (acc + c[i] >= r) {
+            prefix_s = prefix | (static_cast<uint64_t>(tid * 8 + i) << shift);
+            mask_s = mask | (255ull << shift);
+            remaining_s = r - acc;
+            break;
+          }
+          acc += c[i];
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (tid == 0) P.theta[b] = static_cast<int64_t>(static_cast<uint64_t>(mn) + prefix_s);
+}
+
+// grid (nsplit + 1, B), block kThreads, dynamic smem (Hq + kWarps) * D floats.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) logits_kernel(const Params P) {
+  extern __shared__ float dsm[];
+  const int b = blockIdx.y, sp = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t n = live_length(P, b);
+  if (!wants_evict(P, b, n)) return;  // block-uniform
+  if (sp == P.nsplit) {
+    theta_block(P, b, n);
+    return;
+  }
+  const int D = P.D, g = P.Hq / P.Hkv;
+  float* qs = dsm;                         // [Hq][D]
+  float* kw = dsm + P.Hq * D + warp * D;   // this warp's key row
+  const T* q = static_cast<const T*>(P.q) + int64_t(b) * P.Hq * D;
+  for (int i = tid; i < P.Hq * D; i += kThreads) qs[i] = load_f(q + i);
+  __syncthreads();
+  const T* kb = static_cast<const T*>(P.k) + int64_t(b) * P.ks0;
+  float* lg = P.logits + int64_t(b) * P.Hq * P.S;
+  const int64_t i0 = int64_t(sp) * P.span;
+  const int64_t i1 = i0 + P.span < n ? i0 + P.span : n;
+  for (int64_t s = i0 + warp; s < i1; s += kWarps) {
+    for (int kvh = 0; kvh < P.Hkv; ++kvh) {
+      const T* kr = kb + kvh * P.ks1 + s * P.ks2;
+      for (int d = lane; d < D; d += 32) kw[d] = load_f(kr + d * P.ks3);
+      __syncwarp();
+      for (int h = kvh * g; h < (kvh + 1) * g; ++h) {
+        float acc = 0.f;
+        for (int d = lane; d < D; d += 32) acc = fmaf(qs[h * D + d], kw[d], acc);
+        acc = warp_sum(acc);
+        if (lane == 0) lg[int64_t(h) * P.S + s] = __fmul_rn(acc, P.scale);
+      }
+      __syncwarp();
+    }
+  }
+  __syncthreads();  // the block's logits are visible to all its threads
+  for (int h = tid; h < P.Hq; h += kThreads) {
+    const float* row = lg + int64_t(h) * P.S;
+    float m = -INFINITY, l = 0.f;
+    for (int64_t s = i0; s < i1; ++s) m = fmaxf(m, row[s]);
+    if (m != -INFINITY)
+      for (int64_t s = i0; s < i1; ++s) l += expf(row[s] - m);
+    P.part[(int64_t(b) * P.nsplit + sp) * P.Hq + h] = make_float2(m, l);
+  }
+}
+
+// grid (nsplit, B), block kThreads, dynamic smem 2 * Hq floats.
+__global__ void __launch_bounds__(kThreads) argmin_kernel(const Params P) {
+  extern __shared__ float dsm[];
+  __shared__ float ba[kThreads];
+  __shared__ long long bp[kThreads], bs[kThreads];
+  const int b = blockIdx.y, sp = blockIdx.x, tid = threadIdx.x;
+  const int64_t n = live_length(P, b);
+  if (!wants_evict(P, b, n)) return;
+  float* m_s = dsm;
+  float* l_s = dsm + P.Hq;
+  for (int h = tid; h < P.Hq; h += kThreads) {
+    const float2* pp = P.part + int64_t(b) * P.nsplit * P.Hq + h;
+    float m = -INFINITY, l = 0.f;
+    for (int i = 0; i < P.nsplit; ++i) m = fmaxf(m, pp[int64_t(i) * P.Hq].x);
+    if (m != -INFINITY)
+      for (int i = 0; i < P.nsplit; ++i) {
+        const float2 v = pp[int64_t(i) * P.Hq];
+        if (v.y > 0.f) l += v.y * expf(v.x - m);
+      }
+    m_s[h] = m;
+    l_s[h] = l;
+  }
+  __syncthreads();
+  const int64_t theta = P.theta[b];
+  const float* lg = P.logits + int64_t(b) * P.Hq * P.S;
+  const int64_t i0 = int64_t(sp) * P.span;
+  const int64_t i1 = i0 + P.span < n ? i0 + P.span : n;
+  float best = INFINITY;
+  long long bpos = INT64_MAX, bslot = -1;
+  for (int64_t s = i0 + tid; s < i1; s += kThreads) {
+    if (s < P.n_sink) continue;
+    const long long p = pos_at(P, b, s);
+    if (p >= theta) continue;  // protected suffix
+    float a = 0.f;
+    for (int h = 0; h < P.Hq; ++h) a += expf(lg[int64_t(h) * P.S + s] - m_s[h]) / l_s[h];
+    a = a / float(P.Hq);
+    if (bslot < 0 || a < best || (a == best && p < bpos)) {
+      best = a;
+      bpos = p;
+      bslot = s;
+    }
+  }
+  ba[tid] = best;
+  bp[tid] = bpos;
+  bs[tid] = bslot;
+  __syncthreads();
+  for (int o = kThreads / 2; o > 0; o >>= 1) {
+    if (tid < o && bs[tid + o] >= 0) {
+      const float a = ba[tid + o];
+      const long long p = bp[tid + o];
+      if (bs[tid] < 0 || a < ba[tid] || (a == ba[tid] && p < bp[tid])) {
+        ba[tid] = a;
+        bp[tid] = p;
+        bs[tid] = bs[tid + o];
+      }
+    }
+    __syncthreads();
+  }
+  if (tid == 0) {
+    const int64_t o = int64_t(b) * P.nsplit + sp;
+    P.best_att[o] = ba[0];
+    P.best_pos[o] = bp[0];
+    P.best_slot[o] = bs[0];
+  }
+}
+
+// grid (B), block kThreads.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) apply_kernel(const Params P) {
+  __shared__ long long j_s, n_s;
+  const int b = blockIdx.x, tid = threadIdx.x;
+  if (tid == 0) {
+    const int64_t n = live_length(P, b);
+    long long j = -1;
+    if (wants_evict(P, b, n)) {
+      float best = INFINITY;
+      long long bpos = INT64_MAX;
+      for (int i = 0; i < P.nsplit; ++i) {
+        const int64_t o = int64_t(b) * P.nsplit + i;
+        const long long s = P.best_slot[o];
+        if (s < 0) continue;
+        const float a = P.best_att[o];
+        const long long p = P.best_pos[o];
+        if (j < 0 || a < best || (a == best && p < bpos)) {
+          best = a;
+          bpos = p;
+          j = s;
+        }
+      }
+    }
+    j_s = j;
+    n_s = n;
+  }
+  __syncthreads();
+  const int64_t j = j_s, last = n_s - 1;
+  if (j < 0) {
+    if (tid == 0) P.evicted[b] = -1;
+    return;
+  }
+  if (j != last) {
+    T* k = static_cast<T*>(P.k);
+    T* v = static_cast<T*>(P.v);
+    const int64_t HD = int64_t(P.Hkv) * P.D;
+    for (int64_t e = tid; e < HD; e += kThreads) {
+      const int64_t h = e / P.D, d = e - h * P.D;
+      const int64_t kb = b * P.ks0 + h * P.ks1 + d * P.ks3;
+      const int64_t vb = b * P.vs0 + h * P.vs1 + d * P.vs3;
+      k[kb + j * P.ks2] = k[kb + last * P.ks2];
+      v[vb + j * P.vs2] = v[vb + last * P.vs2];
+    }
+  }
+  if (tid == 0) {
+    int64_t* pb = P.pos + int64_t(b) * P.ps0;
+    P.evicted[b] = pb[j * P.ps1];
+    pb[j * P.ps1] = pb[last * P.ps1];
+    P.length[int64_t(b) * P.ls0] = last;
+  }
+}
+
+}  // namespace decode
+}  // namespace cuda
+}  // namespace tgvkv

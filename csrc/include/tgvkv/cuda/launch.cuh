@@ -1,0 +1,241 @@
+// Torch-free launch interface of the tgvkv CUDA kernels: kernel parameter structs, launch plans
+// and the host launchers (defined in csrc/cuda/<op>.cu, each next to the only translation unit
+// that instantiates its kernels; evict.cu composes them through these declarations).
+//
+// Launchers take raw pointers, sizes and the stream; they never synchronise with the host and
+// check every launch (C10_CUDA_KERNEL_LAUNCH_CHECK in the .cu definitions).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "tgvkv/cuda/common.cuh"
+
+namespace tgvkv {
+namespace cuda {
+
+// ---------------------------------------------------------------------------------------------
+// score_text_vision (csrc/cuda/score_text_vision.cu)
+// ---------------------------------------------------------------------------------------------
+namespace score {
+
+constexpr int kTQ = 64;        // query rows per tile
+constexpr int kNC = 64;        // keys per tile (chunk)
+constexpr int kThreads = 256;  // 16 × 16 threads, 4 × 4 outputs each
+constexpr int kMaxHeadDim = 256;
+
+struct Params {
+  int L, B, Hq, Hkv, T, D, D4, DP;  // D4 = D rounded up to 4, DP = D4 + 4 (smem row pitch)
+  int64_t N;
+  int nchunks, nsplit, chunks_per_split;
+  float scale;
+  bool vec_q, vec_k;  // 16-byte loads legal for q / k
+  View4 q[kMaxLayers];  // [B, Hq, T, D] per layer of the group
+  View4 k[kMaxLayers];  // [B, Hkv, N, D]
+  const int64_t* q_pos;    // [B, T] contiguous
+  const int8_t* modality;  // [B, N] contiguous
+  float2* part;       // [L, B, nsplit, Hq, T] running (max, sum)
+  float2* fin;        // [L, B, Hq, T] (max, 1/sum)
+  float* w;           // [L, B, T]
+  double* rowpart;    // [L, B, nchunks, T] Σ_{v in chunk} A[t, v]
+  double* chunkpart;  // [L, B, nchunks, 3] (Σ c_v, Σ a log a, Σ c_v log c_v) over the chunk
+  float* scores;      // [L, B, N] contiguous
+  float* stats;       // [L, B, 2] contiguous
+};
+static_assert(sizeof(Params) < 4000, "kernel parameters must stay under 4 KB");
+
+// Key chunks per split of pass 1. Fixed (not derived from the device or the batch) so that the
+// fp32 rounding of every sample's scores depends on that sample's inputs only: the same sample
+// gets bit-identical scores from score_text_vision and from evict, alone or in any batch.
+constexpr int kChunksPerSplit = 4;
+
+// Fills the derived sizes of p (from L, B, Hq, T, D, N) and, when ws != nullptr, its workspace
+// pointers. Returns the workspace bytes.
+inline size_t plan(Params& p, void* ws) {
+  p.D4 = (p.D + 3) / 4 * 4;
+  p.DP = p.D4 + 4;
+  p.nchunks = int((p.N + kNC - 1) / kNC);
+  p.chunks_per_split = kChunksPerSplit;
+  p.nsplit = (p.nchunks + kChunksPerSplit - 1) / kChunksPerSplit;
+  const size_t LB = size_t(p.L) * p.B;
+  Carver c;
+  const size_t o_part = c.take<float2>(LB * p.nsplit * p.Hq * p.T);
+  const size_t o_fin = c.take<float2>(LB * p.Hq * p.T);
+  const size_t o_w = c.take<float>(LB * p.T);
+  const size_t o_row = c.take<double>(LB * p.nchunks * p.T);
+  const size_t o_chunk = c.take<double>(LB * p.nchunks * 3);
+  if (ws != nullptr) {
+    char* base = static_cast<char*>(ws);
+    p.part = reinterpret_cast<float2*>(base + o_part);
+    p.fin = reinterpret_cast<float2*>(base + o_fin);
+    p.w = reinterpret_cast<float*>(base + o_w);
+    p.rowpart = reinterpret_cast<double*>(base + o_row);
+    p.chunkpart = reinterpret_cast<double*>(base + o_chunk);
+  }
+  return c.off + 256;
+}
+
+}  // namespace score
+
+// Scores [L, B, N] and stats [L, B, 2] of the p.L (<= kMaxLayers) layers of p; p planned with
+// score::plan on a workspace of the returned size.
+void launch_score(const score::Params& p, DType dtype, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// layer_budgets and select_keep (csrc/cuda/select_keep.cu)
+// ---------------------------------------------------------------------------------------------
+namespace select {
+
+constexpr int kThreads = 512;
+constexpr int kItems = 4;
+constexpr int kTile = kThreads * kItems;
+
+struct Params {
+  int L, B, T;
+  int64_t N, n_sink;
+  const float* scores;     // [L, B, N] contiguous
+  const int64_t* keep;     // [L, B] keep counts, or nullptr: computed from stats in the block
+  const float* stats;      // [L, B, 2] contiguous (used when keep == nullptr, and by budgets)
+  double keep_ratio;
+  int budget_mode;
+  bool redistribute;
+  const int64_t* q_pos;    // [B, T] contiguous
+  const int8_t* modality;  // [B, N] contiguous
+  int64_t* keep_idx;       // [L, B, N]
+  int64_t* n_protected;    // [L, B]
+  int64_t* n_kept;         // [L, B] or nullptr
+  int64_t* keep_out;       // [L, B] or nullptr (budgets_kernel)
+  double* keep_fraction;   // [L, B] or nullptr
+};
+
+// Dynamic shared memory of the in-block budgets: work [2L] + keep [L] + frac [L].
+inline size_t budget_smem_bytes(int L) { return size_t(L) * 4 * 8; }
+
+}  // namespace select
+
+// Budgets only (p.keep_out, p.keep_fraction): grid B.
+void launch_budgets(const select::Params& p, cudaStream_t stream);
+// Selection of every (layer, sample); budgets computed in the block when p.keep == nullptr.
+void launch_select(const select::Params& p, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// compact_ (csrc/cuda/compact.cu)
+// ---------------------------------------------------------------------------------------------
+namespace compact {
+
+constexpr int kThreads = 256;
+constexpr int kItems = 4;
+
+struct Tensor3 {
+  char* ptr;
+  int64_t s0, s1, s2;  // byte strides of (b, h, n); the head dim is contiguous
+};
+
+struct Params {
+  int L, B, H;
+  int64_t N;
+  int dsplit;        // blocks per (tensor, b, h) row
+  int upb_k, upb_v;  // units per block segment of a k / v slot (units per slot / dsplit)
+  Tensor3 k[kMaxLayers];  // [B, H, N, Dk] per layer of the group
+  Tensor3 v[kMaxLayers];  // [B, H, N, Dv]
+  const int64_t* keep_idx;   // [L, B, N] contiguous (group's first layer)
+  const int64_t* n_kept_in;  // [L, B] or nullptr: binary search in keep_idx
+  int64_t* n_kept_out;       // [L, B] or nullptr
+};
+static_assert(sizeof(Params) < 4000, "kernel parameters must stay under 4 KB");
+
+// One layer as seen by the compaction: element pointers, element strides, element sizes and
+// head dims of k and v (the head dims must be contiguous: stride 1).
+struct Layer {
+  void* k;
+  int64_t ks[3];
+  int64_t ek, Dk;
+  void* v;
+  int64_t vs[3];
+  int64_t ev, Dv;
+};
+
+// Largest unit (16/8/4/2/1 bytes) that divides every row, pointer and stride of every layer.
+inline int unit_bytes(const Layer* layers, int n) {
+  for (int ub = 16; ub > 1; ub >>= 1) {
+    bool ok = true;
+    for (int i = 0; i < n && ok; ++i) {
+      const Layer& a = layers[i];
+      ok = (a.Dk * a.ek) % ub == 0 && (a.Dv * a.ev) % ub == 0 &&
+           reinterpret_cast<uintptr_t>(a.k) % ub == 0 && reinterpret_cast<uintptr_t>(a.v) % ub == 0;
+      for (int d = 0; d < 3 && ok; ++d) ok = (a.ks[d] * a.ek) % ub == 0 && (a.vs[d] * a.ev) % ub == 0;
+    }
+    if (ok) return ub;
+  }
+  return 1;
+}
+
+// Fills p.L, p.k, p.v, p.dsplit, p.upb_k, p.upb_v for n layers of the same shapes (p.B, p.H,
+// p.N set by the caller); returns the unit size to launch with.
+inline int plan(Params& p, const Layer* layers, int n, int sms) {
+  const int ub = unit_bytes(layers, n);
+  p.L = n;
+  for (int i = 0; i < n; ++i) {
+    const Layer& a = layers[i];
+    p.k[i] = Tensor3{static_cast<char*>(a.k), a.ks[0] * a.ek, a.ks[1] * a.ek, a.ks[2] * a.ek};
+    p.v[i] = Tensor3{static_cast<char*>(a.v), a.vs[0] * a.ev, a.vs[1] * a.ev, a.vs[2] * a.ev};
+  }
+  const int uk = n > 0 ? int(layers[0].Dk * layers[0].ek / ub) : 0;
+  const int uv = n > 0 ? int(layers[0].Dv * layers[0].ev / ub) : 0;
+  const int64_t rows = int64_t(n) * p.B * p.H * 2;
+  int ds = 1;  // split rows by unit columns while segments stay >= 64 bytes and blocks are few
+  while (uk % (2 * ds) == 0 && uv % (2 * ds) == 0 && (uk / (2 * ds)) * ub >= 64 &&
+         (uv / (2 * ds)) * ub >= 64 && rows * ds < 2 * int64_t(sms))
+    ds *= 2;
+  p.dsplit = ds;
+  p.upb_k = uk / ds;
+  p.upb_v = uv / ds;
+  return ub;
+}
+
+}  // namespace compact
+
+void launch_compact(const compact::Params& p, int unit_bytes, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// decode_evict_ (csrc/cuda/decode_evict.cu)
+// ---------------------------------------------------------------------------------------------
+namespace decode {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+struct Params {
+  int B, Hq, Hkv, D;
+  int64_t S;  // slot capacity
+  float scale;
+  int64_t n_sink;
+  void* k;  // [B, Hkv, S, D]
+  int64_t ks0, ks1, ks2, ks3;
+  void* v;  // [B, Hkv, S, D]
+  int64_t vs0, vs1, vs2, vs3;
+  int64_t* pos;  // [B, S]
+  int64_t ps0, ps1;
+  int64_t* length;  // [B]
+  int64_t ls0;
+  const void* q;                // [B, Hq, D] contiguous
+  const int64_t* n_seen;        // [B] contiguous
+  const double* keep_fraction;  // [B] contiguous
+  const int64_t* n_protected;   // [B] contiguous
+  int nsplit;
+  int64_t span;      // slots per split
+  float* logits;     // [B, Hq, S] workspace
+  float2* part;      // [B, nsplit, Hq] workspace
+  int64_t* theta;    // [B] workspace
+  float* best_att;   // [B, nsplit]
+  int64_t* best_pos; // [B, nsplit]
+  int64_t* best_slot;// [B, nsplit]
+  int64_t* evicted;  // [B]
+};
+
+}  // namespace decode
+
+}  // namespace cuda
+}  // namespace tgvkv
