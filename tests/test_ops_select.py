@@ -319,3 +319,77 @@ def test_evict_noncontiguous_queries(device):
         assert "evict" in str(e) and "contiguous" in str(e).lower(), str(e)
         return
     _check_outputs(got, exp, kc, vc, kc0, vc0, 2, B, N, scores, mod, rel=1e-4, frac_rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_evict_unused_query_rows(device):
+    """q_pos padded with extra -1 columns (garbage query rows): same result as without them."""
+    L, B, Hq, Hkv, D = 2, 2, 4, 2, 64
+    mod = make_modality([44, 36], [7, 3], 2, "left", seed=12)
+    q_pos = ref.guidance_positions(mod)
+    N, T = mod.shape[1], q_pos.shape[1]
+    qs = [randn((B, Hq, T, D), torch.float32, 70 + l, device) for l in range(L)]
+    extra = torch.cat([q_pos, torch.full((B, 4), -1, dtype=torch.int64)], 1)
+    qs_x = [torch.cat([q, randn((B, Hq, 4, D), torch.float32, 90 + l, device)], 2)
+            for l, q in enumerate(qs)]
+    kc, vc = _cache(L, B, Hkv, N, D, torch.float32, device, seed=400)
+    kc2, vc2 = [t.clone() for t in kc], [t.clone() for t in vc]
+    a = OPS.evict(kc, vc, qs, q_pos.to(device), mod.to(device), 0.125, 0.15)
+    b = OPS.evict(kc2, vc2, qs_x, extra.to(device), mod.to(device), 0.125, 0.15)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert all(torch.equal(x, y) for x, y in zip(kc + vc, kc2 + vc2))
+
+
+def test_evict_deterministic_across_threads():
+    """Same inputs, same kept indices and scores, whatever the CPU thread count."""
+    L, B, Hq, Hkv, D = 3, 3, 8, 2, 64
+    mod = make_modality([300, 250, 120], [20, 9, 4], 3, "mixed", seed=13)
+    q_pos = ref.guidance_positions(mod)
+    N, T = mod.shape[1], q_pos.shape[1]
+    qs = [randn((B, Hq, T, D), torch.bfloat16, 80 + l) for l in range(L)]
+    base = _cache(L, B, Hkv, N, D, torch.bfloat16, "cpu", seed=500)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 4, 1):
+            torch.set_num_threads(threads)
+            kc, vc = [t.clone() for t in base[0]], [t.clone() for t in base[1]]
+            s = [OPS.score_text_vision(q, k, q_pos, mod, 0.125) for q, k in zip(qs, kc)]
+            out = OPS.evict(kc, vc, qs, q_pos, mod, 0.125, 0.1)
+            results.append((s, out, kc, vc))
+    finally:
+        torch.set_num_threads(old)
+    s0, out0, kc0, vc0 = results[0]
+    for s, out, kc, vc in results[1:]:
+        for (a, b), (c, d) in zip(s, s0):
+            assert torch.equal(a, c) and torch.equal(b, d), "scores depend on the thread count"
+        for x, y in zip(out, out0):
+            assert torch.equal(x, y)
+        assert all(torch.equal(x, y) for x, y in zip(kc + vc, kc0 + vc0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_evict_noncontiguous_cache(device):
+    """k_cache / v_cache as transposed views of [B, N, H, D] storage: compacted correctly in
+    place (through the views), or a clear error naming evict."""
+    L, B, Hq, Hkv, D = 2, 2, 4, 2, 64
+    mod = make_modality([40, 33], [6, 4], 2, "right", seed=14)
+    q_pos = ref.guidance_positions(mod)
+    N, T = mod.shape[1], q_pos.shape[1]
+    qs = [randn((B, Hq, T, D), torch.float32, 5 + l, device) for l in range(L)]
+    kc = [randn((B, Hkv, N, D), torch.float32, 30 + l, device, transposed=True) for l in range(L)]
+    vc = [randn((B, Hkv, N, D), torch.float32, 40 + l, device, transposed=True) for l in range(L)]
+    kc0, vc0 = [t.clone() for t in kc], [t.clone() for t in vc]
+    exp_k, exp_v = [t.clone().contiguous() for t in kc], [t.clone().contiguous() for t in vc]
+    try:
+        got = OPS.evict(kc, vc, qs, q_pos.to(device), mod.to(device), 0.125, 0.2)
+    except (RuntimeError, ValueError) as e:
+        assert "evict" in str(e) and "contiguous" in str(e).lower(), str(e)
+        return
+    exp = OPS.evict(exp_k, exp_v, qs, q_pos.to(device), mod.to(device), 0.125, 0.2)
+    for x, y in zip(got, exp):
+        assert torch.equal(x, y)
+    for l in range(L):
+        assert_compacted(kc[l], kc0[l], got[0][l].cpu(), got[1][l].cpu())
+        assert_compacted(vc[l], vc0[l], got[0][l].cpu(), got[1][l].cpu())
