@@ -297,3 +297,83 @@ def test_ops_backend_matches_reference_backend_end_to_end(name, monkeypatch):
     assert torch.equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]
     assert torch.equal(runs[0][2], runs[1][2])
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl"])
+def test_decode_steps_match_masked_full_cache(name):
+    """Step by step through decode-time eviction (slots reordered in place): each step's logits
+    equal those of an unpatched full cache whose attention is masked, per layer and sample, to the
+    live positions of the tgvkv cache before that step (plus the new token)."""
+    from transformers import AttentionInterface, DynamicCache
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("tgvkv_test_masked", _masked_attention)
+    AttentionMaskInterface.register("tgvkv_test_masked", sdpa_mask)
+    m = model(name)
+    inp = tiny.make_inputs(m, [PROMPT, [3, "image", 2, "image", 5]], padding_side="left")
+    B, N = inp["input_ids"].shape
+    full = DynamicCache(config=m.config)
+    with torch.no_grad():
+        m(**inp, past_key_values=full, use_cache=True)
+    h = hf.patch(m, TGVKV(keep_ratio=0.3))
+    cfgs = {id(c): c for c in [m.config.get_text_config()] +
+            [mod.config for mod in m.modules() if hasattr(mod, "layer_idx") and hasattr(mod, "scaling")]}
+    try:
+        cache = h.new_cache()
+        with torch.no_grad():
+            out = m(**inp, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        evicted_during_decode = False
+        for step in range(8):
+            live = [[cache.kept_positions(l, b) for b in range(B)] for l in range(len(cache.layers))]
+            kw = dict(input_ids=tok, use_cache=True)
+            if "mm_token_type_ids" in inp:
+                kw["mm_token_type_ids"] = torch.zeros(B, 1, dtype=torch.int32)
+            with torch.no_grad():
+                got = m(**kw, past_key_values=cache).logits[:, -1]
+            S = N + step
+            for l in range(len(live)):
+                mask = torch.zeros(B, 1, 1, S + 1, dtype=torch.bool)
+                for b in range(B):
+                    mask[b, 0, 0, live[l][b]] = True
+                    mask[b, 0, 0, S] = True
+                _MASKS[l] = mask
+            old = [(c, c._attn_implementation) for c in cfgs.values()]
+            try:
+                for c, _ in old:
+                    c._attn_implementation = "tgvkv_test_masked"
+                with torch.no_grad(), pytest.warns(UserWarning) if step == 0 else _nullctx():
+                    want = m(**kw, past_key_values=full).logits[:, -1]
+            finally:
+                for c, impl in old:
+                    c._attn_implementation = impl
+            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (step, (got - want).abs().max())
+            after = [[cache.kept_positions(l, b) for b in range(B)] for l in range(len(live))]
+            evicted_during_decode |= any(len(after[l][b]) <= len(live[l][b])
+                                         for l in range(len(live)) for b in range(B))
+            tok = got.argmax(-1, keepdim=True)
+        assert evicted_during_decode
+    finally:
+        h.remove()
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@pytest.mark.parametrize("name,prompt", [
+    ("tiny-qwen2-vl", [4, ("video", 4), 6]),
+    ("tiny-qwen3-vl", [3, "image", 2, ("video", 4), 6]),
+    ("tiny-llava-onevision", [3, ("video", 2), 2, "image", 6]),
+])
+def test_video_prompts_match_eager_oracle(name, prompt):
+    m = model(name)
+    inp = tiny.make_inputs(m, [prompt])
+    (keep_idx, keep, _, _), _ = _oracle(name, inp, 0.25)
+    cache, _ = _prefill(m, inp, TGVKV(keep_ratio=0.25))
+    assert torch.equal(cache.result[1].cpu(), keep)
+    assert torch.equal(cache.result[0].cpu(), keep_idx)
