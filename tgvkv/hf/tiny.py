@@ -9,7 +9,7 @@
   patch-grid units for Qwen, pixels for LLaVA) or ``("video", frames)``. Placeholder counts are
   taken from the model's own vision tower, so the inputs are always consistent.
 
-Token ids of the tiny models: text tokens are drawn from ``[16, vocab - 16)``, the special ids live
+Token ids: text tokens are drawn from ``[16, min(vocab - 16, special ids))``, the special ids live
 at the top of the vocabulary and are read back from the config (nothing here is hard-coded in the
 model layer).
 """
@@ -231,6 +231,9 @@ def make_inputs(model, prompts, padding_side: str = "left", seed: int = 0):
     fam = _family(model)
     cfg = model.config
     vocab = cfg.get_text_config().vocab_size
+    specials = [getattr(cfg, a, None) for a in ("image_token_id", "video_token_id",
+                                                 "vision_start_token_id", "vision_end_token_id")]
+    hi = min([vocab - 16] + [t for t in specials if isinstance(t, int) and t > 16])
     rows, types = [], []
     pix, sizes, vids, vid_sizes, img_thw, vid_thw = [], [], [], [], [], []
     dev = model.device
@@ -238,7 +241,7 @@ def make_inputs(model, prompts, padding_side: str = "left", seed: int = 0):
         ids, tt = [], []
         for seg in prompt:
             if isinstance(seg, int):
-                ids += torch.randint(16, vocab - 16, (seg,), generator=g).tolist()
+                ids += torch.randint(16, hi, (seg,), generator=g).tolist()
                 tt += [0] * seg
                 continue
             kind, arg = (seg, None) if isinstance(seg, str) else seg
@@ -257,7 +260,7 @@ def make_inputs(model, prompts, padding_side: str = "left", seed: int = 0):
                     # Qwen3-VL: "<timestamp><vision_start>frame<vision_end>" per temporal patch
                     t = int(thw[0, 0])
                     for _ in range(t):
-                        ts = torch.randint(16, vocab - 16, (2,), generator=g).tolist()
+                        ts = torch.randint(16, hi, (2,), generator=g).tolist()
                         ids += ts + [cfg.vision_start_token_id] + [tok] * (n // t) + [
                             cfg.vision_end_token_id]
                         tt += [0, 0, 0] + [typ] * (n // t) + [0]
