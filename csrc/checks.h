@@ -128,7 +128,7 @@ inline void check_keep_ratio(double keep_ratio, const char* op) {
 inline int parse_budget(c10::string_view budget, const char* op) {
   if (budget == "mass") return 0;
   if (budget == "mi") return 1;
-  TGVKV_CHECK_VALUE(false, op, "budget must be \"mass\" or \"mi\", got \"", std::string(budget),
+  TGVKV_CHECK_VALUE(false, op, "budget must be \"mass\" or \"mi\", got \"", std::string(budget.data(), budget.size()),
                     "\"");
   return -1;
 }
