@@ -38,7 +38,7 @@ at::Tensor decode_evict_cuda(const at::Tensor& k, const at::Tensor& v, const at:
   check_cuda(v, op, "v");
   check_cuda(q, op, "q");
   checks::check_dim(k, 4, op, "k", "[B, Hkv, S, D]");
-  checks::check_dim(v, 4, op, "v", "[B, Hkv, S, D]");
+  checks::check_dim(v, 4, op, "v", "[B, Hkv, S, Dv]");
   checks::check_float_dtype(k, op, "k");
   checks::check_same_dtype(v, k, op, "v", "k");
   checks::check_same_device(v, k, op, "v", "k");
@@ -46,7 +46,6 @@ at::Tensor decode_evict_cuda(const at::Tensor& k, const at::Tensor& v, const at:
   checks::check_size(v, 0, B, op, "v", "B (from k)");
   checks::check_size(v, 1, Hkv, op, "v", "Hkv (from k)");
   checks::check_size(v, 2, S, op, "v", "S (from k)");
-  checks::check_size(v, 3, D, op, "v", "D (from k)");
   checks::check_dim(q, 3, op, "q", "[B, Hq, D]");
   checks::check_same_dtype(q, k, op, "q", "k");
   checks::check_same_device(q, k, op, "q", "k");
@@ -90,6 +89,7 @@ at::Tensor decode_evict_cuda(const at::Tensor& k, const at::Tensor& v, const at:
   p.Hq = int(Hq);
   p.Hkv = int(Hkv);
   p.D = int(D);
+  p.Dv = int(v.size(3));
   p.S = S;
   p.scale = float(scale);
   p.n_sink = n_sink;

@@ -15,7 +15,7 @@ namespace {
 template <typename T>
 void launch_score_t(const score::Params& p, cudaStream_t st) {
   using namespace score;
-  const size_t smem = dyn_smem_bytes(p.DP);
+  const size_t smem = dyn_smem_bytes<T>(p);
   // > 48 KB of dynamic shared memory needs an opt-in (done once per kernel and device).
   C10_CUDA_CHECK(ensure_dynamic_smem(stats_kernel<T>, smem));
   C10_CUDA_CHECK(ensure_dynamic_smem(weights_kernel<T>, smem));

@@ -286,12 +286,15 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const Params P) {
   if (j != last) {
     T* k = static_cast<T*>(P.k);
     T* v = static_cast<T*>(P.v);
-    const int64_t HD = int64_t(P.Hkv) * P.D;
+    const int64_t HD = int64_t(P.Hkv) * P.D, HDv = int64_t(P.Hkv) * P.Dv;
     for (int64_t e = tid; e < HD; e += kThreads) {
       const int64_t h = e / P.D, d = e - h * P.D;
       const int64_t kb = b * P.ks0 + h * P.ks1 + d * P.ks3;
-      const int64_t vb = b * P.vs0 + h * P.vs1 + d * P.vs3;
       k[kb + j * P.ks2] = k[kb + last * P.ks2];
+    }
+    for (int64_t e = tid; e < HDv; e += kThreads) {
+      const int64_t h = e / P.Dv, d = e - h * P.Dv;
+      const int64_t vb = b * P.vs0 + h * P.vs1 + d * P.vs3;
       v[vb + j * P.vs2] = v[vb + last * P.vs2];
     }
   }

@@ -27,7 +27,9 @@ constexpr int kThreads = 256;  // 16 × 16 threads, 4 × 4 outputs each
 constexpr int kMaxHeadDim = 256;
 
 struct Params {
-  int L, B, Hq, Hkv, T, D, D4, DP;  // D4 = D rounded up to 4, DP = D4 + 4 (smem row pitch)
+  int L, B, Hq, Hkv, T, D;
+  int D4, DP;    // fp32 engine: D rounded up to 4, smem row pitch D4 + 4 floats
+  int D16, LDH;  // tensor-core engine: D rounded up to 16, smem row pitch D16 + 8 halves
   int64_t N;
   int nchunks, nsplit, chunks_per_split;
   float scale;
@@ -56,6 +58,8 @@ constexpr int kChunksPerSplit = 4;
 inline size_t plan(Params& p, void* ws) {
   p.D4 = (p.D + 3) / 4 * 4;
   p.DP = p.D4 + 4;
+  p.D16 = (p.D + 15) / 16 * 16;
+  p.LDH = p.D16 + 8;
   p.nchunks = int((p.N + kNC - 1) / kNC);
   p.chunks_per_split = kChunksPerSplit;
   p.nsplit = (p.nchunks + kChunksPerSplit - 1) / kChunksPerSplit;
@@ -208,13 +212,13 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
 struct Params {
-  int B, Hq, Hkv, D;
+  int B, Hq, Hkv, D, Dv;  // D: head dim of q / k, Dv: of v
   int64_t S;  // slot capacity
   float scale;
   int64_t n_sink;
   void* k;  // [B, Hkv, S, D]
   int64_t ks0, ks1, ks2, ks3;
-  void* v;  // [B, Hkv, S, D]
+  void* v;  // [B, Hkv, S, Dv]
   int64_t vs0, vs1, vs2, vs3;
   int64_t* pos;  // [B, S]
   int64_t ps0, ps1;

@@ -19,8 +19,10 @@
 //   4. finalize_kernel: per (b, l): S and I from the partials, summed in a fixed order.
 // Every reduction has a fixed order (no float atomics): results are run-to-run identical.
 //
-// Logits use CUDA-core fp32 FMA from fp32 shared-memory tiles (64 rows × 64 keys per block,
-// 4×4 outputs per thread). q_pos entries outside [0, N) are treated as unused rows (-1): on CUDA
+// Logits of a 64-row × 64-key tile: fp16/bf16 inputs use tensor cores (WMMA m16n16k16 from the
+// raw 16-bit shared-memory tiles, fp32 accumulation: the products are exact, only the summation
+// order differs from fp32 FMA); fp32 inputs use CUDA-core fp32 FMA from fp32 tiles (4×4 outputs
+// per thread; tf32 would cost precision). Both engines hand every thread the same 4×4 logits. q_pos entries outside [0, N) are treated as unused rows (-1): on CUDA
 // they are not detected (that would need a host sync); they can never cause an out-of-bounds
 // access.
 #pragma once
@@ -35,12 +37,15 @@
 #include "tgvkv/cuda/common.cuh"
 #include "tgvkv/cuda/launch.cuh"
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
 namespace tgvkv {
 namespace cuda {
 namespace score {
 
 
-inline size_t dyn_smem_bytes(int DP) { return size_t(kTQ + kNC) * DP * sizeof(float); }
 
 // Fixed-size shared state of a block (the Q/K tiles are dynamic).
 struct Shared {
@@ -140,6 +145,145 @@ __device__ __forceinline__ void tile_dot(const float* __restrict__ Qs,
   }
 }
 
+constexpr int kSP = kNC + 4;  // pitch of the fp32 logits tile written by the tensor cores
+
+// Copies R rows of D 16-bit elements as raw bits into dst[R][LDH], zero-padding [D, D16).
+__device__ __forceinline__ void load_tile_raw16(uint16_t* __restrict__ dst,
+                                                const uint16_t* __restrict__ src,
+                                                const int64_t* rows, int64_t rs, int64_t sd,
+                                                int R, int D, int D16, int LDH, bool vec) {
+  if (vec) {  // D % 8 == 0, 16-byte aligned rows
+    const int nv = D / 8, np = (D16 - D) / 8;
+    for (int idx = threadIdx.x; idx < R * nv; idx += blockDim.x) {
+      const int r = idx / nv, c = idx - r * nv;
+      const int64_t row = rows[r];
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (row >= 0) v = __ldg(reinterpret_cast<const uint4*>(src + row * rs + int64_t(c) * 8));
+      *reinterpret_cast<uint4*>(dst + r * LDH + c * 8) = v;
+    }
+    for (int idx = threadIdx.x; idx < R * np; idx += blockDim.x) {
+      const int r = idx / np, c = idx - r * np;
+      *reinterpret_cast<uint4*>(dst + r * LDH + D + c * 8) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < R * D16; idx += blockDim.x) {
+      const int r = idx / D16, c = idx - r * D16;
+      const int64_t row = rows[r];
+      dst[r * LDH + c] = (row >= 0 && c < D) ? __ldg(src + row * rs + int64_t(c) * sd) : uint16_t(0);
+    }
+  }
+}
+
+// Tile engines: shared-memory layout, tile loads and the 64×64 logits tile of one head.
+// Every thread calls every method (dot may contain a barrier).
+template <typename T>
+struct Engine;
+
+// fp32 inputs: CUDA-core fp32 FMA.
+template <>
+struct Engine<float> {
+  float* Qs;
+  float* Ks;
+  int D, D4, DP;
+  static size_t smem_bytes(const Params& p) { return size_t(kTQ + kNC) * p.DP * sizeof(float); }
+  __device__ Engine(unsigned char* smem, const Params& p)
+      : Qs(reinterpret_cast<float*>(smem)), Ks(reinterpret_cast<float*>(smem) + kTQ * p.DP),
+        D(p.D), D4(p.D4), DP(p.DP) {}
+  __device__ void load_q(const float* src, const int64_t* rows, int64_t rs, int64_t sd, bool vec) {
+    load_tile(Qs, src, rows, rs, sd, kTQ, D, D4, DP, vec);
+  }
+  __device__ void load_k(const float* src, const int64_t* rows, int64_t rs, int64_t sd, bool vec) {
+    load_tile(Ks, src, rows, rs, sd, kNC, D, D4, DP, vec);
+  }
+  // Called after a barrier that follows the loads.
+  __device__ void dot(int ty, int tx, float (&acc)[4][4]) { tile_dot(Qs, Ks, DP, D4, ty, tx, acc); }
+};
+
+template <typename T>
+struct WmmaType;
+template <>
+struct WmmaType<half_t> {
+  using type = __half;
+};
+template <>
+struct WmmaType<bf16_t> {
+  using type = __nv_bfloat16;
+};
+
+// fp16 / bf16 inputs: tensor cores on the raw 16-bit tiles. 8 warps, 2 of the 4×4 16×16 output
+// tiles each, written to an fp32 tile that every thread then reads its 4×4 logits from.
+template <typename T>
+struct Engine16 {
+  uint16_t* Qh;
+  uint16_t* Kh;
+  float* S;
+  int D, D16, LDH;
+  static size_t smem_bytes(const Params& p) {
+    return size_t(kTQ + kNC) * p.LDH * sizeof(uint16_t) + size_t(kTQ) * kSP * sizeof(float);
+  }
+  __device__ Engine16(unsigned char* smem, const Params& p)
+      : Qh(reinterpret_cast<uint16_t*>(smem)),
+        Kh(reinterpret_cast<uint16_t*>(smem) + kTQ * p.LDH),
+        S(reinterpret_cast<float*>(smem + size_t(kTQ + kNC) * p.LDH * sizeof(uint16_t))),
+        D(p.D), D16(p.D16), LDH(p.LDH) {}
+  __device__ void load_q(const T* src, const int64_t* rows, int64_t rs, int64_t sd, bool vec) {
+    load_tile_raw16(Qh, reinterpret_cast<const uint16_t*>(src), rows, rs, sd, kTQ, D, D16, LDH, vec);
+  }
+  __device__ void load_k(const T* src, const int64_t* rows, int64_t rs, int64_t sd, bool vec) {
+    load_tile_raw16(Kh, reinterpret_cast<const uint16_t*>(src), rows, rs, sd, kNC, D, D16, LDH, vec);
+  }
+  // Called after a barrier that follows the loads; contains a barrier itself. The previous
+  // head's readers of S are past the loop-head barrier before S is written again.
+  __device__ void dot(int ty, int tx, float (&acc)[4][4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    // no bf16 tensor cores before sm_80: fp32 FMA over the same 16-bit tiles
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        float s = 0.f;
+        for (int d = 0; d < D16; ++d)
+          s = fmaf(to_float(T{Qh[(ty + 16 * i) * LDH + d]}), to_float(T{Kh[(tx + 16 * j) * LDH + d]}), s);
+        acc[i][j] = s;
+      }
+#else
+    namespace wmma = nvcuda::wmma;
+    using WT = typename WmmaType<T>::type;
+    const int warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int t = warp * 2 + u, mi = t >> 2, nj = t & 3;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+      wmma::fill_fragment(c, 0.f);
+      for (int kk = 0; kk < D16; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, WT, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, WT, wmma::col_major> b;
+        wmma::load_matrix_sync(a, reinterpret_cast<const WT*>(Qh + mi * 16 * LDH + kk), LDH);
+        wmma::load_matrix_sync(b, reinterpret_cast<const WT*>(Kh + nj * 16 * LDH + kk), LDH);
+        wmma::mma_sync(c, a, b, c);
+      }
+      wmma::store_matrix_sync(S + mi * 16 * kSP + nj * 16, c, kSP, wmma::mem_row_major);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = S[(ty + 16 * i) * kSP + tx + 16 * j];
+#endif
+  }
+};
+template <>
+struct Engine<half_t> : Engine16<half_t> {
+  using Engine16<half_t>::Engine16;
+};
+template <>
+struct Engine<bf16_t> : Engine16<bf16_t> {
+  using Engine16<bf16_t>::Engine16;
+};
+
+template <typename T>
+inline size_t dyn_smem_bytes(const Params& p) {
+  return Engine<T>::smem_bytes(p);
+}
+
 // Key tile columns: consecutive slots [c0, c0 + kNC) of sample b.
 __device__ __forceinline__ void set_chunk_cols(Shared& sh, const int8_t* mod_b, int64_t c0,
                                                int64_t N) {
@@ -173,9 +317,8 @@ __device__ __forceinline__ bool allowed(const Shared& sh, int r, int c) {
 // --------------------------------------------------------------------------------------------
 template <typename T>
 __global__ void __launch_bounds__(kThreads) stats_kernel(const Params P) {
-  extern __shared__ float4 dyn_smem[];
-  float* Qs = reinterpret_cast<float*>(dyn_smem);
-  float* Ks = Qs + kTQ * P.DP;
+  extern __shared__ __align__(128) unsigned char dyn_smem[];
+  Engine<T> eng(dyn_smem, P);
   __shared__ Shared sh;
   const int split = blockIdx.x, b = blockIdx.y, l = blockIdx.z;
   const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
@@ -205,13 +348,11 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Params P) {
       for (int h = 0; h < P.Hq; ++h) {
         __syncthreads();
         if (h % g == 0)
-          load_tile(Ks, kb + int64_t(h / g) * kv.s1, sh.kslot, kv.s2, kv.s3, kNC, P.D, P.D4, P.DP,
-                    P.vec_k);
-        load_tile(Qs, qb + int64_t(h) * qv.s1, sh.qrow, qv.s2, qv.s3, kTQ, P.D, P.D4, P.DP,
-                  P.vec_q);
+          eng.load_k(kb + int64_t(h / g) * kv.s1, sh.kslot, kv.s2, kv.s3, P.vec_k);
+        eng.load_q(qb + int64_t(h) * qv.s1, sh.qrow, qv.s2, qv.s3, P.vec_q);
         __syncthreads();
         float acc[4][4];
-        tile_dot(Qs, Ks, P.DP, P.D4, ty, tx, acc);
+        eng.dot(ty, tx, acc);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int r = ty + 16 * i;
@@ -255,9 +396,8 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Params P) {
 // --------------------------------------------------------------------------------------------
 template <typename T>
 __global__ void __launch_bounds__(kThreads) weights_kernel(const Params P) {
-  extern __shared__ float4 dyn_smem[];
-  float* Qs = reinterpret_cast<float*>(dyn_smem);
-  float* Ks = Qs + kTQ * P.DP;
+  extern __shared__ __align__(128) unsigned char dyn_smem[];
+  Engine<T> eng(dyn_smem, P);
   __shared__ Shared sh;
   const int x = blockIdx.x, b = blockIdx.y, l = blockIdx.z;
   const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
@@ -292,10 +432,8 @@ __global__ void __launch_bounds__(kThreads) weights_kernel(const Params P) {
     for (int h = 0; h < P.Hq; ++h) {
       __syncthreads();
       if (h % g == 0)
-        load_tile(Ks, kb + int64_t(h / g) * kv.s1, sh.kslot, kv.s2, kv.s3, kNC, P.D, P.D4, P.DP,
-                  P.vec_k);
-      load_tile(Qs, qb + int64_t(h) * qv.s1, sh.qrow, qv.s2, qv.s3, kTQ, P.D, P.D4, P.DP,
-                P.vec_q);
+        eng.load_k(kb + int64_t(h / g) * kv.s1, sh.kslot, kv.s2, kv.s3, P.vec_k);
+      eng.load_q(qb + int64_t(h) * qv.s1, sh.qrow, qv.s2, qv.s3, P.vec_q);
       if (tid < kTQ) {  // combine the splits in a fixed order
         const int64_t t = sh.qrow[tid];
         float m = -INFINITY, s = 0.f;
@@ -315,7 +453,7 @@ __global__ void __launch_bounds__(kThreads) weights_kernel(const Params P) {
       }
       __syncthreads();
       float acc[4][4];
-      tile_dot(Qs, Ks, P.DP, P.D4, ty, tx, acc);
+      eng.dot(ty, tx, acc);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int r = ty + 16 * i;
@@ -356,9 +494,8 @@ __global__ void __launch_bounds__(kThreads) weights_kernel(const Params P) {
 // --------------------------------------------------------------------------------------------
 template <typename T>
 __global__ void __launch_bounds__(kThreads) scores_kernel(const Params P) {
-  extern __shared__ float4 dyn_smem[];
-  float* Qs = reinterpret_cast<float*>(dyn_smem);
-  float* Ks = Qs + kTQ * P.DP;
+  extern __shared__ __align__(128) unsigned char dyn_smem[];
+  Engine<T> eng(dyn_smem, P);
   __shared__ Shared sh;
   const int c = blockIdx.x, b = blockIdx.y, l = blockIdx.z;
   const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
@@ -397,10 +534,8 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(const Params P) {
     for (int h = 0; h < P.Hq; ++h) {
       __syncthreads();
       if (h % g == 0)
-        load_tile(Ks, kb + int64_t(h / g) * kv.s1, sh.kslot, kv.s2, kv.s3, kNC, P.D, P.D4, P.DP,
-                  P.vec_k);
-      load_tile(Qs, qb + int64_t(h) * qv.s1, sh.qrow, qv.s2, qv.s3, kTQ, P.D, P.D4, P.DP,
-                P.vec_q);
+        eng.load_k(kb + int64_t(h / g) * kv.s1, sh.kslot, kv.s2, kv.s3, P.vec_k);
+      eng.load_q(qb + int64_t(h) * qv.s1, sh.qrow, qv.s2, qv.s3, P.vec_q);
       if (tid < kTQ) {
         const int64_t t = sh.qrow[tid];
         const float2 f = t >= 0 ? fin[int64_t(h) * P.T + t] : make_float2(-INFINITY, 0.f);
@@ -409,7 +544,7 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(const Params P) {
       }
       __syncthreads();
       float acc[4][4];
-      tile_dot(Qs, Ks, P.DP, P.D4, ty, tx, acc);
+      eng.dot(ty, tx, acc);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int r = ty + 16 * i;
