@@ -481,6 +481,8 @@ inline void finish_scores(const ScoreLayer& ly, const ScoreBatch& sb, int64_t b,
         }
     }
   }
+  // MI is >= 0; a negative value is pure rounding noise of a (mathematically) independent block
+  if (I < 0.0) I = 0.0;
   stats[0] = static_cast<float>(S);
   stats[1] = static_cast<float>(I);
 }
