@@ -54,7 +54,7 @@ for f in "${SOURCES[@]}"; do
   # shellcheck disable=SC2086
   if "$NVCC" -c "$f" -o "$obj" -std="$STD" -O3 --expt-relaxed-constexpr $ARCH \
       -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DTGVKV_WITH_CUDA $INCS -Icsrc -Icsrc/include \
-      -diag-suppress 3306 -Xcompiler -Wno-c++20-extensions "${EXTRA[@]}" >"$log" 2>&1; then
+      -diag-suppress 3306 -Xcompiler -Wno-c++20-extensions ${EXTRA[@]+"${EXTRA[@]}"} >"$log" 2>&1; then
     status=ok
   else
     status=FAILED
