@@ -79,6 +79,14 @@ def guidance_positions(modality: torch.Tensor) -> torch.Tensor:
     return out.to(modality.device)
 
 
+def _seq_sum(xs) -> float:
+    """Left-to-right float sum (Python 3.12's ``sum`` is compensated; the kernels are not)."""
+    acc = 0.0
+    for x in xs:
+        acc += x
+    return acc
+
+
 def _valid_q(q_pos_b: torch.Tensor) -> list[int]:
     return [int(p) for p in q_pos_b.tolist() if p >= 0]
 
@@ -165,6 +173,7 @@ def scores_from_attention(A: torch.Tensor, q_pos: torch.Tensor, modality: torch.
             pc = p.sum(0, keepdim=True)
             nz = p > 0
             I = float((p[nz] * torch.log(p[nz] / (pr.expand_as(p)[nz] * pc.expand_as(p)[nz]))).sum())
+            I = max(0.0, I)  # mutual information is >= 0; only rounding noise is negative
         stats[b, 0] = S
         stats[b, 1] = I
     return scores, stats
@@ -217,14 +226,14 @@ def layer_budgets(stats: torch.Tensor, q_pos: torch.Tensor, modality: torch.Tens
             continue
         S = [float(stats[l, b, 0]) for l in range(L)]
         w = S if budget == "mass" else [float(stats[l, b, 0]) * float(stats[l, b, 1]) for l in range(L)]
-        tot = sum(w)
+        tot = _seq_sum(w)
         pi = [x / tot for x in w] if tot > 0 else [1.0 / L] * L
         r = [1.0 - L * keep_ratio * p for p in pi]  # forget ratio r_l, may be negative
         if redistribute:
             target = [(1.0 - x) * N for x in r]  # kept tokens before clamping
             clamped = [False] * L
             while True:
-                excess = sum(max(0.0, target[l] - N) for l in range(L) if not clamped[l])
+                excess = _seq_sum(max(0.0, target[l] - N) for l in range(L) if not clamped[l])
                 newly = [l for l in range(L) if not clamped[l] and target[l] >= N]
                 if not newly:
                     break
@@ -232,7 +241,7 @@ def layer_budgets(stats: torch.Tensor, q_pos: torch.Tensor, modality: torch.Tens
                     clamped[l] = True
                     target[l] = float(N)
                 free = [l for l in range(L) if not clamped[l]]
-                wsum = sum(pi[l] for l in free)
+                wsum = _seq_sum(pi[l] for l in free)
                 if not free or excess <= 0:
                     break
                 for l in free:
