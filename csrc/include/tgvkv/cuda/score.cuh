@@ -623,7 +623,8 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const Params P) {
       AL += chunkpart[c * 3 + 1];
       CL += chunkpart[c * 3 + 2];
     }
-    const double I = S > 0.0 ? (AL + S * log(S) - red[0] - CL) / S : 0.0;
+    double I = S > 0.0 ? (AL + S * log(S) - red[0] - CL) / S : 0.0;
+    if (I < 0.0) I = 0.0;  // MI >= 0: a negative value is rounding noise (as the CPU op)
     P.stats[lb * 2 + 0] = float(S);
     P.stats[lb * 2 + 1] = float(I);
   }
