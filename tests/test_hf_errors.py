@@ -162,3 +162,15 @@ def test_cache_outside_patched_model_is_a_clear_error(llava):
         cache = h.new_cache()
     with pytest.raises(RuntimeError, match="patched"):
         llava(**inp, past_key_values=cache, use_cache=True)
+
+
+def test_foreign_cache_in_patched_model_is_a_clear_error(llava):
+    # a cache tgvkv cannot evict must not silently run the full cache
+    from transformers import DynamicCache
+
+    inp = tiny.make_inputs(llava, [[4, "image", 6]])
+    with hf.apply(llava, TGVKV(keep_ratio=0.2)):
+        with pytest.raises(TypeError, match="not a TGVKVCache"):
+            llava(**inp, past_key_values=DynamicCache(config=llava.config), use_cache=True)
+    with torch.no_grad():  # unpatched again: a DynamicCache is fine
+        llava(**inp, past_key_values=DynamicCache(config=llava.config), use_cache=True)

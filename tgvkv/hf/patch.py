@@ -146,7 +146,6 @@ class _Runtime:
         self.num_layers = num_layers
         self.vision_ids = vision_ids
         self.cache: TGVKVCache | None = None
-        self.warned_foreign_cache = False
 
     def new_cache(self) -> TGVKVCache:
         return TGVKVCache(self.num_layers, self.policy, self.vision_ids, runtime=self)
@@ -267,13 +266,11 @@ def _pre_hook(rt: _Runtime, module, args, kwargs):
     cache = kwargs.get("past_key_values")
     if not isinstance(cache, TGVKVCache):
         rt.cache = None
-        if cache is not None and not rt.warned_foreign_cache:
-            import warnings
-
-            rt.warned_foreign_cache = True
-            warnings.warn(f"tgvkv: past_key_values is a {type(cache).__name__}, not a TGVKVCache: "
-                          "this call runs without eviction (let generate() make the cache, or "
-                          "pass handle.new_cache())", stacklevel=2)
+        if cache is not None:
+            # never a silent fallback to the full cache: a foreign cache would not be evicted
+            raise TypeError(f"tgvkv: past_key_values is a {type(cache).__name__}, not a "
+                            "TGVKVCache, so this call could not evict: let generate() make the "
+                            "cache, pass handle.new_cache(), or handle.remove() to run unpatched")
         return None
     if cache.policy is not rt.policy:
         raise ValueError("tgvkv: this TGVKVCache was made for another policy/handle")
