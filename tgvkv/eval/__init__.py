@@ -1,0 +1,17 @@
+"""Offline accuracy harness of tgvkv: what KV eviction costs a VLM in answer accuracy.
+
+``tgvkv.eval.run(...)`` evaluates a Hugging Face VLM (default: the committed tiny LLaVA trained on
+easy-VQA, ``tgvkv/data/tiny-llava-easyvqa``) on a VQA set under several eviction policies and keep
+ratios; ``tgvkv.eval.format_table(result)`` renders the result. Needs the ``eval`` extra
+(``easy-vqa``, ``pillow``) for the built-in dataset.
+"""
+
+from .baselines import POLICIES, make_policy
+from .datasets import load_dataset
+from .harness import (DEFAULT_KEEP_RATIOS, DEFAULT_POLICIES, default_model_path, format_table,
+                      load_model, run)
+from .metrics import anls, exact_match, extract_answer, normalize_answer, relaxed_accuracy, vqa_accuracy
+
+__all__ = ["run", "format_table", "load_model", "default_model_path", "load_dataset",
+           "make_policy", "POLICIES", "DEFAULT_POLICIES", "DEFAULT_KEEP_RATIOS", "exact_match",
+           "vqa_accuracy", "anls", "relaxed_accuracy", "extract_answer", "normalize_answer"]
