@@ -2,7 +2,7 @@
 // (csrc/include/tgvkv/cuda/compact.cuh) that evict.cu reuses.
 #include <torch/library.h>
 
-#include "tgvkv/cuda/glue.cuh"
+#include "glue.cuh"
 #include "tgvkv/cuda/compact.cuh"
 
 namespace tgvkv {

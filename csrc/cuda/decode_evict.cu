@@ -4,7 +4,7 @@
 // evicts nothing.
 #include <torch/library.h>
 
-#include "tgvkv/cuda/glue.cuh"
+#include "glue.cuh"
 #include "tgvkv/cuda/decode.cuh"
 
 namespace tgvkv {

@@ -17,7 +17,7 @@
 #include <tuple>
 #include <vector>
 
-#include "tgvkv/cuda/glue.cuh"
+#include "glue.cuh"
 
 namespace tgvkv {
 namespace cuda {

@@ -1,6 +1,6 @@
-// Torch glue shared by the CUDA op implementations in csrc/cuda/*.cu (and only by them): the one
-// header under csrc/include/tgvkv/cuda that knows about torch. Kernels and launch plans stay
-// torch-free (common.cuh, launch.cuh, <stage>.cuh).
+// Torch glue shared by the CUDA op implementations in csrc/cuda/*.cu (and only by them). It lives
+// beside them, not under csrc/include (which stays torch-free): kernels and launch plans are in
+// csrc/include/tgvkv/cuda (common.cuh, launch.cuh, <stage>.cuh).
 //
 // Headers: per-operator ATen (ATen/ops/empty.h), c10 CUDA stream/guard/exception; never
 // torch/extension.h nor ATen/cuda/CUDAContext.h (compile time, and cusparse.h is absent from

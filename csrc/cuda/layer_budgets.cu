@@ -5,7 +5,7 @@
 
 #include <tuple>
 
-#include "tgvkv/cuda/glue.cuh"
+#include "glue.cuh"
 
 namespace tgvkv {
 namespace cuda {

@@ -4,7 +4,7 @@
 
 #include <tuple>
 
-#include "tgvkv/cuda/glue.cuh"
+#include "glue.cuh"
 #include "tgvkv/cuda/select.cuh"
 
 namespace tgvkv {
