@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-ratio", type=float, nargs="+", default=[0.1, 0.05])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--preset", default="llava-1.5-7b")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     me = "python bench/cpu_evict.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
               "load_avg_before": load_before, "load_avg_after": load_after,
               "wall_s": round(time.time() - t0, 1),
               "runs": [{"dtype": s["ops"]["dtype"], "ops": s["ops"]} for s in sections]}
-    base = os.path.join(args.out, f"cpu_evict_{args.preset}")
+    base = os.path.join(args.out, f"cpu_evict_{args.preset}{args.tag}")
     with open(base + ".json", "w") as f:
         json.dump(result, f, indent=2)
 
@@ -103,17 +104,19 @@ def main(argv=None) -> int:
     for s in sections:
         ops = s["ops"]
         lines += [f"## {ops['dtype']}", "",
-                  "| op | keep | tgvkv ms (min-max) | torch ms (min-max) | speedup | tgvkv GB/s "
-                  "| % copy BW | peak tgvkv | peak torch |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| op | keep | tgvkv ms (min-max) | torch ms (min-max) | speedup (median) "
+                  "| speedup (min) | tgvkv GB/s | % copy BW | peak tgvkv | peak torch | same |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in ops["rows"]:
             t, b = r["tgvkv"], r["torch"]
             lines.append(
                 f"| {r['op']} | {r['keep_ratio']:g} | {t['median_ms']:.3f} ({t['min_ms']:.3f}-"
                 f"{t['max_ms']:.3f}) | {b['median_ms']:.3f} ({b['min_ms']:.3f}-{b['max_ms']:.3f})"
-                f" | {r['speedup']:.2f}x | {cli._fmt(t['gbs'], '.1f')} | "
+                f" | {r['speedup']:.2f}x | {b['min_ms'] / t['min_ms']:.2f}x | "
+                f"{cli._fmt(t['gbs'], '.1f')} | "
                 f"{cli._fmt(t['pct_copy_bw'], '.0f')} | {cli._fmt_bytes(t['peak_extra_bytes'])} | "
-                f"{cli._fmt_bytes(b['peak_extra_bytes'])} |")
+                f"{cli._fmt_bytes(b['peak_extra_bytes'])} | "
+                f"{ {True: 'yes', False: 'NO', None: '-'}[r.get('same_result')]} |")
         lines.append("")
     lines += ["## Targets (issue core: >= 2x faster than plain PyTorch, lower peak memory)", ""]
     for s in sections:

@@ -35,15 +35,22 @@ JSON report (``--json FILE``), schema ``tgvkv-bench/1``::
                   "torch": {... same keys ...},
                   "speedup": float,                    # torch median / tgvkv median
                   "peak_ratio": float|null,            # tgvkv peak / torch peak
+                  "same_result": bool|null,            # both gave identical kept slots/counts
+                  "evictions_per_call": int,           # decode_evict_ rows only
                   "bytes": int|null}]},
       "generate": {                                    # present when generation was timed
         "model": str, "dtype": str, "new_tokens": int, "prompt_tokens": int,
         "backend": str,                                # which op implementation the policy used
         "rows": [{"keep_ratio": float|null (null: unpatched model), "batch": int,
                   "prefill_ms", "ttft_ms", "decode_tok_s", "decode_ms_per_step",
-                  "cache_bytes", "cache_bytes_full", "peak_bytes", "peak_method"}],
+                  "cache_bytes", "cache_bytes_full", "kept_fraction", "peak_bytes",
+                  "peak_method", "decode_speedup_vs_unpatched", "ttft_ratio_vs_unpatched"}],
         "max_batch": {...} (CUDA only)},
-      "accuracy": {...the eval harness's result..., "table": str}
+      "accuracy": {...the result of tgvkv.eval.run()..., "table": str,
+                   "rows": [{"policy", "keep_ratio" (null: full cache), "accuracy",
+                             "pct_of_full", "n_diff_vs_full", "seconds"}]}
+                  (or {"skipped": reason} in the default run),
+      "load_avg_end": [1, 5, 15 min]                   # load average when the run ended
     }
 """
 
@@ -778,6 +785,10 @@ def _run(argv: list[str]) -> int:
             print(texts[-1] + "\n", flush=True)
         texts = []
     report["wall_s"] = round(time.perf_counter() - t0, 2)
+    try:
+        report["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
     for t in texts:
         print(t + "\n")
     dev = report["device"]
