@@ -20,10 +20,15 @@ the prefill logits, before any KV eviction happens, so a one-word answer would b
 eviction and the accuracy benchmark would measure nothing. With the short "the answer is" lead-in
 the answer word is produced at the fourth decode step, from the evicted cache.
 
-Reproducible: fixed seeds, CPU, deterministic algorithms, ``--threads`` intra-op threads.
-Usage::
+Reproducible: fixed seeds, CPU, deterministic algorithms, ``--threads`` intra-op threads (the
+``--max-minutes`` safety stop cuts the schedule short if it triggers: it is reported).
+The committed model was made with the defaults (1,197 steps of 64 questions, 14.6 min on one
+thread of a shared 2-core machine; see ``training_info.json`` beside the weights)::
 
     python scripts/train_tiny_vlm.py --out tgvkv/data/tiny-llava-easyvqa --threads 1
+
+Result: 80.2 % on the 9,673 easy-VQA test questions, 67.2 % with blank images, well short of the
+95 % target (the vision tower learns slowly at this budget; see bench/results/accuracy_cpu.md).
 """
 from __future__ import annotations
 
@@ -213,9 +218,9 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tgvkv", "data", "tiny-llava-easyvqa"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=float, default=2.5)
+    ap.add_argument("--epochs", type=float, default=1.3)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--open-weight", type=int, default=1,
+    ap.add_argument("--open-weight", type=int, default=3,
                     help="repeat each non-yes/no question this many times per epoch")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--hidden", type=int, default=128)
