@@ -288,3 +288,22 @@ def test_version():
     assert p.returncode == 0
     v = json.loads(p.stdout)
     assert v["torch"] == torch.__version__
+
+
+def test_accuracy_json_rows(tmp_path):
+    ev = pytest.importorskip("tgvkv.eval")
+    pytest.importorskip("easy_vqa")
+    if not os.path.isdir(ev.default_model_path()):
+        pytest.skip("the committed tiny eval model is not present")
+    out = tmp_path / "acc.json"
+    argv = ["accuracy", "--policy", "tgvkv", "--keep-ratio", "1.0", "0.5", "--limit", "4",
+            "--max-new-tokens", "4", "--json", out]
+    p = cli(*argv)
+    assert p.returncode == 0, p.stderr
+    assert "| tgvkv |" in p.stdout
+    acc = json.loads(out.read_text())["accuracy"]
+    assert acc["n_samples"] == 4
+    rows = {(r["policy"], r["keep_ratio"]): r for r in acc["rows"]}
+    assert set(rows) == {("full", None), ("tgvkv", 1.0), ("tgvkv", 0.5)}
+    assert rows[("tgvkv", 1.0)]["n_diff_vs_full"] == 0  # keep ratio 1: the unpatched model
+    assert 0.0 <= rows[("tgvkv", 0.5)]["accuracy"] <= 1.0
