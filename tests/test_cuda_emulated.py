@@ -44,7 +44,9 @@ RTOL = 2e-4
 def emu(tmp_path_factory):
     """Builds the emulator once per session; returns a runner ``emu(op, meta, **inputs)``.
     ``TGVKV_CUDA_EMU=/path/to/emu`` uses a prebuilt emulator instead (e.g. one built from
-    modified kernel headers, to check that the tests catch a change)."""
+    modified kernel headers, to check that the tests catch a change);
+    ``TGVKV_CUDA_EMU_SANITIZE=1`` builds it with AddressSanitizer + UBSan (out-of-bounds
+    global and shared-memory accesses abort; +15 s of compile time)."""
     out = tmp_path_factory.mktemp("cuda_emu")
     exe = os.environ.get("TGVKV_CUDA_EMU")
     if not exe:
@@ -57,7 +59,7 @@ def emu(tmp_path_factory):
         finally:
             sys.path.remove(str(EMU_DIR))
         try:
-            exe = emu_build.build(out)
+            exe = emu_build.build(out, sanitize=os.environ.get("TGVKV_CUDA_EMU_SANITIZE") == "1")
         except subprocess.CalledProcessError as e:
             pytest.fail(f"the CUDA kernel emulator does not compile:\n{e.output[-6000:]}")
     counter = [0]
@@ -70,7 +72,8 @@ def emu(tmp_path_factory):
         for name, t in inputs.items():
             (d / f"{name}.bin").write_bytes(_raw(t))
         r = subprocess.run([str(exe), op, str(d)], capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, f"emu {op} failed ({r.returncode}): {r.stderr[-3000:]}"
+        err = r.stderr if len(r.stderr) < 5000 else r.stderr[:3000] + "\n[...]\n" + r.stderr[-1500:]
+        assert r.returncode == 0, f"emu {op} failed ({r.returncode}) on {d}:\n{err}"
         return Outputs(d)
 
     return run

@@ -42,13 +42,16 @@ using namespace tgvkv::cuda;
 
 namespace {
 
-// A 256-byte aligned byte buffer (device allocations are at least that aligned).
+// A 256-byte aligned byte buffer (device allocations are at least that aligned) of exactly the
+// requested size, so that an address sanitizer build (build.py sanitize=True) sees overruns.
 struct Buf {
   std::unique_ptr<char, void (*)(void*)> p{nullptr, std::free};
   size_t n = 0;
   explicit Buf(size_t bytes = 0, int fill = 0) : n(bytes) {
-    p.reset(static_cast<char*>(std::aligned_alloc(256, (bytes + 256) / 256 * 256)));
-    std::memset(p.get(), fill, (bytes + 256) / 256 * 256);
+    void* q = nullptr;
+    if (posix_memalign(&q, 256, bytes > 0 ? bytes : 1) != 0) throw std::bad_alloc();
+    p.reset(static_cast<char*>(q));
+    std::memset(p.get(), fill, bytes);
   }
   char* data() const { return p.get(); }
   template <typename T>

@@ -17,10 +17,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
+#include <stdlib.h>  // posix_memalign
 #ifdef __linux__
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -221,8 +223,10 @@ void launch(dim3 grid, dim3 block, size_t smem, F body) {
   gDim = grid;
   bDim = block;
   const unsigned nt = block.x;
-  const size_t smem_alloc = (smem + 64 + 127) / 128 * 128;
-  std::unique_ptr<char, void (*)(void*)> dyn(static_cast<char*>(std::aligned_alloc(128, smem_alloc)), std::free);
+  const size_t smem_alloc = smem > 0 ? smem : 1;  // exact: a sanitizer build sees overruns
+  void* mem = nullptr;
+  if (posix_memalign(&mem, 128, smem_alloc) != 0) fail("out of memory");
+  std::unique_ptr<char, void (*)(void*)> dyn(static_cast<char*>(mem), std::free);
   dyn_smem = dyn.get();
   Barrier bar(int(nt), "__syncthreads"), edge(int(nt), "block-end");
   block_bar = &bar;
