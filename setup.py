@@ -112,7 +112,8 @@ setup(
     package_data={"tgvkv": ["data/**/*", "data/*"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.11", "transformers>=5.17,<5.24", "numpy", "tqdm"],
+    install_requires=["torch>=2.11", "transformers>=5.17,<5.24", "numpy", "tqdm",
+                      "easy-vqa", "pillow"],  # the built-in accuracy run: tiny VLM on easy-VQA
     extras_require={"test": ["pytest", "hypothesis"], "plot": ["matplotlib"]},
     entry_points={"console_scripts": ["tgvkv-bench = tgvkv.cli:main"]},
     zip_safe=False,
