@@ -100,6 +100,17 @@ inline void check_device_type(const at::Tensor& t, c10::DeviceType type, const c
               " tensor, got ", t.device());
 }
 
+// Defined and of the backend's device type (kCPU in csrc/cpu, kCUDA in csrc/cuda).
+inline void check_on(const at::Tensor& t, c10::DeviceType type, const char* op, const char* name) {
+  check_defined(t, op, name);
+  check_device_type(t, type, op, name);
+}
+
+// Slot indices are 32-bit inside the kernels.
+inline void check_slot_count(int64_t N, const char* op) {
+  TGVKV_CHECK(N < (int64_t{1} << 31), op, "at most 2^31 - 1 cache slots are supported, got N = ", N);
+}
+
 inline void check_contiguous(const at::Tensor& t, const char* op, const char* name) {
   TGVKV_CHECK(t.is_contiguous(), op, "'", name, "' must be contiguous");
 }

@@ -2,8 +2,9 @@
 //
 // One translation unit on purpose: each torch-including TU costs minutes on small machines.
 // The kernel bodies are torch-free (csrc/include/tgvkv/cpu_*.h); this file validates inputs
-// (shapes, dtypes, devices, and the data-dependent invariants: q_pos layout, modality codes,
-// finite scores, ascending keep_idx), allocates outputs and runs the kernels with
+// (shapes, dtypes and devices through csrc/op_args.h, shared with the CUDA ops; here the device
+// type and the data-dependent invariants: q_pos layout, modality codes, finite scores,
+// ascending keep_idx), allocates outputs and runs the kernels with
 // at::parallel_for over (layer, sample, head / row chunk).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "op_args.h"
 #include "tgvkv/common.h"
 #include "tgvkv/cpu_score.h"
 #include "tgvkv/cpu_select.h"
@@ -44,11 +46,20 @@ auto par_for() {
   };
 }
 
+// The device-type check of the CPU ops (the rest of their argument checks: op_args.h).
+void check_cpu(const Tensor& t, const char* op, const char* name) {
+  checks::check_on(t, c10::DeviceType::CPU, op, name);
+}
+
+void check_cpu(TensorList ts, const char* op, const char* name) {
+  for (const Tensor& t : ts) check_cpu(t, op, name);
+}
+
 // Validates q_pos [B, T] / modality [B, N] (CPU, data-dependent) and returns per-sample facts.
 // N: the number of cache slots the op works on.
 std::vector<SampleInfo> analyze_samples(const Tensor& q_pos_c, const Tensor& mod_c, const char* op) {
   const int64_t B = mod_c.size(0), N = mod_c.size(1), T = q_pos_c.size(1);
-  TGVKV_CHECK(N < (int64_t{1} << 31), op, "at most 2^31 - 1 cache slots are supported, got N = ", N);
+  checks::check_slot_count(N, op);
   const int64_t* qp = q_pos_c.data_ptr<int64_t>();
   const int8_t* mod = mod_c.data_ptr<int8_t>();
   std::vector<SampleInfo> info(static_cast<size_t>(B));
@@ -97,24 +108,6 @@ bool sample_evicts(const SampleInfo& si, int64_t n_sink) {
 // ------------------------------------------------------------------------------------------------
 // score_text_vision
 // ------------------------------------------------------------------------------------------------
-void check_layer_qk(const Tensor& q, const Tensor& k, int64_t B, int64_t N, int64_t T,
-                    const char* op, const char* qname, const char* kname) {
-  checks::check_dim(q, 4, op, qname, "[B, Hq, T, D]");
-  checks::check_dim(k, 4, op, kname, "[B, Hkv, N, D]");
-  checks::check_float_dtype(k, op, kname);
-  checks::check_same_dtype(q, k, op, qname, kname);
-  checks::check_device_type(k, c10::DeviceType::CPU, op, kname);
-  checks::check_same_device(q, k, op, qname, kname);
-  checks::check_size(k, 0, B, op, kname, "B (from modality)");
-  checks::check_size(k, 2, N, op, kname, "N (from modality)");
-  checks::check_size(q, 0, B, op, qname, "B (from modality)");
-  checks::check_size(q, 2, T, op, qname, "T (from q_pos)");
-  checks::check_size(q, 3, k.size(3), op, qname, "D (from k)");
-  TGVKV_CHECK(k.size(1) > 0 && q.size(1) > 0 && q.size(1) % k.size(1) == 0, op, "'", qname,
-              "' heads (", q.size(1), ") must be a positive multiple of '", kname, "' heads (",
-              k.size(1), ")");
-}
-
 cpu::ScoreLayer make_layer(const Tensor& qc, const Tensor& k, float* scores, float* stats) {
   cpu::ScoreLayer ly;
   ly.q = qc.data_ptr();
@@ -162,11 +155,10 @@ std::tuple<Tensor, Tensor> score_text_vision_cpu(const Tensor& q, const Tensor& 
                                                  const Tensor& q_pos, const Tensor& modality,
                                                  double scale) {
   const char* op = "score_text_vision";
-  checks::check_q_pos_modality(q_pos, modality, op);
-  checks::check_device_type(modality, c10::DeviceType::CPU, op, "modality");
-  const int64_t B = modality.size(0), N = modality.size(1), T = q_pos.size(1);
-  check_layer_qk(q, k, B, N, T, op, "q", "k");
-  checks::check_scale(scale, op);
+  check_cpu(modality, op, "modality");
+  check_cpu(k, op, "k");
+  const op_args::Dims d = op_args::check_score_text_vision_args(q, k, q_pos, modality, scale, op);
+  const int64_t B = d.B, N = d.N;
   const Tensor q_pos_c = q_pos.contiguous(), mod_c = modality.contiguous();
   const auto info = analyze_samples(q_pos_c, mod_c, op);
   Tensor scores = at::empty({1, B, N}, k.options().dtype(at::kFloat));
@@ -197,25 +189,15 @@ void budgets_impl(const Tensor& stats_c, const std::vector<SampleInfo>& info, do
   }
 }
 
-void check_stats(const Tensor& stats, int64_t B, const char* op) {
-  checks::check_dim(stats, 3, op, "stats", "[L, B, 2]");
-  checks::check_dtype(stats, at::kFloat, op, "stats");
-  checks::check_size(stats, 1, B, op, "stats", "B (from modality)");
-  checks::check_size(stats, 2, 2, op, "stats", "(S, I)");
-}
-
 std::tuple<Tensor, Tensor> layer_budgets_cpu(const Tensor& stats, const Tensor& q_pos,
                                              const Tensor& modality, double keep_ratio,
                                              c10::string_view budget, bool redistribute,
                                              int64_t n_sink) {
   const char* op = "layer_budgets";
-  checks::check_q_pos_modality(q_pos, modality, op);
-  checks::check_device_type(modality, c10::DeviceType::CPU, op, "modality");
-  check_stats(stats, modality.size(0), op);
-  checks::check_same_device(stats, modality, op, "stats", "modality");
-  checks::check_keep_ratio(keep_ratio, op);
-  const int mode = checks::parse_budget(budget, op);
-  checks::check_n_sink(n_sink, op);
+  check_cpu(modality, op, "modality");
+  const op_args::BudgetArgs a =
+      op_args::check_layer_budgets_args(stats, q_pos, modality, keep_ratio, budget, n_sink, op);
+  const int mode = a.mode;
   const Tensor q_pos_c = q_pos.contiguous(), mod_c = modality.contiguous();
   const auto info = analyze_samples(q_pos_c, mod_c, op);
   const int64_t L = stats.size(0), B = stats.size(1);
@@ -268,20 +250,10 @@ std::tuple<Tensor, Tensor> select_keep_cpu(const Tensor& scores, const Tensor& k
                                            const Tensor& q_pos, const Tensor& modality,
                                            int64_t n_sink) {
   const char* op = "select_keep";
-  checks::check_q_pos_modality(q_pos, modality, op);
-  checks::check_device_type(modality, c10::DeviceType::CPU, op, "modality");
-  const int64_t B = modality.size(0), N = modality.size(1);
-  checks::check_dim(scores, 3, op, "scores", "[L, B, N]");
-  checks::check_dtype(scores, at::kFloat, op, "scores");
-  checks::check_size(scores, 1, B, op, "scores", "B (from modality)");
-  checks::check_size(scores, 2, N, op, "scores", "N (from modality)");
-  checks::check_dim(keep, 2, op, "keep", "[L, B]");
-  checks::check_dtype(keep, at::kLong, op, "keep");
-  checks::check_size(keep, 0, scores.size(0), op, "keep", "L (from scores)");
-  checks::check_size(keep, 1, B, op, "keep", "B (from modality)");
-  checks::check_same_device(scores, modality, op, "scores", "modality");
-  checks::check_same_device(keep, modality, op, "keep", "modality");
-  checks::check_n_sink(n_sink, op);
+  check_cpu(modality, op, "modality");
+  const op_args::SelectArgs a =
+      op_args::check_select_keep_args(scores, keep, q_pos, modality, n_sink, op);
+  const int64_t B = a.d.B, N = a.d.N;
   const Tensor q_pos_c = q_pos.contiguous(), mod_c = modality.contiguous();
   const auto info = analyze_samples(q_pos_c, mod_c, op);
   const Tensor scores_c = scores.contiguous();
@@ -296,17 +268,6 @@ std::tuple<Tensor, Tensor> select_keep_cpu(const Tensor& scores, const Tensor& k
 // ------------------------------------------------------------------------------------------------
 // compact_
 // ------------------------------------------------------------------------------------------------
-void check_kv_pair(const Tensor& k, const Tensor& v, const char* op, const char* kname,
-                   const char* vname) {
-  checks::check_dim(k, 4, op, kname, "[B, Hkv, N, D]");
-  checks::check_dim(v, 4, op, vname, "[B, Hkv, N, Dv]");
-  checks::check_device_type(k, c10::DeviceType::CPU, op, kname);
-  checks::check_same_device(v, k, op, vname, kname);
-  checks::check_size(v, 0, k.size(0), op, vname, "B (from k)");
-  checks::check_size(v, 1, k.size(1), op, vname, "Hkv (from k)");
-  checks::check_size(v, 2, k.size(2), op, vname, "N (from k)");
-}
-
 // Validates keep_idx rows (values in [-1, Nslots), valid entries strictly increasing) and
 // returns their kept counts.
 std::vector<int64_t> check_keep_idx(const Tensor& idx_c, int64_t Nslots, const char* op) {
@@ -349,11 +310,8 @@ void compact_layer(const Tensor& k, const Tensor& v, const int64_t* idx, int64_t
 
 Tensor compact_cpu(const Tensor& k, const Tensor& v, const Tensor& keep_idx) {
   const char* op = "compact_";
-  check_kv_pair(k, v, op, "k", "v");
-  checks::check_dim(keep_idx, 2, op, "keep_idx", "[B, N]");
-  checks::check_dtype(keep_idx, at::kLong, op, "keep_idx");
-  checks::check_same_device(keep_idx, k, op, "keep_idx", "k");
-  checks::check_size(keep_idx, 0, k.size(0), op, "keep_idx", "B (from k)");
+  check_cpu(k, op, "k");
+  op_args::check_compact_args(k, v, keep_idx, op);
   const Tensor idx_c = keep_idx.contiguous();
   const auto cnt = check_keep_idx(idx_c, k.size(2), op);
   compact_layer(k, v, idx_c.data_ptr<int64_t>(), idx_c.size(1));
@@ -365,21 +323,6 @@ Tensor compact_cpu(const Tensor& k, const Tensor& v, const Tensor& keep_idx) {
 // ------------------------------------------------------------------------------------------------
 // evict_from_scores / evict
 // ------------------------------------------------------------------------------------------------
-void check_cache_lists(TensorList k_cache, TensorList v_cache, int64_t L, int64_t B, int64_t N,
-                       const Tensor& modality, const char* op) {
-  TGVKV_CHECK(k_cache.size() == v_cache.size(), op, "'k_cache' and 'v_cache' must have the same ",
-              "number of layers, got ", k_cache.size(), " and ", v_cache.size());
-  TGVKV_CHECK(k_cache.empty() || static_cast<int64_t>(k_cache.size()) == L, op, "'k_cache' must ",
-              "have L = ", L, " layers (or none), got ", k_cache.size());
-  for (size_t l = 0; l < k_cache.size(); ++l) {
-    check_kv_pair(k_cache[l], v_cache[l], op, "k_cache[l]", "v_cache[l]");
-    checks::check_float_dtype(k_cache[l], op, "k_cache[l]");
-    checks::check_size(k_cache[l], 0, B, op, "k_cache[l]", "B (from modality)");
-    checks::check_size(k_cache[l], 2, N, op, "k_cache[l]", "N (from modality)");
-    checks::check_same_device(k_cache[l], modality, op, "k_cache[l]", "modality");
-  }
-}
-
 Tensor4 evict_tail(TensorList k_cache, TensorList v_cache, const Tensor& scores_c,
                    const Tensor& stats_c, const Tensor& mod_c, const std::vector<SampleInfo>& info,
                    double keep_ratio, int mode, bool redistribute, int64_t n_sink, const char* op) {
@@ -421,22 +364,11 @@ Tensor4 evict_from_scores_cpu(TensorList k_cache, TensorList v_cache, const Tens
                               double keep_ratio, c10::string_view budget, bool redistribute,
                               int64_t n_sink) {
   const char* op = "evict_from_scores";
-  checks::check_q_pos_modality(q_pos, modality, op);
-  checks::check_device_type(modality, c10::DeviceType::CPU, op, "modality");
-  const int64_t B = modality.size(0), N = modality.size(1);
-  checks::check_dim(scores, 3, op, "scores", "[L, B, N]");
-  checks::check_dtype(scores, at::kFloat, op, "scores");
-  checks::check_size(scores, 1, B, op, "scores", "B (from modality)");
-  checks::check_size(scores, 2, N, op, "scores", "N (from modality)");
-  checks::check_same_device(scores, modality, op, "scores", "modality");
-  check_stats(stats, B, op);
-  checks::check_size(stats, 0, scores.size(0), op, "stats", "L (from scores)");
-  checks::check_same_device(stats, modality, op, "stats", "modality");
-  checks::check_keep_ratio(keep_ratio, op);
-  const int mode = checks::parse_budget(budget, op);
-  checks::check_n_sink(n_sink, op);
-  const int64_t L = scores.size(0);
-  check_cache_lists(k_cache, v_cache, L, B, N, modality, op);
+  check_cpu(modality, op, "modality");
+  check_cpu(k_cache, op, "k_cache[l]");
+  const op_args::BudgetArgs a = op_args::check_evict_from_scores_args(
+      k_cache, v_cache, scores, stats, q_pos, modality, keep_ratio, budget, n_sink, op);
+  const int mode = a.mode;
   const Tensor q_pos_c = q_pos.contiguous(), mod_c = modality.contiguous();
   const auto info = analyze_samples(q_pos_c, mod_c, op);
   const Tensor scores_c = scores.contiguous();
@@ -449,19 +381,12 @@ Tensor4 evict_cpu(TensorList k_cache, TensorList v_cache, TensorList queries, co
                   const Tensor& modality, double scale, double keep_ratio,
                   c10::string_view budget, bool redistribute, int64_t n_sink) {
   const char* op = "evict";
-  checks::check_q_pos_modality(q_pos, modality, op);
-  checks::check_device_type(modality, c10::DeviceType::CPU, op, "modality");
-  const int64_t B = modality.size(0), N = modality.size(1), T = q_pos.size(1);
-  const int64_t L = static_cast<int64_t>(k_cache.size());
-  TGVKV_CHECK(static_cast<int64_t>(queries.size()) == L, op, "'queries' must have one tensor per ",
-              "layer of 'k_cache' (", L, "), got ", queries.size());
-  check_cache_lists(k_cache, v_cache, L, B, N, modality, op);
-  for (int64_t l = 0; l < L; ++l)
-    check_layer_qk(queries[l], k_cache[l], B, N, T, op, "queries[l]", "k_cache[l]");
-  checks::check_scale(scale, op);
-  checks::check_keep_ratio(keep_ratio, op);
-  const int mode = checks::parse_budget(budget, op);
-  checks::check_n_sink(n_sink, op);
+  check_cpu(modality, op, "modality");
+  check_cpu(k_cache, op, "k_cache[l]");
+  const op_args::BudgetArgs a = op_args::check_evict_args(
+      k_cache, v_cache, queries, q_pos, modality, scale, keep_ratio, budget, n_sink, op);
+  const int64_t B = a.d.B, N = a.d.N, L = a.L;
+  const int mode = a.mode;
   const Tensor q_pos_c = q_pos.contiguous(), mod_c = modality.contiguous();
   const auto info = analyze_samples(q_pos_c, mod_c, op);
   Tensor scores = at::empty({L, B, N}, modality.options().dtype(at::kFloat));
@@ -494,37 +419,10 @@ Tensor decode_evict_cpu(const Tensor& k, const Tensor& v, const Tensor& pos, con
                         const Tensor& q, const Tensor& n_seen, const Tensor& keep_fraction,
                         const Tensor& n_protected, double scale, int64_t n_sink) {
   const char* op = "decode_evict_";
-  check_kv_pair(k, v, op, "k", "v");
-  checks::check_float_dtype(k, op, "k");
-  const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), D = k.size(3);
-  checks::check_dim(q, 3, op, "q", "[B, Hq, D]");
-  checks::check_same_dtype(q, k, op, "q", "k");
-  checks::check_same_device(q, k, op, "q", "k");
-  checks::check_size(q, 0, B, op, "q", "B (from k)");
-  checks::check_size(q, 2, D, op, "q", "D (from k)");
-  TGVKV_CHECK(Hkv > 0 && q.size(1) > 0 && q.size(1) % Hkv == 0, op, "'q' heads (", q.size(1),
-              ") must be a positive multiple of 'k' heads (", Hkv, ")");
-  checks::check_dim(pos, 2, op, "pos", "[B, S]");
-  checks::check_dtype(pos, at::kLong, op, "pos");
-  checks::check_size(pos, 0, B, op, "pos", "B (from k)");
-  checks::check_size(pos, 1, S, op, "pos", "S (from k)");
-  struct Vec {
-    const Tensor* t;
-    const char* name;
-    at::ScalarType dt;
-  };
-  for (const Vec& x : {Vec{&length, "length", at::kLong}, Vec{&n_seen, "n_seen", at::kLong},
-                       Vec{&keep_fraction, "keep_fraction", at::kDouble},
-                       Vec{&n_protected, "n_protected", at::kLong}}) {
-    checks::check_dim(*x.t, 1, op, x.name, "[B]");
-    checks::check_dtype(*x.t, x.dt, op, x.name);
-    checks::check_size(*x.t, 0, B, op, x.name, "B (from k)");
-    checks::check_same_device(*x.t, k, op, x.name, "k");
-  }
-  checks::check_same_device(pos, k, op, "pos", "k");
-  checks::check_scale(scale, op);
-  checks::check_n_sink(n_sink, op);
-  const int64_t Hq = q.size(1), g = Hq / Hkv;
+  check_cpu(k, op, "k");
+  const op_args::DecodeArgs a = op_args::check_decode_evict_args(
+      k, v, pos, length, q, n_seen, keep_fraction, n_protected, scale, n_sink, op);
+  const int64_t B = a.B, Hkv = a.Hkv, S = a.S, D = a.D, Hq = a.Hq, g = Hq / Hkv;
 
   // length / pos / n_protected accessed through strides (they are mutated in place)
   auto at1 = [](const Tensor& t, int64_t i) -> int64_t& {

@@ -29,21 +29,13 @@ at::Tensor compact_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tens
   check_cuda(k, op, "k");
   check_cuda(v, op, "v");
   check_cuda(keep_idx, op, "keep_idx");
-  checks::check_dim(k, 4, op, "k", "[B, Hkv, N, D]");
-  checks::check_dim(v, 4, op, "v", "[B, Hkv, N, Dv]");
+  op_args::check_compact_args(k, v, keep_idx, op);
+  // the kernel: float K, V of K's dtype, one keep_idx entry per slot
   checks::check_float_dtype(k, op, "k");
   checks::check_same_dtype(v, k, op, "v", "k");
-  checks::check_same_device(v, k, op, "v", "k");
-  checks::check_size(v, 0, k.size(0), op, "v", "B (from k)");
-  checks::check_size(v, 1, k.size(1), op, "v", "Hkv (from k)");
-  checks::check_size(v, 2, k.size(2), op, "v", "N (from k)");
-  checks::check_dim(keep_idx, 2, op, "keep_idx", "[B, N]");
-  checks::check_dtype(keep_idx, at::kLong, op, "keep_idx");
-  checks::check_same_device(keep_idx, k, op, "keep_idx", "k");
-  checks::check_size(keep_idx, 0, k.size(0), op, "keep_idx", "B (from k)");
   checks::check_size(keep_idx, 1, k.size(2), op, "keep_idx", "N (from k)");
   const int64_t B = k.size(0), H = k.size(1), N = k.size(2);
-  TGVKV_CHECK(N < (int64_t{1} << 31), op, "at most 2^31 - 1 cache slots are supported, got N = ", N);
+  checks::check_slot_count(N, op);
   c10::cuda::CUDAGuard guard(k.device());
   const at::Tensor idx = keep_idx.contiguous();
   at::Tensor n_kept = at::empty({B}, keep_idx.options());

@@ -37,44 +37,11 @@ at::Tensor decode_evict_cuda(const at::Tensor& k, const at::Tensor& v, const at:
   check_cuda(k, op, "k");
   check_cuda(v, op, "v");
   check_cuda(q, op, "q");
-  checks::check_dim(k, 4, op, "k", "[B, Hkv, S, D]");
-  checks::check_dim(v, 4, op, "v", "[B, Hkv, S, Dv]");
-  checks::check_float_dtype(k, op, "k");
-  checks::check_same_dtype(v, k, op, "v", "k");
-  checks::check_same_device(v, k, op, "v", "k");
-  const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), D = k.size(3);
-  checks::check_size(v, 0, B, op, "v", "B (from k)");
-  checks::check_size(v, 1, Hkv, op, "v", "Hkv (from k)");
-  checks::check_size(v, 2, S, op, "v", "S (from k)");
-  checks::check_dim(q, 3, op, "q", "[B, Hq, D]");
-  checks::check_same_dtype(q, k, op, "q", "k");
-  checks::check_same_device(q, k, op, "q", "k");
-  checks::check_size(q, 0, B, op, "q", "B (from k)");
-  checks::check_size(q, 2, D, op, "q", "D (from k)");
-  TGVKV_CHECK(Hkv > 0 && q.size(1) > 0 && q.size(1) % Hkv == 0, op, "'q' heads (", q.size(1),
-              ") must be a positive multiple of 'k' heads (", Hkv, ")");
-  checks::check_dim(pos, 2, op, "pos", "[B, S]");
-  checks::check_dtype(pos, at::kLong, op, "pos");
-  checks::check_size(pos, 0, B, op, "pos", "B (from k)");
-  checks::check_size(pos, 1, S, op, "pos", "S (from k)");
-  checks::check_same_device(pos, k, op, "pos", "k");
-  struct Vec {
-    const at::Tensor* t;
-    const char* name;
-    at::ScalarType dt;
-  };
-  for (const Vec& x : {Vec{&length, "length", at::kLong}, Vec{&n_seen, "n_seen", at::kLong},
-                       Vec{&keep_fraction, "keep_fraction", at::kDouble},
-                       Vec{&n_protected, "n_protected", at::kLong}}) {
-    checks::check_dim(*x.t, 1, op, x.name, "[B]");
-    checks::check_dtype(*x.t, x.dt, op, x.name);
-    checks::check_size(*x.t, 0, B, op, x.name, "B (from k)");
-    checks::check_same_device(*x.t, k, op, x.name, "k");
-  }
-  checks::check_scale(scale, op);
-  checks::check_n_sink(n_sink, op);
+  const op_args::DecodeArgs a = op_args::check_decode_evict_args(
+      k, v, pos, length, q, n_seen, keep_fraction, n_protected, scale, n_sink, op);
+  const int64_t B = a.B, Hkv = a.Hkv, S = a.S, D = a.D, Hq = a.Hq;
+  checks::check_same_dtype(v, k, op, "v", "k");  // the kernel moves V rows as K's dtype
   check_batch(B, op);
-  const int64_t Hq = q.size(1);
   // q lives in shared memory as fp32 next to one key row per warp.
   const size_t smem1 = size_t(Hq + decode::kWarps) * size_t(D) * sizeof(float);
   TGVKV_CHECK(smem1 <= 200 * 1024, op, "Hq * D too large for the CUDA kernel (", Hq, " x ", D,

@@ -27,37 +27,6 @@ using at::Tensor;
 using at::TensorList;
 using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
-void check_cache_lists(TensorList k_cache, TensorList v_cache, int64_t L, int64_t B, int64_t N,
-                       const Tensor& modality, const char* op) {
-  TGVKV_CHECK(k_cache.size() == v_cache.size(), op, "'k_cache' and 'v_cache' must have the same ",
-              "number of layers, got ", k_cache.size(), " and ", v_cache.size());
-  TGVKV_CHECK(k_cache.empty() || static_cast<int64_t>(k_cache.size()) == L, op, "'k_cache' must ",
-              "have L = ", L, " layers (or none), got ", k_cache.size());
-  for (size_t l = 0; l < k_cache.size(); ++l) {
-    const Tensor& k = k_cache[l];
-    const Tensor& v = v_cache[l];
-    check_cuda(k, op, "k_cache[l]");
-    check_cuda(v, op, "v_cache[l]");
-    checks::check_dim(k, 4, op, "k_cache[l]", "[B, Hkv, N, D]");
-    checks::check_dim(v, 4, op, "v_cache[l]", "[B, Hkv, N, Dv]");
-    checks::check_float_dtype(k, op, "k_cache[l]");
-    checks::check_same_dtype(v, k, op, "v_cache[l]", "k_cache[l]");
-    checks::check_same_device(k, modality, op, "k_cache[l]", "modality");
-    checks::check_same_device(v, k, op, "v_cache[l]", "k_cache[l]");
-    checks::check_size(k, 0, B, op, "k_cache[l]", "B (from modality)");
-    checks::check_size(k, 2, N, op, "k_cache[l]", "N (from modality)");
-    checks::check_size(v, 0, B, op, "v_cache[l]", "B (from modality)");
-    checks::check_size(v, 1, k.size(1), op, "v_cache[l]", "Hkv (from k_cache[l])");
-    checks::check_size(v, 2, N, op, "v_cache[l]", "N (from modality)");
-    if (l > 0) {  // one launch serves all layers: same dtype and head shapes
-      checks::check_same_dtype(k, k_cache[0], op, "k_cache[l]", "k_cache[0]");
-      checks::check_size(k, 1, k_cache[0].size(1), op, "k_cache[l]", "Hkv (from k_cache[0])");
-      checks::check_size(k, 3, k_cache[0].size(3), op, "k_cache[l]", "D (from k_cache[0])");
-      checks::check_size(v, 3, v_cache[0].size(3), op, "v_cache[l]", "Dv (from v_cache[0])");
-    }
-  }
-}
-
 // Budgets + selection + compaction from scores [L, B, N] and stats [L, B, 2] (contiguous f32).
 Tensor4 evict_tail(TensorList k_cache, TensorList v_cache, const Tensor& scores,
                    const Tensor& stats, const Tensor& qp, const Tensor& mod, double keep_ratio,
@@ -127,15 +96,21 @@ Tensor4 evict_tail(TensorList k_cache, TensorList v_cache, const Tensor& scores,
   return {keep_idx, n_kept, n_prot, frac};
 }
 
-void check_common(const Tensor& q_pos, const Tensor& modality, double keep_ratio,
-                  int64_t n_sink, const char* op) {
-  checks::check_q_pos_modality(q_pos, modality, op);
+// Device types of both ops, before op_args' checks.
+void check_devices(const Tensor& modality, TensorList k_cache, TensorList v_cache,
+                   const char* op) {
   check_cuda(modality, op, "modality");
-  checks::check_keep_ratio(keep_ratio, op);
-  checks::check_n_sink(n_sink, op);
-  const int64_t N = modality.size(1);
-  TGVKV_CHECK(N < (int64_t{1} << 31), op, "at most 2^31 - 1 cache slots are supported, got N = ", N);
-  check_batch(modality.size(0), op);
+  check_cuda(k_cache, op, "k_cache[l]");
+  check_cuda(v_cache, op, "v_cache[l]");
+}
+
+// The CUDA limits of both ops, after op_args' checks.
+void check_limits(TensorList k_cache, TensorList v_cache, const op_args::BudgetArgs& a,
+                  const char* op) {
+  checks::check_slot_count(a.d.N, op);
+  check_batch(a.d.B, op);
+  check_layers(a.L, op);
+  check_cache_lists_uniform(k_cache, v_cache, op);
 }
 
 Tensor4 evict_from_scores_cuda(TensorList k_cache, TensorList v_cache, const Tensor& scores,
@@ -143,23 +118,11 @@ Tensor4 evict_from_scores_cuda(TensorList k_cache, TensorList v_cache, const Ten
                                double keep_ratio, c10::string_view budget, bool redistribute,
                                int64_t n_sink) {
   const char* op = "evict_from_scores";
-  check_common(q_pos, modality, keep_ratio, n_sink, op);
-  const int mode = checks::parse_budget(budget, op);
-  const int64_t B = modality.size(0), N = modality.size(1);
-  checks::check_dim(scores, 3, op, "scores", "[L, B, N]");
-  checks::check_dtype(scores, at::kFloat, op, "scores");
-  checks::check_size(scores, 1, B, op, "scores", "B (from modality)");
-  checks::check_size(scores, 2, N, op, "scores", "N (from modality)");
-  checks::check_same_device(scores, modality, op, "scores", "modality");
-  checks::check_dim(stats, 3, op, "stats", "[L, B, 2]");
-  checks::check_dtype(stats, at::kFloat, op, "stats");
-  checks::check_size(stats, 0, scores.size(0), op, "stats", "L (from scores)");
-  checks::check_size(stats, 1, B, op, "stats", "B (from modality)");
-  checks::check_size(stats, 2, 2, op, "stats", "(S, I)");
-  checks::check_same_device(stats, modality, op, "stats", "modality");
-  const int64_t L = scores.size(0);
-  TGVKV_CHECK(L <= 4096, op, "the CUDA kernels support up to 4096 layers, got ", L);
-  check_cache_lists(k_cache, v_cache, L, B, N, modality, op);
+  check_devices(modality, k_cache, v_cache, op);
+  const op_args::BudgetArgs a = op_args::check_evict_from_scores_args(
+      k_cache, v_cache, scores, stats, q_pos, modality, keep_ratio, budget, n_sink, op);
+  check_limits(k_cache, v_cache, a, op);
+  const int mode = a.mode;
   c10::cuda::CUDAGuard guard(modality.device());
   return evict_tail(k_cache, v_cache, scores.contiguous(), stats.contiguous(), q_pos.contiguous(),
                     modality.contiguous(), keep_ratio, mode, redistribute, n_sink);
@@ -169,20 +132,18 @@ Tensor4 evict_cuda(TensorList k_cache, TensorList v_cache, TensorList queries, c
                    const Tensor& modality, double scale, double keep_ratio,
                    c10::string_view budget, bool redistribute, int64_t n_sink) {
   const char* op = "evict";
-  check_common(q_pos, modality, keep_ratio, n_sink, op);
-  const int mode = checks::parse_budget(budget, op);
-  checks::check_scale(scale, op);
-  const int64_t B = modality.size(0), N = modality.size(1), T = q_pos.size(1);
-  const int64_t L = static_cast<int64_t>(k_cache.size());
-  TGVKV_CHECK(L <= 4096, op, "the CUDA kernels support up to 4096 layers, got ", L);
-  TGVKV_CHECK(static_cast<int64_t>(queries.size()) == L, op, "'queries' must have one tensor per ",
-              "layer of 'k_cache' (", L, "), got ", queries.size());
-  check_cache_lists(k_cache, v_cache, L, B, N, modality, op);
-  for (int64_t l = 0; l < L; ++l) {
-    check_qk(queries[l], k_cache[l], q_pos, modality, op, "queries[l]", "k_cache[l]");
+  check_devices(modality, k_cache, v_cache, op);
+  check_cuda(queries, op, "queries[l]");
+  const op_args::BudgetArgs a = op_args::check_evict_args(
+      k_cache, v_cache, queries, q_pos, modality, scale, keep_ratio, budget, n_sink, op);
+  check_limits(k_cache, v_cache, a, op);
+  for (int64_t l = 0; l < a.L; ++l) {
+    check_head_dim(k_cache[l], op);
     if (l > 0) checks::check_size(queries[l], 1, queries[0].size(1), op, "queries[l]",
                                   "Hq (from queries[0])");
   }
+  const int64_t B = a.d.B, N = a.d.N, T = a.d.T, L = a.L;
+  const int mode = a.mode;
   c10::cuda::CUDAGuard guard(modality.device());
   const Tensor qp = q_pos.contiguous(), mod = modality.contiguous();
   Tensor scores = at::empty({L, B, N}, mod.options().dtype(at::kFloat));

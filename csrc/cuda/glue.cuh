@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "checks.h"
+#include "op_args.h"
 #include "tgvkv/cuda/common.cuh"
 #include "tgvkv/cuda/launch.cuh"
 
@@ -35,8 +36,11 @@ inline View4 view4(const at::Tensor& t) {
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 inline void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  checks::check_defined(t, op, name);
-  checks::check_device_type(t, c10::DeviceType::CUDA, op, name);
+  checks::check_on(t, c10::DeviceType::CUDA, op, name);
+}
+
+inline void check_cuda(at::TensorList ts, const char* op, const char* name) {
+  for (const at::Tensor& t : ts) check_cuda(t, op, name);
 }
 
 // Grid dims y / z are limited to 65535 (the batch and the layer group use them).
@@ -44,28 +48,32 @@ inline void check_batch(int64_t B, const char* op) {
   TGVKV_CHECK(B <= 65535, op, "the CUDA kernels support batch sizes up to 65535, got ", B);
 }
 
-// q [B, Hq, T, D] and k [B, Hkv, N, D] of one layer against q_pos [B, T] / modality [B, N].
-inline void check_qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_pos,
-                     const at::Tensor& modality, const char* op, const char* qn, const char* kn) {
-  check_cuda(q, op, qn);
-  check_cuda(k, op, kn);
-  checks::check_dim(q, 4, op, qn, "[B, Hq, T, D]");
-  checks::check_dim(k, 4, op, kn, "[B, Hkv, N, D]");
-  checks::check_float_dtype(k, op, kn);
-  checks::check_same_dtype(q, k, op, qn, kn);
-  checks::check_same_device(q, k, op, qn, kn);
-  checks::check_same_device(modality, k, op, "modality", kn);
-  const int64_t B = modality.size(0);
-  checks::check_size(q, 0, B, op, qn, "B (from modality)");
-  checks::check_size(k, 0, B, op, kn, "B (from modality)");
-  checks::check_size(q, 2, q_pos.size(1), op, qn, "T (from q_pos)");
-  checks::check_size(k, 2, modality.size(1), op, kn, "N (from modality)");
-  checks::check_size(q, 3, k.size(3), op, qn, "D (from k)");
-  TGVKV_CHECK(k.size(1) >= 1 && q.size(1) >= k.size(1) && q.size(1) % k.size(1) == 0, op, "'", qn,
-              "' heads (", q.size(1), ") must be a positive multiple of the '", kn, "' heads (",
-              k.size(1), ")");
+// The layer group of one launch indexes at most 4096 layers.
+inline void check_layers(int64_t L, const char* op) {
+  TGVKV_CHECK(L <= 4096, op, "the CUDA kernels support up to 4096 layers, got ", L);
+}
+
+// Head dims the scoring kernels are built for.
+inline void check_head_dim(const at::Tensor& k, const char* op) {
   TGVKV_CHECK(k.size(3) <= score::kMaxHeadDim, op, "the CUDA kernels support head dims up to ",
               score::kMaxHeadDim, ", got ", k.size(3));
+}
+
+// What one launch over all layers of k_cache / v_cache needs beyond op_args::check_cache_lists
+// (already passed): V of K's dtype, and every layer of layer 0's dtype and head shapes.
+inline void check_cache_lists_uniform(at::TensorList k_cache, at::TensorList v_cache,
+                                      const char* op) {
+  for (size_t l = 0; l < k_cache.size(); ++l) {
+    const at::Tensor& k = k_cache[l];
+    const at::Tensor& v = v_cache[l];
+    checks::check_same_dtype(v, k, op, "v_cache[l]", "k_cache[l]");
+    if (l > 0) {
+      checks::check_same_dtype(k, k_cache[0], op, "k_cache[l]", "k_cache[0]");
+      checks::check_size(k, 1, k_cache[0].size(1), op, "k_cache[l]", "Hkv (from k_cache[0])");
+      checks::check_size(k, 3, k_cache[0].size(3), op, "k_cache[l]", "D (from k_cache[0])");
+      checks::check_size(v, 3, v_cache[0].size(3), op, "v_cache[l]", "Dv (from v_cache[0])");
+    }
+  }
 }
 
 }  // namespace cuda

@@ -18,20 +18,13 @@ std::tuple<at::Tensor, at::Tensor> layer_budgets_cuda(const at::Tensor& stats,
                                                       c10::string_view budget, bool redistribute,
                                                       int64_t n_sink) {
   const char* op = "layer_budgets";
-  checks::check_q_pos_modality(q_pos, modality, op);
   check_cuda(modality, op, "modality");
-  const int64_t B = modality.size(0), N = modality.size(1);
-  checks::check_dim(stats, 3, op, "stats", "[L, B, 2]");
-  checks::check_dtype(stats, at::kFloat, op, "stats");
-  checks::check_size(stats, 1, B, op, "stats", "B (from modality)");
-  checks::check_size(stats, 2, 2, op, "stats", "(S, I)");
-  checks::check_same_device(stats, modality, op, "stats", "modality");
-  checks::check_keep_ratio(keep_ratio, op);
-  const int mode = checks::parse_budget(budget, op);
-  checks::check_n_sink(n_sink, op);
-  TGVKV_CHECK(N < (int64_t{1} << 31), op, "at most 2^31 - 1 cache slots are supported, got N = ", N);
-  const int64_t L = stats.size(0);
-  TGVKV_CHECK(L <= 4096, op, "the CUDA kernels support up to 4096 layers, got ", L);
+  const op_args::BudgetArgs a =
+      op_args::check_layer_budgets_args(stats, q_pos, modality, keep_ratio, budget, n_sink, op);
+  const int64_t B = a.d.B, N = a.d.N, L = a.L;
+  const int mode = a.mode;
+  checks::check_slot_count(N, op);
+  check_layers(L, op);
   c10::cuda::CUDAGuard guard(modality.device());
   const at::Tensor st = stats.contiguous(), qp = q_pos.contiguous(), mod = modality.contiguous();
   at::Tensor keep = at::empty({L, B}, modality.options().dtype(at::kLong));

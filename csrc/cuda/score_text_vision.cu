@@ -64,13 +64,14 @@ std::tuple<at::Tensor, at::Tensor> score_text_vision_cuda(const at::Tensor& q, c
                                                           const at::Tensor& modality,
                                                           double scale) {
   const char* op = "score_text_vision";
-  checks::check_q_pos_modality(q_pos, modality, op);
   check_cuda(modality, op, "modality");
-  check_qk(q, k, q_pos, modality, op, "q", "k");
-  checks::check_scale(scale, op);
-  const int64_t B = modality.size(0), N = modality.size(1), T = q_pos.size(1);
+  check_cuda(q, op, "q");
+  check_cuda(k, op, "k");
+  const op_args::Dims d = op_args::check_score_text_vision_args(q, k, q_pos, modality, scale, op);
+  const int64_t B = d.B, N = d.N, T = d.T;
+  check_head_dim(k, op);
   check_batch(B, op);
-  TGVKV_CHECK(N < (int64_t{1} << 31), op, "at most 2^31 - 1 cache slots are supported, got N = ", N);
+  checks::check_slot_count(N, op);
   c10::cuda::CUDAGuard guard(k.device());
   const at::Tensor qp = q_pos.contiguous(), mod = modality.contiguous();
   at::Tensor scores = at::empty({B, N}, k.options().dtype(at::kFloat));

@@ -34,22 +34,11 @@ std::tuple<at::Tensor, at::Tensor> select_keep_cuda(const at::Tensor& scores,
                                                     const at::Tensor& q_pos,
                                                     const at::Tensor& modality, int64_t n_sink) {
   const char* op = "select_keep";
-  checks::check_q_pos_modality(q_pos, modality, op);
   check_cuda(modality, op, "modality");
-  const int64_t B = modality.size(0), N = modality.size(1);
-  checks::check_dim(scores, 3, op, "scores", "[L, B, N]");
-  checks::check_dtype(scores, at::kFloat, op, "scores");
-  checks::check_size(scores, 1, B, op, "scores", "B (from modality)");
-  checks::check_size(scores, 2, N, op, "scores", "N (from modality)");
-  checks::check_dim(keep, 2, op, "keep", "[L, B]");
-  checks::check_dtype(keep, at::kLong, op, "keep");
-  checks::check_size(keep, 0, scores.size(0), op, "keep", "L (from scores)");
-  checks::check_size(keep, 1, B, op, "keep", "B (from modality)");
-  checks::check_same_device(scores, modality, op, "scores", "modality");
-  checks::check_same_device(keep, modality, op, "keep", "modality");
-  checks::check_n_sink(n_sink, op);
-  TGVKV_CHECK(N < (int64_t{1} << 31), op, "at most 2^31 - 1 cache slots are supported, got N = ", N);
-  const int64_t L = scores.size(0);
+  const op_args::SelectArgs a =
+      op_args::check_select_keep_args(scores, keep, q_pos, modality, n_sink, op);
+  const int64_t B = a.d.B, N = a.d.N, L = a.L;
+  checks::check_slot_count(N, op);
   TGVKV_CHECK(L * B < (int64_t{1} << 31), op, "L * B too large: ", L * B);
   c10::cuda::CUDAGuard guard(modality.device());
   const at::Tensor sc = scores.contiguous(), kp = keep.contiguous(), qp = q_pos.contiguous(),

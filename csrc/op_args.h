@@ -1,0 +1,251 @@
+// Argument checks of every tgvkv op that do not depend on the backend (dims, sizes, dtypes,
+// same-device, scalar arguments, list lengths): one function per op, called by both its CPU
+// implementation (csrc/cpu/ops_cpu.cpp) and its CUDA one (csrc/cuda/<op>.cu), so each rule and
+// its message is written once. A backend adds only its own checks around these:
+//   before: the device type of its inputs (checks::check_on with kCPU / kCUDA);
+//   after:  CPU the data-dependent values (q_pos layout, modality codes, finite scores,
+//           keep_idx order); CUDA the kernels' limits (2^31 slots, 65535 samples, 4096 layers,
+//           head dim, shared memory) and what one launch over all layers needs (equal shapes).
+//
+// Torch-light like checks.h (compiles under nvcc): no torch/extension.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <initializer_list>
+
+#include "checks.h"
+
+namespace tgvkv {
+namespace op_args {
+
+// Sizes taken from q_pos [B, T] and modality [B, N].
+struct Dims {
+  int64_t B, N, T;
+};
+
+inline Dims check_q_pos_modality(const at::Tensor& q_pos, const at::Tensor& modality,
+                                 const char* op) {
+  checks::check_q_pos_modality(q_pos, modality, op);
+  return Dims{modality.size(0), modality.size(1), q_pos.size(1)};
+}
+
+// q [B, Hq, T, D] and k [B, Hkv, N, D] of one layer against q_pos / modality (sizes in d).
+inline void check_layer_qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& modality,
+                           const Dims& d, const char* op, const char* qname, const char* kname) {
+  checks::check_dim(q, 4, op, qname, "[B, Hq, T, D]");
+  checks::check_dim(k, 4, op, kname, "[B, Hkv, N, D]");
+  checks::check_float_dtype(k, op, kname);
+  checks::check_same_dtype(q, k, op, qname, kname);
+  checks::check_same_device(q, k, op, qname, kname);
+  checks::check_same_device(modality, k, op, "modality", kname);
+  checks::check_size(k, 0, d.B, op, kname, "B (from modality)");
+  checks::check_size(k, 2, d.N, op, kname, "N (from modality)");
+  checks::check_size(q, 0, d.B, op, qname, "B (from modality)");
+  checks::check_size(q, 2, d.T, op, qname, "T (from q_pos)");
+  checks::check_size(q, 3, k.size(3), op, qname, "D (from k)");
+  TGVKV_CHECK(k.size(1) > 0 && q.size(1) > 0 && q.size(1) % k.size(1) == 0, op, "'", qname,
+              "' heads (", q.size(1), ") must be a positive multiple of '", kname, "' heads (",
+              k.size(1), ")");
+}
+
+// stats [L, B, 2] f32 (L is checked by the caller where another argument fixes it).
+inline void check_stats(const at::Tensor& stats, int64_t B, const char* op) {
+  checks::check_dim(stats, 3, op, "stats", "[L, B, 2]");
+  checks::check_dtype(stats, at::kFloat, op, "stats");
+  checks::check_size(stats, 1, B, op, "stats", "B (from modality)");
+  checks::check_size(stats, 2, 2, op, "stats", "(S, I)");
+}
+
+// scores [L, B, N] f32 without its device (select_keep checks it after 'keep').
+inline void check_scores_shape(const at::Tensor& scores, const Dims& d, const char* op) {
+  checks::check_dim(scores, 3, op, "scores", "[L, B, N]");
+  checks::check_dtype(scores, at::kFloat, op, "scores");
+  checks::check_size(scores, 1, d.B, op, "scores", "B (from modality)");
+  checks::check_size(scores, 2, d.N, op, "scores", "N (from modality)");
+}
+
+// Layouts of a K/V pair in the messages: the cache ops say N slots, decode_evict_ S.
+struct KVLayout {
+  const char* k;    // "[B, Hkv, N, D]"
+  const char* v;    // "[B, Hkv, N, Dv]"
+  const char* seq;  // "N (from k)"
+};
+constexpr KVLayout kCacheKV{"[B, Hkv, N, D]", "[B, Hkv, N, Dv]", "N (from k)"};
+constexpr KVLayout kDecodeKV{"[B, Hkv, S, D]", "[B, Hkv, S, Dv]", "S (from k)"};
+
+// k [B, Hkv, N, D] and v [B, Hkv, N, Dv] of one layer: same device, same B, Hkv, N (D may differ;
+// the dtypes are not compared here: the CPU ops move V rows of any dtype, CUDA asks for k's).
+inline void check_kv_pair(const at::Tensor& k, const at::Tensor& v, const char* op,
+                          const char* kname, const char* vname, const KVLayout& lay = kCacheKV) {
+  checks::check_dim(k, 4, op, kname, lay.k);
+  checks::check_dim(v, 4, op, vname, lay.v);
+  checks::check_same_device(v, k, op, vname, kname);
+  checks::check_size(v, 0, k.size(0), op, vname, "B (from k)");
+  checks::check_size(v, 1, k.size(1), op, vname, "Hkv (from k)");
+  checks::check_size(v, 2, k.size(2), op, vname, lay.seq);
+}
+
+// k_cache / v_cache: the same number of layers, L of them or none, each layer a K/V pair of
+// float K on modality's device with B and N from modality.
+inline void check_cache_lists(at::TensorList k_cache, at::TensorList v_cache, int64_t L,
+                              const at::Tensor& modality, const Dims& d, const char* op) {
+  TGVKV_CHECK(k_cache.size() == v_cache.size(), op, "'k_cache' and 'v_cache' must have the same ",
+              "number of layers, got ", k_cache.size(), " and ", v_cache.size());
+  TGVKV_CHECK(k_cache.empty() || static_cast<int64_t>(k_cache.size()) == L, op, "'k_cache' must ",
+              "have L = ", L, " layers (or none), got ", k_cache.size());
+  for (size_t l = 0; l < k_cache.size(); ++l) {
+    check_kv_pair(k_cache[l], v_cache[l], op, "k_cache[l]", "v_cache[l]");
+    checks::check_float_dtype(k_cache[l], op, "k_cache[l]");
+    checks::check_size(k_cache[l], 0, d.B, op, "k_cache[l]", "B (from modality)");
+    checks::check_size(k_cache[l], 2, d.N, op, "k_cache[l]", "N (from modality)");
+    checks::check_same_device(k_cache[l], modality, op, "k_cache[l]", "modality");
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// One function per op.
+// ------------------------------------------------------------------------------------------------
+inline Dims check_score_text_vision_args(const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& q_pos, const at::Tensor& modality,
+                                         double scale, const char* op) {
+  const Dims d = check_q_pos_modality(q_pos, modality, op);
+  check_layer_qk(q, k, modality, d, op, "q", "k");
+  checks::check_scale(scale, op);
+  return d;
+}
+
+struct BudgetArgs {
+  Dims d;
+  int64_t L;
+  int mode;  // kBudgetMass / kBudgetMI
+};
+
+inline BudgetArgs check_layer_budgets_args(const at::Tensor& stats, const at::Tensor& q_pos,
+                                           const at::Tensor& modality, double keep_ratio,
+                                           c10::string_view budget, int64_t n_sink,
+                                           const char* op) {
+  const Dims d = check_q_pos_modality(q_pos, modality, op);
+  check_stats(stats, d.B, op);
+  checks::check_same_device(stats, modality, op, "stats", "modality");
+  checks::check_keep_ratio(keep_ratio, op);
+  const int mode = checks::parse_budget(budget, op);
+  checks::check_n_sink(n_sink, op);
+  return BudgetArgs{d, stats.size(0), mode};
+}
+
+struct SelectArgs {
+  Dims d;
+  int64_t L;
+};
+
+inline SelectArgs check_select_keep_args(const at::Tensor& scores, const at::Tensor& keep,
+                                         const at::Tensor& q_pos, const at::Tensor& modality,
+                                         int64_t n_sink, const char* op) {
+  const Dims d = check_q_pos_modality(q_pos, modality, op);
+  check_scores_shape(scores, d, op);
+  checks::check_dim(keep, 2, op, "keep", "[L, B]");
+  checks::check_dtype(keep, at::kLong, op, "keep");
+  checks::check_size(keep, 0, scores.size(0), op, "keep", "L (from scores)");
+  checks::check_size(keep, 1, d.B, op, "keep", "B (from modality)");
+  checks::check_same_device(scores, modality, op, "scores", "modality");
+  checks::check_same_device(keep, modality, op, "keep", "modality");
+  checks::check_n_sink(n_sink, op);
+  return SelectArgs{d, scores.size(0)};
+}
+
+// keep_idx [B, M]: M is not checked here (the CPU op accepts M != N, CUDA asks for M == N).
+inline void check_compact_args(const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& keep_idx, const char* op) {
+  check_kv_pair(k, v, op, "k", "v");
+  checks::check_dim(keep_idx, 2, op, "keep_idx", "[B, N]");
+  checks::check_dtype(keep_idx, at::kLong, op, "keep_idx");
+  checks::check_same_device(keep_idx, k, op, "keep_idx", "k");
+  checks::check_size(keep_idx, 0, k.size(0), op, "keep_idx", "B (from k)");
+}
+
+// Returns the layer count L (from scores) and the budget mode.
+inline BudgetArgs check_evict_from_scores_args(at::TensorList k_cache, at::TensorList v_cache,
+                                               const at::Tensor& scores, const at::Tensor& stats,
+                                               const at::Tensor& q_pos, const at::Tensor& modality,
+                                               double keep_ratio, c10::string_view budget,
+                                               int64_t n_sink, const char* op) {
+  const Dims d = check_q_pos_modality(q_pos, modality, op);
+  check_scores_shape(scores, d, op);
+  checks::check_same_device(scores, modality, op, "scores", "modality");
+  check_stats(stats, d.B, op);
+  checks::check_size(stats, 0, scores.size(0), op, "stats", "L (from scores)");
+  checks::check_same_device(stats, modality, op, "stats", "modality");
+  checks::check_keep_ratio(keep_ratio, op);
+  const int mode = checks::parse_budget(budget, op);
+  checks::check_n_sink(n_sink, op);
+  const int64_t L = scores.size(0);
+  check_cache_lists(k_cache, v_cache, L, modality, d, op);
+  return BudgetArgs{d, L, mode};
+}
+
+// Returns the layer count L (from k_cache) and the budget mode.
+inline BudgetArgs check_evict_args(at::TensorList k_cache, at::TensorList v_cache,
+                                   at::TensorList queries, const at::Tensor& q_pos,
+                                   const at::Tensor& modality, double scale, double keep_ratio,
+                                   c10::string_view budget, int64_t n_sink, const char* op) {
+  const Dims d = check_q_pos_modality(q_pos, modality, op);
+  const int64_t L = static_cast<int64_t>(k_cache.size());
+  TGVKV_CHECK(static_cast<int64_t>(queries.size()) == L, op, "'queries' must have one tensor per ",
+              "layer of 'k_cache' (", L, "), got ", queries.size());
+  check_cache_lists(k_cache, v_cache, L, modality, d, op);
+  for (int64_t l = 0; l < L; ++l)
+    check_layer_qk(queries[l], k_cache[l], modality, d, op, "queries[l]", "k_cache[l]");
+  checks::check_scale(scale, op);
+  checks::check_keep_ratio(keep_ratio, op);
+  const int mode = checks::parse_budget(budget, op);
+  checks::check_n_sink(n_sink, op);
+  return BudgetArgs{d, L, mode};
+}
+
+struct DecodeArgs {
+  int64_t B, Hkv, S, D, Hq;
+};
+
+inline DecodeArgs check_decode_evict_args(const at::Tensor& k, const at::Tensor& v,
+                                          const at::Tensor& pos, const at::Tensor& length,
+                                          const at::Tensor& q, const at::Tensor& n_seen,
+                                          const at::Tensor& keep_fraction,
+                                          const at::Tensor& n_protected, double scale,
+                                          int64_t n_sink, const char* op) {
+  check_kv_pair(k, v, op, "k", "v", kDecodeKV);
+  checks::check_float_dtype(k, op, "k");
+  const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), D = k.size(3);
+  checks::check_dim(q, 3, op, "q", "[B, Hq, D]");
+  checks::check_same_dtype(q, k, op, "q", "k");
+  checks::check_same_device(q, k, op, "q", "k");
+  checks::check_size(q, 0, B, op, "q", "B (from k)");
+  checks::check_size(q, 2, D, op, "q", "D (from k)");
+  TGVKV_CHECK(Hkv > 0 && q.size(1) > 0 && q.size(1) % Hkv == 0, op, "'q' heads (", q.size(1),
+              ") must be a positive multiple of 'k' heads (", Hkv, ")");
+  checks::check_dim(pos, 2, op, "pos", "[B, S]");
+  checks::check_dtype(pos, at::kLong, op, "pos");
+  checks::check_size(pos, 0, B, op, "pos", "B (from k)");
+  checks::check_size(pos, 1, S, op, "pos", "S (from k)");
+  struct Vec {
+    const at::Tensor* t;
+    const char* name;
+    at::ScalarType dt;
+  };
+  for (const Vec& x : {Vec{&length, "length", at::kLong}, Vec{&n_seen, "n_seen", at::kLong},
+                       Vec{&keep_fraction, "keep_fraction", at::kDouble},
+                       Vec{&n_protected, "n_protected", at::kLong}}) {
+    checks::check_dim(*x.t, 1, op, x.name, "[B]");
+    checks::check_dtype(*x.t, x.dt, op, x.name);
+    checks::check_size(*x.t, 0, B, op, x.name, "B (from k)");
+    checks::check_same_device(*x.t, k, op, x.name, "k");
+  }
+  checks::check_same_device(pos, k, op, "pos", "k");
+  checks::check_scale(scale, op);
+  checks::check_n_sink(n_sink, op);
+  return DecodeArgs{B, Hkv, S, D, q.size(1)};
+}
+
+}  // namespace op_args
+}  // namespace tgvkv
