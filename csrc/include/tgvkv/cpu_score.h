@@ -49,6 +49,11 @@ inline bool cpu_has_avx512() {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// p rounded up to a 64-byte boundary (the buffer must have 16 spare floats).
+inline float* align64(float* p) {
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
+}
+
 template <typename T>
 inline float load_as_float(const void* p, int64_t i) {
   return to_float(static_cast<const T*>(p)[i]);
@@ -125,13 +130,18 @@ inline void gemm_panels_generic(const float* a, int64_t R, int64_t D, const floa
 }
 
 #if TGVKV_HAVE_AVX512_PATH
+// pf / npf: cache lines [pf, pf + 64 * npf) to prefetch into L2 while computing (the next KV
+// head's keys: the DRAM reads of the next pack overlap this compute-bound GEMM).
 template <int MR>
 TGVKV_TARGET_AVX512 inline void gemm_block_avx512(const float* a, int64_t D, const float* P,
-                                                  float* out, int64_t ldo) {
+                                                  float* out, int64_t ldo, const char* pf,
+                                                  int64_t npf) {
   __m512 acc[MR][4];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (; npf > D; --npf, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
   for (int64_t d = 0; d < D; ++d) {
+    if (d < npf) _mm_prefetch(pf + d * 64, _MM_HINT_T1);
     const float* pd = P + d * kKeyPanel;
     const __m512 b0 = _mm512_loadu_ps(pd);
     const __m512 b1 = _mm512_loadu_ps(pd + 16);
@@ -149,21 +159,30 @@ TGVKV_TARGET_AVX512 inline void gemm_block_avx512(const float* a, int64_t D, con
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + r * ldo + c * 16, acc[r][c]);
 }
 
+// pf_bytes: a byte range [pf, pf + pf_bytes) to prefetch into L2, spread over the blocks.
 TGVKV_TARGET_AVX512 inline void gemm_panels_avx512(const float* a, int64_t R, int64_t D,
                                                    const float* panel, int64_t nb, float* out,
-                                                   int64_t ldo) {
+                                                   int64_t ldo, const char* pf = nullptr,
+                                                   int64_t pf_bytes = 0) {
+  const int64_t nblk = nb * ((R + kRowBlock - 1) / kRowBlock);
+  const int64_t lines = pf ? (pf_bytes + 63) / 64 : 0;
+  const int64_t per = nblk > 0 ? (lines + nblk - 1) / nblk : 0;
+  int64_t done = 0;
   for (int64_t jb = 0; jb < nb; ++jb) {
     const float* P = panel + jb * D * kKeyPanel;
     float* o = out + jb * kKeyPanel;
-    int64_t r = 0;
-    for (; r + kRowBlock <= R; r += kRowBlock) gemm_block_avx512<6>(a + r * D, D, P, o + r * ldo, ldo);
-    switch (R - r) {
-      case 5: gemm_block_avx512<5>(a + r * D, D, P, o + r * ldo, ldo); break;
-      case 4: gemm_block_avx512<4>(a + r * D, D, P, o + r * ldo, ldo); break;
-      case 3: gemm_block_avx512<3>(a + r * D, D, P, o + r * ldo, ldo); break;
-      case 2: gemm_block_avx512<2>(a + r * D, D, P, o + r * ldo, ldo); break;
-      case 1: gemm_block_avx512<1>(a + r * D, D, P, o + r * ldo, ldo); break;
-      default: break;
+    for (int64_t r = 0; r < R; r += kRowBlock) {
+      const int64_t n = std::min(per, lines - done);
+      const char* p = pf + done * 64;
+      done += n;
+      switch (std::min<int64_t>(kRowBlock, R - r)) {
+        case 6: gemm_block_avx512<6>(a + r * D, D, P, o + r * ldo, ldo, p, n); break;
+        case 5: gemm_block_avx512<5>(a + r * D, D, P, o + r * ldo, ldo, p, n); break;
+        case 4: gemm_block_avx512<4>(a + r * D, D, P, o + r * ldo, ldo, p, n); break;
+        case 3: gemm_block_avx512<3>(a + r * D, D, P, o + r * ldo, ldo, p, n); break;
+        case 2: gemm_block_avx512<2>(a + r * D, D, P, o + r * ldo, ldo, p, n); break;
+        default: gemm_block_avx512<1>(a + r * D, D, P, o + r * ldo, ldo, p, n); break;
+      }
     }
   }
 }
@@ -205,6 +224,65 @@ TGVKV_TARGET_AVX512 inline __m512 load16_as_f32(const void* p, DType dt) {
   }
 }
 
+// fp32 16 keys x 16 dims -> out[d * 64 + i] = rows[i * rs + d] (rs: row stride in floats).
+// The first transpose stage is done by the loads (128-bit chunks of rows i, i+4, i+8, i+12 inserted
+// into one zmm), leaving 32 in-lane shuffles instead of 64 (the pack is shuffle-port bound).
+TGVKV_TARGET_AVX512 inline void transpose16_f32_store(const float* rows, int64_t rs, float* out) {
+  for (int c = 0; c < 4; ++c) {
+    __m512 q[4];
+    for (int i = 0; i < 4; ++i) {
+      const float* p = rows + i * rs + 4 * c;
+      __m512 x = _mm512_castps128_ps512(_mm_loadu_ps(p));
+      x = _mm512_insertf32x4(x, _mm_loadu_ps(p + 4 * rs), 1);
+      x = _mm512_insertf32x4(x, _mm_loadu_ps(p + 8 * rs), 2);
+      x = _mm512_insertf32x4(x, _mm_loadu_ps(p + 12 * rs), 3);
+      q[i] = x;  // lane l: row 4l+i, dims 4c..4c+3
+    }
+    const __m512 t0 = _mm512_unpacklo_ps(q[0], q[1]);
+    const __m512 t1 = _mm512_unpackhi_ps(q[0], q[1]);
+    const __m512 t2 = _mm512_unpacklo_ps(q[2], q[3]);
+    const __m512 t3 = _mm512_unpackhi_ps(q[2], q[3]);
+    _mm512_storeu_ps(out + (4 * c + 0) * kKeyPanel, _mm512_shuffle_ps(t0, t2, 0x44));
+    _mm512_storeu_ps(out + (4 * c + 1) * kKeyPanel, _mm512_shuffle_ps(t0, t2, 0xEE));
+    _mm512_storeu_ps(out + (4 * c + 2) * kKeyPanel, _mm512_shuffle_ps(t1, t3, 0x44));
+    _mm512_storeu_ps(out + (4 * c + 3) * kKeyPanel, _mm512_shuffle_ps(t1, t3, 0xEE));
+  }
+}
+
+// bf16 16 keys x 32 dims -> out[d * 64 + i] = float(rows[i * rs + d]) (rs in elements): the same
+// transpose on 32-bit pairs of dims, then each pair splits into two fp32 (bf16 -> fp32 is exact:
+// the 16 bits become the high half).
+TGVKV_TARGET_AVX512 inline void transpose16x32_bf16_store(const uint16_t* rows, int64_t rs,
+                                                          float* out) {
+  const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int c = 0; c < 4; ++c) {
+    __m512i q[4];
+    for (int i = 0; i < 4; ++i) {
+      const uint16_t* p = rows + i * rs + 8 * c;
+      __m512i x = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      x = _mm512_inserti32x4(x, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 4 * rs)), 1);
+      x = _mm512_inserti32x4(x, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * rs)), 2);
+      x = _mm512_inserti32x4(x, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 12 * rs)), 3);
+      q[i] = x;  // lane l: row 4l+i, dim pairs 4c..4c+3
+    }
+    const __m512 t0 = _mm512_unpacklo_ps(_mm512_castsi512_ps(q[0]), _mm512_castsi512_ps(q[1]));
+    const __m512 t1 = _mm512_unpackhi_ps(_mm512_castsi512_ps(q[0]), _mm512_castsi512_ps(q[1]));
+    const __m512 t2 = _mm512_unpacklo_ps(_mm512_castsi512_ps(q[2]), _mm512_castsi512_ps(q[3]));
+    const __m512 t3 = _mm512_unpackhi_ps(_mm512_castsi512_ps(q[2]), _mm512_castsi512_ps(q[3]));
+    __m512i v[4];
+    v[0] = _mm512_castps_si512(_mm512_shuffle_ps(t0, t2, 0x44));
+    v[1] = _mm512_castps_si512(_mm512_shuffle_ps(t0, t2, 0xEE));
+    v[2] = _mm512_castps_si512(_mm512_shuffle_ps(t1, t3, 0x44));
+    v[3] = _mm512_castps_si512(_mm512_shuffle_ps(t1, t3, 0xEE));
+    for (int e = 0; e < 4; ++e) {
+      const int64_t d = 8 * c + 2 * e;
+      _mm512_storeu_ps(out + d * kKeyPanel, _mm512_castsi512_ps(_mm512_slli_epi32(v[e], 16)));
+      _mm512_storeu_ps(out + (d + 1) * kKeyPanel,
+                       _mm512_castsi512_ps(_mm512_and_si512(v[e], hi_mask)));
+    }
+  }
+}
+
 // pack_key_panels with 16x16 register transposes (same output, bit for bit).
 TGVKV_TARGET_AVX512 inline void pack_key_panels_avx512(const void* k, DType dt, int64_t stride_n,
                                                        int64_t stride_d, int64_t nk, int64_t D,
@@ -224,11 +302,23 @@ TGVKV_TARGET_AVX512 inline void pack_key_panels_avx512(const void* k, DType dt, 
     int64_t jj0 = 0;
     for (; jj0 + 16 <= jn; jj0 += 16) {
       const char* rows = kb + (j0 + jj0) * stride_n * es;
-      for (int64_t d0 = 0; d0 < Dfull; d0 += 16) {
-        __m512 r[16];
-        for (int i = 0; i < 16; ++i) r[i] = load16_as_f32(rows + (i * stride_n + d0) * es, dt);
-        transpose16_avx512(r);
-        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(P + (d0 + i) * kKeyPanel + jj0, r[i]);
+      if (dt == DType::kF32) {
+        const float* rf = reinterpret_cast<const float*>(rows);
+        for (int64_t d0 = 0; d0 < Dfull; d0 += 16)
+          transpose16_f32_store(rf + d0, stride_n, P + d0 * kKeyPanel + jj0);
+      } else {
+        int64_t d0 = 0;
+        if (dt == DType::kBF16) {
+          const uint16_t* rb = reinterpret_cast<const uint16_t*>(rows);
+          for (; d0 + 32 <= Dfull; d0 += 32)
+            transpose16x32_bf16_store(rb + d0, stride_n, P + d0 * kKeyPanel + jj0);
+        }
+        for (; d0 < Dfull; d0 += 16) {
+          __m512 r[16];
+          for (int i = 0; i < 16; ++i) r[i] = load16_as_f32(rows + (i * stride_n + d0) * es, dt);
+          transpose16_avx512(r);
+          for (int i = 0; i < 16; ++i) _mm512_storeu_ps(P + (d0 + i) * kKeyPanel + jj0, r[i]);
+        }
       }
       for (int64_t i = 0; i < 16; ++i)
         for (int64_t d = Dfull; d < D; ++d)
@@ -389,10 +479,25 @@ inline void score_rows(const ScoreLayer& ly, const ScoreBatch& sb, const uint16_
     for (int64_t gi = 0; gi < g; ++gi) {
       const int64_t hq = h * g + gi;
       const int64_t qoff = ((b * ly.Hq + hq) * T + t0) * D;
-      for (int64_t i = 0; i < R * D; ++i) qbuf[i] = load_any(ly.q, ly.dtype, qoff + i);
+      switch (ly.dtype) {  // one dtype dispatch per head, not per element
+        case DType::kF32:
+          std::memcpy(qbuf, static_cast<const float*>(ly.q) + qoff, sizeof(float) * R * D);
+          break;
+        case DType::kF16:
+          for (int64_t i = 0; i < R * D; ++i)
+            qbuf[i] = load_as_float<half_t>(ly.q, qoff + i);
+          break;
+        default:
+          for (int64_t i = 0; i < R * D; ++i)
+            qbuf[i] = load_as_float<bf16_t>(ly.q, qoff + i);
+      }
 #if TGVKV_HAVE_AVX512_PATH
       if (avx512) {
-        gemm_panels_avx512(qbuf, R, D, panel, nb, logits, ldo);
+        // While the first query head of the group computes, prefetch the next KV head's keys
+        // (only when they are one dense block: k_sd == 1, k_sn == D).
+        const bool pf = gi == 0 && h + 1 < ly.Hkv && ly.k_sd == 1 && ly.k_sn == D;
+        gemm_panels_avx512(qbuf, R, D, panel, nb, logits, ldo, pf ? kbh + ly.k_sh * es : nullptr,
+                           pf ? nk * D * es : 0);
         for (int64_t r = 0; r < R; ++r)
           softmax_accumulate_avx512(logits + r * ldo, qp[t0 + r] + 1, allowed_b, sb.scale,
                                     A + (t0 + r) * N);
@@ -513,7 +618,8 @@ void score_layers(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb, int
   const int64_t budget = (int64_t{64} << 20) / 4;
   const int64_t W = std::max<int64_t>(1, std::min<int64_t>(L, budget / std::max<int64_t>(1, per_layer)));
   // Row chunks per (layer, sample): enough items to feed the threads, >= 6 rows per chunk.
-  std::vector<float> Abuf(static_cast<size_t>(W * per_layer));
+  std::vector<float> Abuf_v(static_cast<size_t>(W * per_layer + 16));
+  float* const Abuf = align64(Abuf_v.data());
 
   for (int64_t l0 = 0; l0 < L; l0 += W) {
     const int64_t Wn = std::min(W, L - l0);
@@ -522,9 +628,14 @@ void score_layers(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb, int
     chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, Tmax / kRowBlock));
     const int64_t rows_per = (Tmax + chunks - 1) / chunks;
     parallel_for(0, pairs * chunks, [&](int64_t begin, int64_t end) {
-      std::vector<float> panel(static_cast<size_t>(Npad * Dmax));
-      std::vector<float> qbuf(static_cast<size_t>(rows_per * Dmax));
-      std::vector<float> logits(static_cast<size_t>(rows_per * Npad));
+      // 64-byte aligned scratch: every panel row / logits block is then whole cache lines (no
+      // split loads / stores in the pack and the GEMM).
+      std::vector<float> panel_v(static_cast<size_t>(Npad * Dmax + 16));
+      std::vector<float> qbuf_v(static_cast<size_t>(rows_per * Dmax + 16));
+      std::vector<float> logits_v(static_cast<size_t>(rows_per * Npad + 16));
+      float* const panel = align64(panel_v.data());
+      float* const qbuf = align64(qbuf_v.data());
+      float* const logits = align64(logits_v.data());
       for (int64_t it = begin; it < end; ++it) {
         const int64_t pair = it / chunks, c = it % chunks;
         const int64_t li = pair / B, b = pair % B;
@@ -532,8 +643,7 @@ void score_layers(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb, int
         const int64_t t0 = std::min(Tv, c * rows_per), t1 = std::min(Tv, (c + 1) * rows_per);
         if (t1 <= t0) continue;
         score_rows(layers[l0 + li], sb, allowed.data() + b * nw, b, t0, t1,
-                   Abuf.data() + (li * B + b) * Tmax * N, panel.data(), qbuf.data(),
-                   logits.data(), avx512);
+                   Abuf + (li * B + b) * Tmax * N, panel, qbuf, logits, avx512);
       }
     });
     parallel_for(0, pairs, [&](int64_t begin, int64_t end) {
@@ -541,7 +651,7 @@ void score_layers(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb, int
       std::vector<double> w(static_cast<size_t>(Tmax));
       for (int64_t pair = begin; pair < end; ++pair) {
         const int64_t li = pair / B, b = pair % B;
-        finish_scores(layers[l0 + li], sb, b, Abuf.data() + (li * B + b) * Tmax * N, colw.data(),
+        finish_scores(layers[l0 + li], sb, b, Abuf + (li * B + b) * Tmax * N, colw.data(),
                       cols.data(), w.data());
       }
     });
