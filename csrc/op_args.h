@@ -75,13 +75,14 @@ struct KVLayout {
 constexpr KVLayout kCacheKV{"[B, Hkv, N, D]", "[B, Hkv, N, Dv]", "N (from k)"};
 constexpr KVLayout kDecodeKV{"[B, Hkv, S, D]", "[B, Hkv, S, Dv]", "S (from k)"};
 
-// k [B, Hkv, N, D] and v [B, Hkv, N, Dv] of one layer: same device, same B, Hkv, N (D may differ;
-// the dtypes are not compared here: the CPU ops move V rows of any dtype, CUDA asks for k's).
+// k [B, Hkv, N, D] and v [B, Hkv, N, Dv] of one layer: same device, same dtype, same B, Hkv, N
+// (the head dims may differ).
 inline void check_kv_pair(const at::Tensor& k, const at::Tensor& v, const char* op,
                           const char* kname, const char* vname, const KVLayout& lay = kCacheKV) {
   checks::check_dim(k, 4, op, kname, lay.k);
   checks::check_dim(v, 4, op, vname, lay.v);
   checks::check_same_device(v, k, op, vname, kname);
+  checks::check_same_dtype(v, k, op, vname, kname);
   checks::check_size(v, 0, k.size(0), op, vname, "B (from k)");
   checks::check_size(v, 1, k.size(1), op, vname, "Hkv (from k)");
   checks::check_size(v, 2, k.size(2), op, vname, lay.seq);
@@ -155,14 +156,16 @@ inline SelectArgs check_select_keep_args(const at::Tensor& scores, const at::Ten
   return SelectArgs{d, scores.size(0)};
 }
 
-// keep_idx [B, M]: M is not checked here (the CPU op accepts M != N, CUDA asks for M == N).
+// k, v [B, Hkv, N, D] float; keep_idx [B, N] int64, one entry per slot.
 inline void check_compact_args(const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& keep_idx, const char* op) {
   check_kv_pair(k, v, op, "k", "v");
+  checks::check_float_dtype(k, op, "k");
   checks::check_dim(keep_idx, 2, op, "keep_idx", "[B, N]");
   checks::check_dtype(keep_idx, at::kLong, op, "keep_idx");
   checks::check_same_device(keep_idx, k, op, "keep_idx", "k");
   checks::check_size(keep_idx, 0, k.size(0), op, "keep_idx", "B (from k)");
+  checks::check_size(keep_idx, 1, k.size(2), op, "keep_idx", "N (from k)");
 }
 
 // Returns the layer count L (from scores) and the budget mode.

@@ -30,10 +30,6 @@ at::Tensor compact_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tens
   check_cuda(v, op, "v");
   check_cuda(keep_idx, op, "keep_idx");
   op_args::check_compact_args(k, v, keep_idx, op);
-  // the kernel: float K, V of K's dtype, one keep_idx entry per slot
-  checks::check_float_dtype(k, op, "k");
-  checks::check_same_dtype(v, k, op, "v", "k");
-  checks::check_size(keep_idx, 1, k.size(2), op, "keep_idx", "N (from k)");
   const int64_t B = k.size(0), H = k.size(1), N = k.size(2);
   checks::check_slot_count(N, op);
   c10::cuda::CUDAGuard guard(k.device());

@@ -40,7 +40,6 @@ at::Tensor decode_evict_cuda(const at::Tensor& k, const at::Tensor& v, const at:
   const op_args::DecodeArgs a = op_args::check_decode_evict_args(
       k, v, pos, length, q, n_seen, keep_fraction, n_protected, scale, n_sink, op);
   const int64_t B = a.B, Hkv = a.Hkv, S = a.S, D = a.D, Hq = a.Hq;
-  checks::check_same_dtype(v, k, op, "v", "k");  // the kernel moves V rows as K's dtype
   check_batch(B, op);
   // q lives in shared memory as fp32 next to one key row per warp.
   const size_t smem1 = size_t(Hq + decode::kWarps) * size_t(D) * sizeof(float);

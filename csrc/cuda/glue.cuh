@@ -60,13 +60,12 @@ inline void check_head_dim(const at::Tensor& k, const char* op) {
 }
 
 // What one launch over all layers of k_cache / v_cache needs beyond op_args::check_cache_lists
-// (already passed): V of K's dtype, and every layer of layer 0's dtype and head shapes.
+// (already passed, V of K's dtype included): every layer of layer 0's dtype and head shapes.
 inline void check_cache_lists_uniform(at::TensorList k_cache, at::TensorList v_cache,
                                       const char* op) {
   for (size_t l = 0; l < k_cache.size(); ++l) {
     const at::Tensor& k = k_cache[l];
     const at::Tensor& v = v_cache[l];
-    checks::check_same_dtype(v, k, op, "v_cache[l]", "k_cache[l]");
     if (l > 0) {
       checks::check_same_dtype(k, k_cache[0], op, "k_cache[l]", "k_cache[0]");
       checks::check_size(k, 1, k_cache[0].size(1), op, "k_cache[l]", "Hkv (from k_cache[0])");
