@@ -315,54 +315,52 @@ def test_decode_steps_match_masked_full_cache(name):
     full = DynamicCache(config=m.config)
     with torch.no_grad():
         m(**inp, past_key_values=full, use_cache=True)
-    h = hf.patch(m, TGVKV(keep_ratio=0.3))
     cfgs = {id(c): c for c in [m.config.get_text_config()] +
             [mod.config for mod in m.modules() if hasattr(mod, "layer_idx") and hasattr(mod, "scaling")]}
+    # the tgvkv steps run patched; the oracle runs unpatched (a patched model refuses a DynamicCache)
+    h = hf.patch(m, TGVKV(keep_ratio=0.3))
     try:
         cache = h.new_cache()
         with torch.no_grad():
             out = m(**inp, past_key_values=cache, use_cache=True)
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        evicted_during_decode = False
-        for step in range(8):
-            live = [[cache.kept_positions(l, b) for b in range(B)] for l in range(len(cache.layers))]
-            kw = dict(input_ids=tok, use_cache=True)
-            if "mm_token_type_ids" in inp:
-                kw["mm_token_type_ids"] = torch.zeros(B, 1, dtype=torch.int32)
-            with torch.no_grad():
-                got = m(**kw, past_key_values=cache).logits[:, -1]
-            S = N + step
-            for l in range(len(live)):
-                mask = torch.zeros(B, 1, 1, S + 1, dtype=torch.bool)
-                for b in range(B):
-                    mask[b, 0, 0, live[l][b]] = True
-                    mask[b, 0, 0, S] = True
-                _MASKS[l] = mask
-            old = [(c, c._attn_implementation) for c in cfgs.values()]
-            try:
-                for c, _ in old:
-                    c._attn_implementation = "tgvkv_test_masked"
-                with torch.no_grad(), pytest.warns(UserWarning) if step == 0 else _nullctx():
-                    want = m(**kw, past_key_values=full).logits[:, -1]
-            finally:
-                for c, impl in old:
-                    c._attn_implementation = impl
-            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (step, (got - want).abs().max())
-            after = [[cache.kept_positions(l, b) for b in range(B)] for l in range(len(live))]
-            evicted_during_decode |= any(len(after[l][b]) <= len(live[l][b])
-                                         for l in range(len(live)) for b in range(B))
-            tok = got.argmax(-1, keepdim=True)
-        assert evicted_during_decode
     finally:
         h.remove()
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    evicted_during_decode = False
+    for step in range(8):
+        live = [[cache.kept_positions(l, b) for b in range(B)] for l in range(len(cache.layers))]
+        kw = dict(input_ids=tok, use_cache=True)
+        if "mm_token_type_ids" in inp:
+            kw["mm_token_type_ids"] = torch.zeros(B, 1, dtype=torch.int32)
+        h = hf.patch(m, TGVKV(keep_ratio=0.3))
+        try:
+            h.runtime.policy = cache.policy  # the cache carries the policy it was made with
+            with torch.no_grad():
+                got = m(**kw, past_key_values=cache).logits[:, -1]
+        finally:
+            h.remove()
+        S = N + step
+        for l in range(len(live)):
+            mask = torch.zeros(B, 1, 1, S + 1, dtype=torch.bool)
+            for b in range(B):
+                mask[b, 0, 0, live[l][b]] = True
+                mask[b, 0, 0, S] = True
+            _MASKS[l] = mask
+        old = [(c, c._attn_implementation) for c in cfgs.values()]
+        try:
+            for c, _ in old:
+                c._attn_implementation = "tgvkv_test_masked"
+            with torch.no_grad():
+                want = m(**kw, past_key_values=full).logits[:, -1]
+        finally:
+            for c, impl in old:
+                c._attn_implementation = impl
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (step, (got - want).abs().max())
+        after = [[cache.kept_positions(l, b) for b in range(B)] for l in range(len(live))]
+        evicted_during_decode |= any(len(after[l][b]) <= len(live[l][b])
+                                     for l in range(len(live)) for b in range(B))
+        tok = got.argmax(-1, keepdim=True)
+    assert evicted_during_decode
 
 
 @pytest.mark.parametrize("name,prompt", [
