@@ -168,6 +168,24 @@ TGVKV_HD inline double budget_weight(const float* stats, int64_t l, int64_t stri
   return dmul(S, static_cast<double>(stats[l * stride_l + stride_c]));
 }
 
+// One layer's keep count and keep fraction from its forget ratio r (reference.layer_budgets):
+// forget = max(0, round_half_even(r * N)), at most the candidates. Returns 1 if r * N is not finite.
+TGVKV_HD inline int emit_layer_keep(double r, double Nd, int64_t n_cand, int64_t n_real,
+                                    int64_t* keep, double* frac) {
+  const double rn = dmul(r, Nd);
+  int64_t forget = 0;
+  int status = 0;
+  if (!is_finite(rn)) {
+    status = 1;
+  } else {
+    const double f = round_half_even(rn);
+    forget = f > 0.0 ? (f >= static_cast<double>(n_cand) ? n_cand : static_cast<int64_t>(f)) : 0;
+  }
+  *keep = n_real - forget;
+  *frac = dsub(1.0, r);
+  return status;
+}
+
 TGVKV_HD inline int sample_layer_budgets(int64_t L, const float* stats, int64_t stride_l,
                                          int64_t stride_c, int64_t n_real, int64_t n_sink,
                                          bool evicts, double keep_ratio, int mode,
@@ -234,33 +252,15 @@ TGVKV_HD inline int sample_layer_budgets(int64_t L, const float* stats, int64_t 
       }
     }
     for (int64_t l = 0; l < L; ++l) {
-      const double r = dsub(1.0, ddiv(target[l], Nd));
-      const double rn = dmul(r, Nd);
-      int64_t forget = 0;
-      if (!is_finite(rn)) {
-        status = 1;
-      } else {
-        const double f = round_half_even(rn);
-        forget = f > 0.0 ? (f >= static_cast<double>(n_cand) ? n_cand : static_cast<int64_t>(f)) : 0;
-      }
-      keep[l * keep_stride] = n_real - forget;
-      frac[l * frac_stride] = dsub(1.0, r);
+      status |= emit_layer_keep(dsub(1.0, ddiv(target[l], Nd)), Nd, n_cand, n_real,
+                                keep + l * keep_stride, frac + l * frac_stride);
     }
     return status;
   }
 
   for (int64_t l = 0; l < L; ++l) {
-    const double r = dsub(1.0, dmul(LK, pi(l)));
-    const double rn = dmul(r, Nd);
-    int64_t forget = 0;
-    if (!is_finite(rn)) {
-      status = 1;
-    } else {
-      const double f = round_half_even(rn);
-      forget = f > 0.0 ? (f >= static_cast<double>(n_cand) ? n_cand : static_cast<int64_t>(f)) : 0;
-    }
-    keep[l * keep_stride] = n_real - forget;
-    frac[l * frac_stride] = dsub(1.0, r);
+    status |= emit_layer_keep(dsub(1.0, dmul(LK, pi(l))), Nd, n_cand, n_real,
+                              keep + l * keep_stride, frac + l * frac_stride);
   }
   return status;
 }
