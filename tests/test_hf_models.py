@@ -120,6 +120,29 @@ def _masked_attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, _MASKS[module.layer_idx], **kwargs)
 
 
+def _masked_oracle_logits(m, full, kw, live, S):
+    """Last-position logits of the unpatched model on the full cache ``full``, each layer l and
+    sample b attending only to the positions ``live[l][b]`` and to the new token at slot ``S``."""
+    B = len(live[0])
+    for l in range(len(live)):
+        mask = torch.zeros(B, 1, 1, S + 1, dtype=torch.bool)
+        for b in range(B):
+            mask[b, 0, 0, live[l][b]] = True
+            mask[b, 0, 0, S] = True
+        _MASKS[l] = mask
+    cfgs = {id(c): c for c in [m.config.get_text_config()] +
+            [mod.config for mod in m.modules() if hasattr(mod, "layer_idx") and hasattr(mod, "scaling")]}
+    old = [(c, c._attn_implementation) for c in cfgs.values()]
+    try:
+        for c, _ in old:
+            c._attn_implementation = "tgvkv_test_masked"
+        with torch.no_grad():
+            return m(**kw, past_key_values=full).logits[:, -1]
+    finally:
+        for c, impl in old:
+            c._attn_implementation = impl
+
+
 @pytest.mark.parametrize("name", VLMS)
 def test_compacted_decode_matches_masked_full_cache(name):
     from transformers import AttentionInterface, DynamicCache
@@ -151,23 +174,8 @@ def test_compacted_decode_matches_masked_full_cache(name):
     with torch.no_grad():
         m(**pre, past_key_values=full, use_cache=True)
     L = len(cache.layers)
-    for l in range(L):
-        mask = torch.zeros(B, 1, 1, N + 1, dtype=torch.bool)
-        for b in range(B):
-            mask[b, 0, 0, [p for p in cache.kept_positions(l, b) if p < N]] = True
-            mask[b, 0, 0, N] = True
-        _MASKS[l] = mask
-    cfgs = {id(c): c for c in [m.config.get_text_config()] +
-            [mod.config for mod in m.modules() if hasattr(mod, "layer_idx") and hasattr(mod, "scaling")]}
-    old = [(c, c._attn_implementation) for c in cfgs.values()]
-    try:
-        for c, _ in old:
-            c._attn_implementation = "tgvkv_test_masked"
-        with torch.no_grad():
-            want = m(**step, past_key_values=full).logits[:, -1]
-    finally:
-        for c, impl in old:
-            c._attn_implementation = impl
+    live = [[[p for p in cache.kept_positions(l, b) if p < N] for b in range(B)] for l in range(L)]
+    want = _masked_oracle_logits(m, full, step, live, N)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
     # and the eviction really removed something
     assert int(cache.result[1].sum()) < L * int(inp["attention_mask"].sum())
@@ -315,8 +323,6 @@ def test_decode_steps_match_masked_full_cache(name):
     full = DynamicCache(config=m.config)
     with torch.no_grad():
         m(**inp, past_key_values=full, use_cache=True)
-    cfgs = {id(c): c for c in [m.config.get_text_config()] +
-            [mod.config for mod in m.modules() if hasattr(mod, "layer_idx") and hasattr(mod, "scaling")]}
     # the tgvkv steps run patched; the oracle runs unpatched (a patched model refuses a DynamicCache)
     h = hf.patch(m, TGVKV(keep_ratio=0.3))
     try:
@@ -339,22 +345,7 @@ def test_decode_steps_match_masked_full_cache(name):
                 got = m(**kw, past_key_values=cache).logits[:, -1]
         finally:
             h.remove()
-        S = N + step
-        for l in range(len(live)):
-            mask = torch.zeros(B, 1, 1, S + 1, dtype=torch.bool)
-            for b in range(B):
-                mask[b, 0, 0, live[l][b]] = True
-                mask[b, 0, 0, S] = True
-            _MASKS[l] = mask
-        old = [(c, c._attn_implementation) for c in cfgs.values()]
-        try:
-            for c, _ in old:
-                c._attn_implementation = "tgvkv_test_masked"
-            with torch.no_grad():
-                want = m(**kw, past_key_values=full).logits[:, -1]
-        finally:
-            for c, impl in old:
-                c._attn_implementation = impl
+        want = _masked_oracle_logits(m, full, kw, live, N + step)
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (step, (got - want).abs().max())
         after = [[cache.kept_positions(l, b) for b in range(B)] for l in range(len(live))]
         evicted_during_decode |= any(len(after[l][b]) <= len(live[l][b])
