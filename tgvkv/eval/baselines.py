@@ -16,9 +16,10 @@ name               what it keeps
 ``streamingllm``   the ``n_sink`` attention sinks + the most recent slots; decode: the oldest
 ``h2o``            heavy hitters (attention column sums over *all* prompt queries) for half of
                    the budget + the most recent half; decode: the lowest accumulated attention
-``snapkv``         attention of the last ``window`` prompt queries, max-pooled over
-                   ``kernel`` neighbours; the window itself is always kept; uniform budgets;
-                   no decode-time eviction (SnapKV compresses the prompt only)
+``snapkv``         attention of the last ``window`` prompt queries, average-pooled over
+                   ``kernel`` neighbours within the slots before the window (as the SnapKV
+                   reference code and kvpress); the window itself is always kept; uniform
+                   budgets; no decode-time eviction (SnapKV compresses the prompt only)
 ``pyramidkv``      SnapKV's scores with pyramidal budgets (linearly decreasing with depth,
                    bottom layer ``beta``-fold... see :class:`PyramidKV`); no decode eviction
 =================  ========================================================================
@@ -232,13 +233,18 @@ def _make_classes():
     class SnapKV(_UniformMixin, Policy):
         """SnapKV (Li et al., 2024): votes of an observation window of the last prompt queries.
 
-        Score of a slot = head-averaged attention it gets from the last ``window`` prompt queries,
-        smoothed by a 1-D max-pool of width ``kernel``; the window is always kept (within budget).
+        Score of a slot before the window = head-averaged attention it gets from the last
+        ``window`` prompt queries, smoothed by a 1-D average pool of width ``kernel`` (zero-padded
+        at the ends) over the slots *before* the window only, as in the SnapKV reference code (its
+        default pooling) and kvpress: the window's own columns never leak into the pool. The
+        window is always kept (within budget).
         Budgets are uniform across layers; no eviction while decoding.
         """
 
         def __init__(self, keep_ratio=1.0, n_sink=4, window=8, kernel=5):
             super().__init__(keep_ratio=keep_ratio, n_sink=n_sink, decode_evict=False)
+            if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+                raise ValueError(f"kernel must be an odd int >= 1, got {kernel!r}")
             self.window, self.kernel = window, kernel
 
         def layer_scores(self, layer_idx, q, k, q_pos, modality, scale):
@@ -246,13 +252,14 @@ def _make_classes():
             s = torch.zeros(B, N, device=k.device)
             for b in range(B):  # the window is per sample (padding differs)
                 real = torch.nonzero(modality[b] != PAD).flatten().to(k.device)
-                rows = real[-self.window:]
-                A = _head_avg_attention(q[b:b + 1], k[b:b + 1], scale, rows, modality[b:b + 1])
-                col = A.sum(1)  # [1, N]
-                col = torch.nn.functional.max_pool1d(col[:, None], self.kernel, 1,
-                                                     self.kernel // 2)[:, 0]
-                col[0, rows] = 1e30  # observation window always kept
-                s[b] = col[0] * (modality[b].to(k.device) != PAD)
+                rows, prefix = real[-self.window:], real[:-self.window]
+                if prefix.numel():
+                    A = _head_avg_attention(q[b:b + 1], k[b:b + 1], scale, rows,
+                                            modality[b:b + 1])
+                    col = A.sum(1)[:, prefix]  # [1, P]: votes for the slots before the window
+                    s[b, prefix] = torch.nn.functional.avg_pool1d(
+                        col[:, None], self.kernel, 1, self.kernel // 2)[0, 0]
+                s[b, rows] = 1e30  # observation window always kept
             return s, torch.ones(B, 2, device=k.device)
 
     class PyramidKV(SnapKV):
@@ -261,7 +268,12 @@ def _make_classes():
         The total budget ``L * keep_ratio * N`` is split arithmetically across layers, largest at
         the bottom: layer ``l`` gets ``min + (max - min) * (L - 1 - l) / (L - 1)`` with
         ``min = total / (beta * L)`` (``beta = 20`` as in the paper) and ``max`` such that the sum
-        is the total; each layer keeps at least ``n_sink + 1`` and at most ``N``.
+        is the total. As in the reference code (and kvpress), ``max`` is capped at
+        ``N - window`` and ``min`` raised to keep the total (without the cap a bottom layer above
+        ``N`` was clipped and the total fell short of ``keep_ratio``); when even that cannot hold
+        the total (``max < min``) the budgets are uniform. Unlike the reference code and kvpress
+        there is no fallback to uniform budgets when ``min < window`` (short prompts). Each layer
+        keeps at least ``n_sink + 1`` and at most ``N``.
         """
 
         def __init__(self, keep_ratio=1.0, n_sink=4, window=8, kernel=5, beta=20.0):
@@ -278,11 +290,16 @@ def _make_classes():
             total = float(self.keep_ratio) * n_real.double() * L  # [B]
             kmin = total / (self.beta * L)
             kmax = 2 * total / L - kmin
+            cap = (n_real - self.window).double()
+            capped = kmax >= cap  # the reference code's cap: the bottom layer keeps <= N - window
+            kmax = torch.where(capped, cap, kmax)
+            kmin = torch.where(capped, 2 * total / L - cap, kmin)
+            pyramid = evicting & (kmax >= kmin)  # else the total cannot be held: stay uniform
             l = torch.arange(L, dtype=torch.float64, device=keep.device)[:, None]
             k_l = kmin[None] + (kmax - kmin)[None] * (L - 1 - l) / (L - 1)
             k_l = k_l.round().long().clamp(min=self.n_sink + 1)
             k_l = torch.minimum(k_l, n_real[None].expand_as(k_l))
-            keep = torch.where(evicting[None], k_l, keep)
+            keep = torch.where(pyramid[None], k_l, keep)
             return keep, frac
 
     return {"random": RandomPolicy, "streamingllm": StreamingLLM, "h2o": H2O,
