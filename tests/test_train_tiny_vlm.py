@@ -1,0 +1,87 @@
+"""scripts/train_tiny_vlm.py: the labels and extra questions it derives from the easy-VQA train split.
+
+The committed tiny VLM is trained on them, so a wrong label here is a wrong training signal: every
+derived label must agree with every question/answer pair of the split that mentions the image.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+easy_vqa = pytest.importorskip("easy_vqa")
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                      "train_tiny_vlm.py")
+
+@pytest.fixture(scope="module")
+def T():
+    if not os.path.exists(SCRIPT):
+        pytest.skip(f"{SCRIPT} not in this checkout")
+    spec = importlib.util.spec_from_file_location("train_tiny_vlm", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+@pytest.fixture(scope="module")
+def train(T):
+    qs, ans, ids = easy_vqa.get_train_questions()
+    colours = [a for a in easy_vqa.get_answers() if a not in T.SHAPES + ("yes", "no")]
+    shape, colour = T.image_labels(qs, ans, ids, max(ids) + 1, colours)
+    return qs, ans, ids, colours, shape, colour
+
+def _answer_from_labels(T, q, shape, colour, colours):
+    """The answer a question must have given the image's labels (None: not derivable)."""
+    words = q.replace("?", " ").split()
+    named = [w for w in words if w in colours or w in T.SHAPES]
+    if len(named) != 1 or shape < 0 or colour < 0:
+        return None
+    truth = colours[colour] if named[0] in colours else T.SHAPES[shape]
+    if q.startswith("what"):
+        return None
+    return "yes" if (named[0] == truth) != T.yes_no_group(q)[1] else "no"
+
+def test_image_labels_agree_with_every_train_question(T, train):
+    qs, ans, ids, colours, shape, colour = train
+    assert len(colours) == 8
+    assert (shape >= 0).float().mean() > 0.9 and (colour >= 0).float().mean() > 0.85
+    checked = 0
+    for q, a, i in zip(qs, ans, ids):
+        s, c = int(shape[i]), int(colour[i])
+        if a in T.SHAPES:
+            assert s == T.SHAPES.index(a), (q, a, i)
+        elif a in colours:
+            assert c == colours.index(a), (q, a, i)
+        else:
+            want = _answer_from_labels(T, q, s, c, colours)
+            if want is not None:
+                assert want == a, (q, a, i, s, c)
+                checked += 1
+    n_yes_no = sum(a in ("yes", "no") for a in ans)
+    assert checked > 0.8 * n_yes_no  # most yes/no questions are checked, not skipped
+
+def test_synthetic_questions_follow_the_labels(T, train):
+    qs, ans, ids, colours, shape, colour = train
+    sq, sa, si = T.synthetic_yes_no(qs, ans, shape, colour, colours,
+                                    torch.Generator().manual_seed(0), extra_true=2)
+    known = int(((shape >= 0) & (colour >= 0)).sum())
+    assert len(sq) == known * (8 + 3 + 2 * 2)
+    real = set(qs)
+    assert set(sq) <= real | set(easy_vqa.get_test_questions()[0])  # only the split's own phrasings
+    for q, a, i in zip(sq, sa, si):
+        assert _answer_from_labels(T, q, int(shape[i]), int(colour[i]), colours) == a, (q, a, i)
+    assert 0.3 < sa.count("yes") / len(sa) < 0.7
+    # deterministic for a fixed generator
+    assert T.synthetic_yes_no(qs, ans, shape, colour, colours, torch.Generator().manual_seed(0),
+                              extra_true=2)[0] == sq
+
+def test_repeats(T):
+    qs = ["is there a red shape?", "is there a red shape?", "is there a red shape?",
+          "what color is the shape?", "is there not a circle?"]
+    ans = ["no", "no", "yes", "red", "yes"]
+    assert T.repeats(qs, ans, 3, False) == [1, 1, 1, 3, 1]
+    assert T.repeats(qs, ans, 3, True) == [1, 1, 2, 3, 1]
+    assert T.yes_no_group("is there not a circle?") == ("shape", True)
+    assert T.yes_no_group("is no red shape present?") == ("colour", True)
+    assert T.yes_no_group("does the image contain a teal shape?") == ("colour", False)
