@@ -22,11 +22,6 @@ from tgvkv.eval import baselines
 PAD, TEXT, VISION = 0, 1, 2
 
 
-def _cls(name):
-    baselines.make_policy(name, 0.5)
-    return baselines._CLASSES[name]
-
-
 def _ref_snapkv(q, k, window, kernel, scale):
     """One unpadded sample: q [Hq, n, D], k [Hkv, n, D] -> prefix scores [n - window]."""
     Hq, n, _ = q.shape
@@ -49,7 +44,7 @@ def test_snapkv_scores_match_reference():
     mod = torch.full((B, N), TEXT, dtype=torch.int8)
     mod[:, 5:20] = VISION
     mod[1, :7] = PAD  # left padding: the window and the pool follow the real slots
-    policy = _cls("snapkv")(keep_ratio=0.5, window=W, kernel=K)
+    policy = baselines.policy_class("snapkv")(keep_ratio=0.5, window=W, kernel=K)
     s, _ = policy.layer_scores(0, q, k, reference.guidance_positions(mod), mod, 0.3)
     for b in range(B):
         real = torch.nonzero(mod[b] != PAD).flatten()
@@ -61,7 +56,7 @@ def test_snapkv_scores_match_reference():
 
 def test_snapkv_rejects_an_even_kernel():
     with pytest.raises(ValueError, match="kernel"):
-        _cls("snapkv")(keep_ratio=0.5, kernel=4)
+        baselines.policy_class("snapkv")(keep_ratio=0.5, kernel=4)
 
 
 def _ref_pyramid(n, keep_ratio, window, beta, L):
@@ -86,7 +81,8 @@ def test_pyramidkv_budgets_match_reference(n, keep_ratio, beta, L):
     window = 8
     mod = torch.full((1, n), TEXT, dtype=torch.int8)
     mod[0, 3:n // 2] = VISION
-    policy = _cls("pyramidkv")(keep_ratio=keep_ratio, n_sink=0, window=window, beta=float(beta))
+    policy = baselines.policy_class("pyramidkv")(keep_ratio=keep_ratio, n_sink=0, window=window,
+                                                 beta=float(beta))
     keep, _ = policy.budgets(torch.ones(L, 1, 2), reference.guidance_positions(mod), mod)
     ref = _ref_pyramid(n, keep_ratio, window, beta, L)
     assert ref is not None  # the cases are chosen where the reference keeps a pyramid
@@ -99,7 +95,7 @@ def test_pyramidkv_keeps_the_total_at_high_keep_ratios(keep_ratio):
     n, L = 75, 4  # the harness's tiny LLaVA prompt length
     mod = torch.full((1, n), TEXT, dtype=torch.int8)
     mod[0, 5:69] = VISION
-    policy = _cls("pyramidkv")(keep_ratio=keep_ratio)
+    policy = baselines.policy_class("pyramidkv")(keep_ratio=keep_ratio)
     keep, _ = policy.budgets(torch.ones(L, 1, 2), reference.guidance_positions(mod), mod)
     k = keep[:, 0].tolist()
     assert k == sorted(k, reverse=True) and max(k) <= n

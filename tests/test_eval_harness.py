@@ -9,7 +9,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tgvkv.eval import (POLICIES, default_model_path, format_table, load_dataset, load_model,
-                        make_policy, run)
+                        make_policy, policy_class, run)
 from tgvkv.eval.baselines import _evict_one_
 
 PIL = pytest.importorskip("PIL.Image")
@@ -125,6 +125,9 @@ def test_make_policy_names():
         assert float(p.keep_ratio) == 0.2
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("nope", 0.5)
+    assert isinstance(make_policy("snapkv", 0.2), policy_class("snapkv"))
+    with pytest.raises(ValueError, match="unknown baseline"):
+        policy_class("tgvkv")  # not a baseline class: make_policy("tgvkv") is TGVKV
     with pytest.raises(ValueError):
         make_policy("h2o", 0.0)
 

@@ -71,16 +71,11 @@ ALL_ATTENTION_FUNCTIONS._local_mapping.update(_saved_attention)
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import tgvkv  # noqa: E402
-from tgvkv.eval import baselines  # noqa: E402
+from tgvkv.eval.baselines import policy_class  # noqa: E402
 
 IMG = 3  # "image" placeholder id of the tiny Llama
 N = 64  # prompt length
 WINDOW, KERNEL = 8, 5
-
-
-def _cls(name):
-    baselines.make_policy(name, 0.5)  # builds the classes
-    return baselines._CLASSES[name]
 
 
 def _model(n_kv_heads, attn="sdpa", n_layers=4, seed=0):
@@ -171,7 +166,7 @@ def test_streamingllm_same_positions(keep_ratio):
     model, ids = _model(n_kv_heads=2), _prompt()
     kv, _ = _kvpress_run(model, kvpress.StreamingLLMPress(compression_ratio=1 - keep_ratio,
                                                           n_sink=4), ids)
-    ours, _ = _ours_run(model, _cls("streamingllm")(keep_ratio=keep_ratio, n_sink=4), ids)
+    ours, _ = _ours_run(model, policy_class("streamingllm")(keep_ratio=keep_ratio, n_sink=4), ids)
     assert len(ours[0][0]) == int(N * keep_ratio)
     _assert_same(kv, ours)
 
@@ -182,8 +177,8 @@ def test_snapkv_same_positions_one_kv_head(attn, keep_ratio):
     model, ids = _model(n_kv_heads=1, attn=attn), _prompt()
     kv, _ = _kvpress_run(model, kvpress.SnapKVPress(compression_ratio=1 - keep_ratio,
                                                     window_size=WINDOW, kernel_size=KERNEL), ids)
-    ours, _ = _ours_run(model, _cls("snapkv")(keep_ratio=keep_ratio, n_sink=0, window=WINDOW,
-                                              kernel=KERNEL), ids)
+    policy = policy_class("snapkv")(keep_ratio=keep_ratio, n_sink=0, window=WINDOW, kernel=KERNEL)
+    ours, _ = _ours_run(model, policy, ids)
     _assert_same(kv, ours)
 
 
@@ -194,8 +189,8 @@ def test_snapkv_gqa_ours_is_kvpress_averaged_over_kv_heads():
     model, ids = _model(n_kv_heads=2), _prompt()
     kv, kv_scores = _kvpress_run(model, kvpress.SnapKVPress(
         compression_ratio=0.5, window_size=WINDOW, kernel_size=KERNEL), ids)
-    ours, our_scores = _ours_run(model, _cls("snapkv")(keep_ratio=0.5, n_sink=0, window=WINDOW,
-                                                       kernel=KERNEL), ids)
+    policy = policy_class("snapkv")(keep_ratio=0.5, n_sink=0, window=WINDOW, kernel=KERNEL)
+    ours, our_scores = _ours_run(model, policy, ids)
     heads_differ = False
     for l in range(len(kv)):
         avg = kv_scores[l].mean(1)  # [B, N]
@@ -213,8 +208,9 @@ def test_pyramidkv_same_budgets_and_positions_one_kv_head(beta):
     model, ids = _model(n_kv_heads=1), _prompt()
     kv, _ = _kvpress_run(model, kvpress.PyramidKVPress(compression_ratio=0.5, window_size=WINDOW,
                                                        kernel_size=KERNEL, beta=beta), ids)
-    ours, _ = _ours_run(model, _cls("pyramidkv")(keep_ratio=0.5, n_sink=0, window=WINDOW,
-                                                 kernel=KERNEL, beta=float(beta)), ids)
+    policy = policy_class("pyramidkv")(keep_ratio=0.5, n_sink=0, window=WINDOW, kernel=KERNEL,
+                                       beta=float(beta))
+    ours, _ = _ours_run(model, policy, ids)
     sizes = [len(x[0]) for x in ours]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]  # really a pyramid
     _assert_same(kv, ours)
@@ -225,7 +221,7 @@ def test_h2o_scores_are_observed_attention_without_normalisation():
     averaged over heads; ours (H2O) = the raw column sums averaged over heads."""
     model, ids = _model(n_kv_heads=2, attn="eager"), _prompt()
     _, kv_scores = _kvpress_run(model, kvpress.ObservedAttentionPress(compression_ratio=0.5), ids)
-    _, our_scores = _ours_run(model, _cls("h2o")(keep_ratio=0.5, n_sink=0), ids)
+    _, our_scores = _ours_run(model, policy_class("h2o")(keep_ratio=0.5, n_sink=0), ids)
     n_queries = torch.arange(N, 0, -1, dtype=torch.float32)
     for l in range(model.config.num_hidden_layers):
         torch.testing.assert_close(our_scores[l] / n_queries, kv_scores[l].mean(1),
@@ -240,7 +236,7 @@ def test_budget_rounding_differs_by_one():
     model, ids = _model(n_kv_heads=1), _prompt()
     kv, _ = _kvpress_run(model, kvpress.StreamingLLMPress(compression_ratio=1 - keep_ratio,
                                                           n_sink=4), ids)
-    ours, _ = _ours_run(model, _cls("streamingllm")(keep_ratio=keep_ratio, n_sink=4), ids)
+    ours, _ = _ours_run(model, policy_class("streamingllm")(keep_ratio=keep_ratio, n_sink=4), ids)
     for kv_l, ours_l in zip(kv, ours):
         for kv_b, ours_b in zip(kv_l, ours_l):
             assert (len(kv_b[0]), len(ours_b)) == (25, 26)
@@ -253,8 +249,9 @@ def test_pyramidkv_short_prompt_fallback_only_in_kvpress():
     kv, _ = _kvpress_run(model, kvpress.PyramidKVPress(compression_ratio=1 - keep_ratio,
                                                        window_size=WINDOW, kernel_size=KERNEL),
                          ids)
-    ours, _ = _ours_run(model, _cls("pyramidkv")(keep_ratio=keep_ratio, n_sink=0, window=WINDOW,
-                                                 kernel=KERNEL), ids)
+    policy = policy_class("pyramidkv")(keep_ratio=keep_ratio, n_sink=0, window=WINDOW,
+                                       kernel=KERNEL)
+    ours, _ = _ours_run(model, policy, ids)
     kv_sizes = [len(x[0][0]) for x in kv]
     our_sizes = [len(x[0]) for x in ours]
     assert kv_sizes == [int(N * keep_ratio)] * len(kv)

@@ -6,12 +6,13 @@ ratios; ``tgvkv.eval.format_table(result)`` renders the result. The built-in dat
 the ``easy-vqa`` package (a dependency of tgvkv, offline).
 """
 
-from .baselines import POLICIES, make_policy
+from .baselines import POLICIES, make_policy, policy_class
 from .datasets import load_dataset
 from .harness import (DEFAULT_KEEP_RATIOS, DEFAULT_POLICIES, default_model_path, format_table,
                       load_model, run)
 from .metrics import anls, exact_match, extract_answer, normalize_answer, relaxed_accuracy, vqa_accuracy
 
 __all__ = ["run", "format_table", "load_model", "default_model_path", "load_dataset",
-           "make_policy", "POLICIES", "DEFAULT_POLICIES", "DEFAULT_KEEP_RATIOS", "exact_match",
-           "vqa_accuracy", "anls", "relaxed_accuracy", "extract_answer", "normalize_answer"]
+           "make_policy", "policy_class", "POLICIES", "DEFAULT_POLICIES", "DEFAULT_KEEP_RATIOS",
+           "exact_match", "vqa_accuracy", "anls", "relaxed_accuracy", "extract_answer",
+           "normalize_answer"]

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["POLICIES", "make_policy", "policy_names"]
+__all__ = ["POLICIES", "make_policy", "policy_class", "policy_names"]
 
 PAD, TEXT, VISION = 0, 1, 2
 
@@ -316,9 +316,20 @@ def policy_names():
     return list(POLICIES)
 
 
+def policy_class(name: str):
+    """The :class:`tgvkv.Policy` subclass of a baseline (``random``, ``streamingllm``, ``h2o``,
+    ``snapkv``, ``pyramidkv``), for settings other than :func:`make_policy`'s defaults
+    (``window``, ``kernel``, ``beta``, ``n_sink``, ...)."""
+    global _CLASSES
+    if _CLASSES is None:
+        _CLASSES = _make_classes()
+    if name not in _CLASSES:
+        raise ValueError(f"unknown baseline {name!r}; one of {', '.join(_CLASSES)}")
+    return _CLASSES[name]
+
+
 def make_policy(name: str, keep_ratio: float):
     """The policy object of ``name`` at ``keep_ratio``; ``None`` for ``"full"`` (no patching)."""
-    global _CLASSES
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; one of {', '.join(POLICIES)}")
     if name == "full":
@@ -329,6 +340,4 @@ def make_policy(name: str, keep_ratio: float):
                     "tgvkv-no-twr": {"text_weighting": False},
                     "tgvkv-no-tpr": {"text_priority": False}}[name]
         return tg.TGVKV(keep_ratio=keep_ratio, **switches)
-    if _CLASSES is None:
-        _CLASSES = _make_classes()
-    return _CLASSES[name](keep_ratio=keep_ratio)
+    return policy_class(name)(keep_ratio=keep_ratio)
