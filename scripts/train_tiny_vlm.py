@@ -208,14 +208,12 @@ def image_labels(questions, answers, image_ids, n_images, colours):
             shape[i] = SHAPES.index(a)
         elif a in colours:
             colour[i] = colours.index(a)
-        else:  # yes / no
-            negated = "not" in words or "no" in words
-            if (a == "yes") != negated:  # the statement holds
-                for w in words:
-                    if w in SHAPES:
-                        shape[i] = SHAPES.index(w)
-                    elif w in colours:
-                        colour[i] = colours.index(w)
+        elif (a == "yes") != yes_no_group(q)[1]:  # a yes/no question whose statement holds
+            for w in words:
+                if w in SHAPES:
+                    shape[i] = SHAPES.index(w)
+                elif w in colours:
+                    colour[i] = colours.index(w)
         if a not in ("yes", "no") and "color" in words:
             for w in words:  # "what color is the triangle?"
                 if w in SHAPES:
@@ -335,8 +333,9 @@ def batches(phases, batch_size, gen):
 def synthetic_yes_no(questions, answers, shape, colour, colours, gen, extra_true=0):
     """Extra yes/no questions about the train images: for every image whose shape and colour are
     known (:func:`image_labels`), one question per colour and per shape word, plus ``extra_true``
-    more about its own colour and its own shape, each in a random yes/no template of the split ("is there not a {colour} shape?", "does the image contain a
-    {shape}?", ...), answered from the labels. Returns (questions, answers, image_ids).
+    more about its own colour and its own shape, each in a random yes/no template of the split
+    ("is there not a {colour} shape?", "does the image contain a {shape}?", ...), answered from
+    the labels. Returns (questions, answers, image_ids).
 
     The split asks each image only 2-3 colour questions, so a small language model can memorise
     the answer per image instead of learning to compare the asked colour with the one it sees.
@@ -449,6 +448,8 @@ def main():
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--bench-steps", type=int, default=0, help="only time this many steps")
     args = ap.parse_args()
+    if args.synthetic_yes_no and not args.vision_epochs:
+        ap.error("--synthetic-yes-no 1 needs the stage-1 image labels (--vision-epochs > 0)")
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -496,7 +497,6 @@ def main():
                 torch.cat([patch_features(model, pix[s:s + 250].flip(d) if d else pix[s:s + 250])
                            for s in range(0, len(pix), 250)]) for d in variants])
     if args.synthetic_yes_no:
-        assert args.vision_epochs, "--synthetic-yes-no needs the stage-1 image labels"
         sq, sa, si = synthetic_yes_no(qs, ans, shape, colour, colours,
                                       torch.Generator().manual_seed(args.seed + 2),
                                       args.synthetic_true)
