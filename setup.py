@@ -84,7 +84,7 @@ def _extension():
         ("TGVKV_TORCH_VERSION", '"%s"' % torch.__version__),
         ("TGVKV_CUDA_ARCHS", '"%s"' % archs_str),
     ]
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden"]
+    cxx = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden"]
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     if with_cuda:
         macros.append(("TGVKV_WITH_CUDA", "1"))
@@ -107,7 +107,8 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["tgvkv", "tgvkv.*"]),
+    package_dir={"": "src"},
+    packages=find_packages("src", include=["tgvkv", "tgvkv.*"]),
     include_package_data=True,
     package_data={"tgvkv": ["data/**/*", "data/*"]},
     ext_modules=[_extension()],

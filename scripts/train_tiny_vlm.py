@@ -3,7 +3,7 @@
 
 The result is a standard Hugging Face ``LlavaForConditionalGeneration`` (a tiny CLIP vision tower,
 a GELU projector and a Llama language model with GQA) saved with its word-level tokenizer and a
-``LlavaProcessor`` to ``tgvkv/data/tiny-llava-easyvqa/``, so that
+``LlavaProcessor`` to ``src/tgvkv/data/tiny-llava-easyvqa/``, so that
 ``AutoProcessor.from_pretrained(path)`` / ``LlavaForConditionalGeneration.from_pretrained(path)``
 work offline.
 
@@ -40,7 +40,7 @@ Reproducible: fixed seeds, CPU, deterministic algorithms, ``--threads`` intra-op
 ``--max-minutes`` safety stop cuts the schedule short if it triggers: it is reported).
 The committed model was made with the defaults (see ``training_info.json`` beside the weights)::
 
-    python scripts/train_tiny_vlm.py --out tgvkv/data/tiny-llava-easyvqa
+    python scripts/train_tiny_vlm.py --out src/tgvkv/data/tiny-llava-easyvqa
 
 Result: 97.2 % on the 9,673 easy-VQA test questions (shape 97.9 %, colour 100 %, yes/no 96.6 %),
 56.7 % with blank images (the yes/no prior); 0.93 M parameters; 14.1 min in all on the 2 threads of
@@ -416,7 +416,7 @@ def evaluate(model, tokenizer, pix, qs, ans, ids_, answers_vocab, limit=None, bl
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tgvkv", "data", "tiny-llava-easyvqa"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "src", "tgvkv", "data", "tiny-llava-easyvqa"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=float, default=2.2)

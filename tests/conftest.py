@@ -1,9 +1,9 @@
 """Shared fixtures and helpers of the tgvkv test suite.
 
 - Sets ``HF_HUB_OFFLINE=1`` (no hub access exists on the test machines).
-- Makes sure the *installed* tgvkv (with its compiled ``_C``) is imported when pytest is started
-  from a source checkout whose in-tree ``tgvkv/`` has no compiled extension (a non-editable
-  ``pip install .`` followed by ``python -m pytest tests`` from the repository root).
+- The package lives in ``src/tgvkv`` (src layout), so ``python -m pytest tests`` from the
+  repository root imports the *installed* tgvkv with its compiled ``_C``, in this process and in
+  every subprocess a test starts; nothing here touches ``sys.path``.
 - ``DEVICES``: the device grid ("cpu", plus "cuda" skipped with a reason when unavailable).
 - Generators of realistic batches (text / several images / guidance text, left or right padding)
   and comparison helpers shared by the ``test_ops_*`` files.
@@ -11,33 +11,11 @@
 
 from __future__ import annotations
 
-import importlib.machinery
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-_REPO = Path(__file__).resolve().parent.parent
-
-
-def _avoid_in_tree_shadowing() -> None:
-    """Drop the checkout from sys.path if its tgvkv/ lacks _C but an installed tgvkv has it."""
-    if "tgvkv" in sys.modules:
-        return
-    intree = _REPO / "tgvkv"
-    if not intree.is_dir() or any(intree.glob("_C*.so")) or any(intree.glob("_C*.pyd")):
-        return
-    others = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _REPO]
-    spec = importlib.machinery.PathFinder.find_spec("tgvkv", others)
-    locs = list(spec.submodule_search_locations or []) if spec is not None else []
-    if any(any(Path(loc).glob("_C*")) for loc in locs):
-        sys.path[:] = others
-
-
-_avoid_in_tree_shadowing()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
