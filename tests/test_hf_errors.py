@@ -137,7 +137,7 @@ def test_inputs_embeds_only_is_a_clear_error(llava):
     emb = llava.get_input_embeddings()(inp["input_ids"])
     with hf.apply(llava, TGVKV(keep_ratio=0.2)) as h:
         with pytest.raises(ValueError, match="input_ids"):
-            llava(inputs_embeds=emb, past_key_values=h.new_cache(), use_cache=True)
+            llava(inputs_embeds=emb, **hf.cache_kwargs(llava, h.new_cache()), use_cache=True)
 
 
 def test_custom_policy_plugs_in(llava):
@@ -161,7 +161,7 @@ def test_cache_outside_patched_model_is_a_clear_error(llava):
     with hf.apply(llava, TGVKV(keep_ratio=0.2)) as h:
         cache = h.new_cache()
     with pytest.raises(RuntimeError, match="patched"):
-        llava(**inp, past_key_values=cache, use_cache=True)
+        llava(**inp, **hf.cache_kwargs(llava, cache), use_cache=True)
 
 
 def test_foreign_cache_in_patched_model_is_a_clear_error(llava):
@@ -171,6 +171,6 @@ def test_foreign_cache_in_patched_model_is_a_clear_error(llava):
     inp = tiny.make_inputs(llava, [[4, "image", 6]])
     with hf.apply(llava, TGVKV(keep_ratio=0.2)):
         with pytest.raises(TypeError, match="not a TGVKVCache"):
-            llava(**inp, past_key_values=DynamicCache(config=llava.config), use_cache=True)
+            llava(**inp, **hf.cache_kwargs(llava, DynamicCache(config=llava.config)), use_cache=True)
     with torch.no_grad():  # unpatched again: a DynamicCache is fine
-        llava(**inp, past_key_values=DynamicCache(config=llava.config), use_cache=True)
+        llava(**inp, **hf.cache_kwargs(llava, DynamicCache(config=llava.config)), use_cache=True)

@@ -62,7 +62,7 @@ def _prefill(m, inp, policy):
     try:
         cache = h.new_cache()
         with torch.no_grad():
-            out = m(**inp, past_key_values=cache, use_cache=True)
+            out = m(**inp, **hf.cache_kwargs(m, cache), use_cache=True)
     finally:
         h.remove()
     return cache, out
@@ -137,7 +137,7 @@ def _masked_oracle_logits(m, full, kw, live, S):
         for c, _ in old:
             c._attn_implementation = "tgvkv_test_masked"
         with torch.no_grad():
-            return m(**kw, past_key_values=full).logits[:, -1]
+            return m(**kw, **hf.cache_kwargs(m, full)).logits[:, -1]
     finally:
         for c, impl in old:
             c._attn_implementation = impl
@@ -165,14 +165,14 @@ def test_compacted_decode_matches_masked_full_cache(name):
         # the same cache object carries the policy it was made with
         h.runtime.policy = cache.policy
         with torch.no_grad():
-            got = m(**step, past_key_values=cache).logits[:, -1]
+            got = m(**step, **hf.cache_kwargs(m, cache)).logits[:, -1]
     finally:
         h.remove()
     # oracle: unpatched full cache, per-layer mask = kept prompt positions + the new token
     full = DynamicCache(config=m.config)
     pre = {k: v for k, v in inp.items()}
     with torch.no_grad():
-        m(**pre, past_key_values=full, use_cache=True)
+        m(**pre, **hf.cache_kwargs(m, full), use_cache=True)
     L = len(cache.layers)
     live = [[[p for p in cache.kept_positions(l, b) if p < N] for b in range(B)] for l in range(L)]
     want = _masked_oracle_logits(m, full, step, live, N)
@@ -322,13 +322,13 @@ def test_decode_steps_match_masked_full_cache(name):
     B, N = inp["input_ids"].shape
     full = DynamicCache(config=m.config)
     with torch.no_grad():
-        m(**inp, past_key_values=full, use_cache=True)
+        m(**inp, **hf.cache_kwargs(m, full), use_cache=True)
     # the tgvkv steps run patched; the oracle runs unpatched (a patched model refuses a DynamicCache)
     h = hf.patch(m, TGVKV(keep_ratio=0.3))
     try:
         cache = h.new_cache()
         with torch.no_grad():
-            out = m(**inp, past_key_values=cache, use_cache=True)
+            out = m(**inp, **hf.cache_kwargs(m, cache), use_cache=True)
     finally:
         h.remove()
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -342,7 +342,7 @@ def test_decode_steps_match_masked_full_cache(name):
         try:
             h.runtime.policy = cache.policy  # the cache carries the policy it was made with
             with torch.no_grad():
-                got = m(**kw, past_key_values=cache).logits[:, -1]
+                got = m(**kw, **hf.cache_kwargs(m, cache)).logits[:, -1]
         finally:
             h.remove()
         want = _masked_oracle_logits(m, full, kw, live, N + step)

@@ -71,6 +71,7 @@ ALL_ATTENTION_FUNCTIONS._local_mapping.update(_saved_attention)
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import tgvkv  # noqa: E402
+import tgvkv.hf as hf  # noqa: E402
 from tgvkv.eval.baselines import policy_class  # noqa: E402
 
 IMG = 3  # "image" placeholder id of the tiny Llama
@@ -123,7 +124,7 @@ def _kvpress_run(model, press, ids):
     if score is not None:
         press.score = rec_score
     with torch.no_grad(), press(model):
-        model(ids, past_key_values=DynamicCache(config=model.config),
+        model(ids, **hf.cache_kwargs(model, DynamicCache(config=model.config)),
               cache_position=torch.arange(ids.shape[1]))
     L = model.config.num_hidden_layers
     assert sorted(kept) == list(range(L))
@@ -143,7 +144,7 @@ def _ours_run(model, policy, ids):
     policy.layer_scores = rec
     with torch.no_grad(), tgvkv.apply(model, policy) as h:
         cache = h.new_cache()
-        model(ids, past_key_values=cache)
+        model(ids, **hf.cache_kwargs(model, cache))
         assert cache.result is not None, "the wiring did not evict"
         kept = [[cache.kept_positions(l, b) for b in range(ids.shape[0])]
                 for l in range(model.config.num_hidden_layers)]

@@ -4,7 +4,12 @@ The compiled part (``tgvkv._C``) registers the ops under ``torch.ops.tgvkv``; th
 re-exports typed wrappers of them (:mod:`tgvkv.ops`), the modality helpers and ``build_info()``.
 """
 
+import logging as _logging
+
 import torch as _torch
+
+# the "tgvkv" logger (eviction summaries at INFO) is silent unless the application configures it
+_logging.getLogger("tgvkv").addHandler(_logging.NullHandler())
 
 
 def _load_extension():

@@ -6,7 +6,7 @@ The plain-PyTorch composition
 -----------------------------
 Every speed ``tgvkv-bench`` reports is a ratio against the fastest plain-PyTorch composition of the
 same computation, measured in the same run. The composition lives here (``torch_*`` functions) and
-follows ``shared/SPEC.md`` exactly like :mod:`tgvkv.reference` does, but vectorised the way a good
+follows ``docs/method.md`` exactly like :mod:`tgvkv.reference` does, but vectorised the way a good
 PyTorch programmer would write it:
 
 - scores: per layer one batched matmul of the guidance rows against the keys in fp32, GQA through a
@@ -669,6 +669,8 @@ def _cache_facts(cache) -> dict:
 
 def _generate_once(model, inputs, new_tokens, device, policy, tgvkv_apply):
     """One timed generate(); returns (ttft_s, prefill_s, decode_s_per_step, total_s, cache)."""
+    from .hf import output_cache
+
     import contextlib
 
     ctx = tgvkv_apply(model, policy) if policy is not None else contextlib.nullcontext()
@@ -683,7 +685,7 @@ def _generate_once(model, inputs, new_tokens, device, policy, tgvkv_apply):
             t1 = time.perf_counter()
         finally:
             clock.remove()
-        cache = getattr(out, "past_key_values", None)
+        cache = output_cache(out)
     spans = clock.spans
     first_end = spans[0][1]
     steps = max(1, len(spans) - 1)

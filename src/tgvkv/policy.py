@@ -169,7 +169,7 @@ def guidance_attention(q_rows, k, q_pos, modality, scale):
 
 @dataclass
 class TGVKV(Policy):
-    """TGV-KV (text-grounded KV eviction) configuration; defaults follow ``shared/SPEC.md``.
+    """TGV-KV (text-grounded KV eviction) configuration; defaults follow ``docs/method.md``.
 
     Parameters
     ----------

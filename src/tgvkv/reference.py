@@ -1,7 +1,7 @@
 """Slow, obvious, pure-torch reference of every tgvkv op and of the whole TGV-KV policy.
 
 This module is the oracle: tests compare the C++/CUDA kernels and the Hugging Face layer with it.
-It follows ``shared/SPEC.md`` literally, with per-sample Python loops and fp32/fp64 arithmetic, and
+It follows ``docs/method.md`` literally, with per-sample Python loops and fp32/fp64 arithmetic, and
 is kept slow and readable on purpose. Nothing here is used on a fast path.
 
 Conventions shared with the ops (see README, "API"):

@@ -26,11 +26,17 @@ guidance text...), the cache stays in *passthrough* mode and the model runs bit 
 
 from __future__ import annotations
 
+import logging
+import time
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..policy import PAD, Policy
 from .modality import modality_map
+
+log = logging.getLogger("tgvkv")
 
 _REBOUND_EVERY = 16  # decode steps between host syncs that tighten the live-length upper bound
 
@@ -146,9 +152,55 @@ class TGVKVLayer(DynamicLayer):
         self.compacted = True
 
 
+@dataclass(frozen=True)
+class EvictionSummary:
+    """What the prefill eviction of one ``generate()`` call did (``handle.summary()``).
+
+    Attributes
+    ----------
+    evicted : False when the call ran unpatched (passthrough: ``keep_ratio == 1``, no vision
+        token, no guidance text...); the counts then describe the full cache.
+    kept, total : per layer, live slots after eviction / real prompt slots, summed over the batch.
+    bytes_before, bytes_after : K and V bytes of all layers before and after compaction (the
+        allocated tensors; after = the narrowed, reallocated buffers). Passthrough: both are the
+        cache's bytes when ``summary()`` is called.
+    evict_ms : wall time of the eviction (budgets, selection, compaction, reallocation). On CUDA
+        it ends with the one host sync of the prefill, so it includes the kernels' time.
+    keep_ratio : the ratio asked for; ``achieved`` = sum(kept) / sum(total).
+    """
+
+    evicted: bool
+    kept: tuple
+    total: tuple
+    bytes_before: int
+    bytes_after: int
+    evict_ms: float
+    keep_ratio: float
+
+    @property
+    def achieved(self) -> float:
+        tot = sum(self.total)
+        return sum(self.kept) / tot if tot else 1.0
+
+    def __str__(self) -> str:
+        head = (f"tgvkv: {'evicted' if self.evicted else 'no eviction (passthrough)'}: kept "
+                f"{sum(self.kept)}/{sum(self.total)} slots over {len(self.kept)} layers (keep "
+                f"ratio asked {self.keep_ratio:g}, achieved {self.achieved:.4f}); K/V "
+                f"{_mib(self.bytes_before)} -> {_mib(self.bytes_after)}; eviction "
+                f"{self.evict_ms:.2f} ms")
+        rows = [f"  layer {l:>3}: kept {k:>7} / {t:<7} ({k / t if t else 1.0:.3f})"
+                for l, (k, t) in enumerate(zip(self.kept, self.total))]
+        return "\n".join([head] + rows)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
 class TGVKVCache(DynamicCache):
-    """KV cache driven by a :class:`tgvkv.Policy`; pass it as ``past_key_values`` (``tgvkv.apply``
-    does so inside ``generate``). One cache serves one prompt (one prefill, then decode steps).
+    """KV cache driven by a :class:`tgvkv.Policy`; pass it as ``cache`` (``past_key_values``
+    before transformers 5.24; ``tgvkv.apply`` does so inside ``generate``). One cache serves one
+    prompt (one prefill, then decode steps).
 
     Parameters
     ----------
@@ -173,6 +225,9 @@ class TGVKVCache(DynamicCache):
         self.q_pos = None
         self.n_seen = None  # [B] int64 real tokens seen (prompt + generated)
         self.result = None
+        self.bytes_before = None  # K/V bytes of the dense prefill cache
+        self.evict_ms = None
+        self._bytes_after = None
         self._scores: list = [None] * num_layers
         self._stats: list = [None] * num_layers
 
@@ -200,6 +255,8 @@ class TGVKVCache(DynamicCache):
         if missing:
             raise RuntimeError(f"tgvkv: no scores were recorded for layers {missing} during prefill "
                                "(was the model's attention implementation changed after patching?)")
+        t0 = time.perf_counter()
+        self.bytes_before = self.nbytes()
         dev = self.layers[0].keys.device
         scores = torch.stack([s.to(dev) for s in self._scores])
         stats = torch.stack([s.to(dev) for s in self._stats])
@@ -215,6 +272,10 @@ class TGVKVCache(DynamicCache):
         self.result = (keep_idx, n_kept, n_prot, frac)
         self.n_seen = self.n_seen.to(dev)
         self.phase = "done"
+        self.evict_ms = (time.perf_counter() - t0) * 1e3
+        self._bytes_after = self.nbytes()
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", self.summary())
 
     # ---- decode -------------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -250,6 +311,23 @@ class TGVKVCache(DynamicCache):
             self._batch_state(idx)
 
     # ---- inspection -----------------------------------------------------------------------------
+    def summary(self) -> EvictionSummary:
+        """Kept / total slots per layer, K/V bytes before and after, eviction time (see
+        :class:`EvictionSummary`). Reflects the prefill eviction (decode-time evictions keep each
+        layer at its fraction afterwards)."""
+        if self.modality is None:
+            raise RuntimeError("tgvkv: summary() of a cache that has seen no prompt")
+        total = int((self.modality != PAD).sum())
+        if self.result is None:  # passthrough: nothing was evicted
+            n = self.nbytes()
+            L = len(self.layers)
+            return EvictionSummary(False, (total,) * L, (total,) * L, n, n, 0.0,
+                                   float(self.policy.keep_ratio))
+        kept = tuple(int(x) for x in self.result[1].sum(1).tolist())
+        return EvictionSummary(True, kept, (total,) * len(kept), int(self.bytes_before),
+                               self._bytes_after, float(self.evict_ms),
+                               float(self.policy.keep_ratio))
+
     def nbytes(self) -> int:
         """Bytes held by the K and V tensors of all layers (allocated capacity)."""
         tot = 0

@@ -12,7 +12,11 @@ touched:
   ``attention_mask`` of a prefill (modality map, guidance rows), the hook runs the eviction once the
   prefill forward is done;
 - wraps ``model.generate`` so that it uses a fresh :class:`~tgvkv.hf.cache.TGVKVCache` unless the
-  caller passes ``past_key_values``.
+  caller passes one (as ``cache=``, transformers >= 5.24, or ``past_key_values=``, the older name);
+  any other cache is refused at once with a ``TypeError`` (it would not be evicted).
+
+Concurrency: the active cache is per thread (each ``generate()`` call routes its layers to its own
+cache), so one patched model may serve several threads at once; the policy itself is stateless.
 
 The attention function: without an active TGV-KV cache (or in passthrough) it calls the base
 function unchanged. During prefill it calls the base function, then the policy's
@@ -24,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import threading
 import weakref
 
 import torch
@@ -51,9 +57,11 @@ TEXT_MODEL_TYPES = {
 }
 BASE_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "eager")
 PREFIX = "tgvkv|"
-# Tested with transformers 5.17 (GPU machine) and 5.23 (CPU machines); the Cache-layer and
-# AttentionInterface APIs used here appeared in 5.0.
-TRANSFORMERS_RANGE = ">=5.17,<5.24"
+# Tested with transformers 5.17 (the oldest supported: the GPU machine's) and 5.24.0 (the newest
+# release; it renamed ``past_key_values`` to ``cache``); keep in step with setup.py and .ci/run.
+TRANSFORMERS_MIN, TRANSFORMERS_MAX = "5.17", "5.24.0"
+TRANSFORMERS_RANGE = f">={TRANSFORMERS_MIN},<={TRANSFORMERS_MAX}"
+CACHE_ARGS = ("cache", "past_key_values")  # the cache argument's names, newest first
 
 
 def _check_transformers_version():
@@ -66,13 +74,51 @@ def _check_transformers_version():
     if v < Version("5.0"):
         raise ImportError(f"tgvkv.hf needs transformers {TRANSFORMERS_RANGE} (found "
                           f"{transformers.__version__}: the Cache-layer API differs before 5.0)")
-    if not (Version("5.17") <= v < Version("5.24")):
+    if not (Version(TRANSFORMERS_MIN) <= v <= Version(TRANSFORMERS_MAX)):
         warnings.warn(f"tgvkv.hf is tested with transformers {TRANSFORMERS_RANGE}; found "
                       f"{transformers.__version__}", stacklevel=3)
 
 
 class UnsupportedModelError(ValueError):
     pass
+
+
+def cache_arg_name(model) -> str:
+    """The name under which ``model``'s forward/generate take the KV cache: ``"cache"``
+    (transformers >= 5.24) or ``"past_key_values"`` (older releases)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``model(**inputs, **cache_kwargs(model, cache))``: the cache under the name this
+    transformers release expects (see :func:`cache_arg_name`)."""
+    return {cache_arg_name(model): cache}
+
+
+def output_cache(output):
+    """The cache a forward/generate output carries (``.cache`` on transformers >= 5.24,
+    ``.past_key_values`` before), or None."""
+    for n in CACHE_ARGS:
+        if n in output.keys():
+            return output[n]
+    return None
+
+
+def _given_cache(kwargs: dict):
+    """The cache a caller passed under either name (None when none was given)."""
+    given = [kwargs[n] for n in CACHE_ARGS if kwargs.get(n) is not None]
+    if len(given) > 1:
+        raise ValueError("tgvkv: pass the cache once, as `cache=` or `past_key_values=`, not both")
+    return given[0] if given else None
+
+
+def _refuse_foreign(cache) -> None:
+    """Never a silent fallback to the full cache: a cache that is not ours would not be evicted."""
+    if cache is not None and not isinstance(cache, TGVKVCache):
+        raise TypeError(f"tgvkv: the cache passed is a {type(cache).__name__}, not a TGVKVCache, "
+                        "so this call could not evict: let generate() make the cache, pass "
+                        "handle.new_cache(), or handle.remove() to run unpatched")
 
 
 def supported_models() -> str:
@@ -141,11 +187,23 @@ def _register(base_name: str) -> str:
 # Patching
 # --------------------------------------------------------------------------------------------
 class _Runtime:
+    """What the patched attention modules share: the policy and, **per thread**, the cache of the
+    forward call running in that thread (so concurrent generate() calls do not mix caches)."""
+
     def __init__(self, policy: Policy, num_layers: int, vision_ids):
         self.policy = policy
         self.num_layers = num_layers
         self.vision_ids = vision_ids
-        self.cache: TGVKVCache | None = None
+        self._local = threading.local()
+        self.last: TGVKVCache | None = None  # the cache of the latest prefill, any thread
+
+    @property
+    def cache(self) -> TGVKVCache | None:
+        return getattr(self._local, "cache", None)
+
+    @cache.setter
+    def cache(self, value: TGVKVCache | None) -> None:
+        self._local.cache = value
 
     def new_cache(self) -> TGVKVCache:
         return TGVKVCache(self.num_layers, self.policy, self.vision_ids, runtime=self)
@@ -224,17 +282,24 @@ class Handle:
         ]
         self._had_generate = "generate" in model.__dict__
         self._orig_generate = model.generate
-        model.generate = functools.partial(_generate, weakref.ref(rt), self._orig_generate)
+        model.generate = functools.partial(_generate, weakref.ref(rt), self._orig_generate,
+                                           cache_arg_name(model))
         model._tgvkv_handle = self
         self.removed = False
 
     def new_cache(self) -> TGVKVCache:
-        """A fresh cache for a direct ``model(..., past_key_values=cache)`` call."""
+        """A fresh cache for a direct ``model(..., cache=cache)`` call (``past_key_values=`` on
+        transformers < 5.24; :func:`cache_arg_name` tells which)."""
         return self.runtime.new_cache()
 
     @property
     def last_cache(self) -> TGVKVCache | None:
-        return self.runtime.cache
+        """The cache of the latest prefill run through this handle (in any thread)."""
+        return self.runtime.last
+
+    def summary(self):
+        """:class:`~tgvkv.hf.cache.EvictionSummary` of the latest call (None before any)."""
+        return None if self.runtime.last is None else self.runtime.last.summary()
 
     def remove(self) -> None:
         if self.removed:
@@ -263,19 +328,16 @@ class Handle:
 
 
 def _pre_hook(rt: _Runtime, module, args, kwargs):
-    cache = kwargs.get("past_key_values")
+    cache = _given_cache(kwargs)
     if not isinstance(cache, TGVKVCache):
         rt.cache = None
-        if cache is not None:
-            # never a silent fallback to the full cache: a foreign cache would not be evicted
-            raise TypeError(f"tgvkv: past_key_values is a {type(cache).__name__}, not a "
-                            "TGVKVCache, so this call could not evict: let generate() make the "
-                            "cache, pass handle.new_cache(), or handle.remove() to run unpatched")
+        _refuse_foreign(cache)
         return None
     if cache.policy is not rt.policy:
         raise ValueError("tgvkv: this TGVKVCache was made for another policy/handle")
     rt.cache = cache
     if cache.phase == "empty":
+        rt.last = cache
         input_ids = kwargs.get("input_ids")
         if input_ids is None and args and isinstance(args[0], torch.Tensor):
             input_ids = args[0]
@@ -299,11 +361,24 @@ def _post_hook(rt: _Runtime, module, args, kwargs, output):
     return None
 
 
-def _generate(rt_ref, orig_generate, *args, **kwargs):
+def _generate(rt_ref, orig_generate, cache_arg, *args, **kwargs):
     rt = rt_ref()
-    if rt is not None and kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
-        kwargs["past_key_values"] = rt.new_cache()
-    return orig_generate(*args, **kwargs)
+    streamer = kwargs.get("streamer")
+    try:
+        given = _given_cache(kwargs)
+        _refuse_foreign(given)  # before generate starts: a streamer must not wait for nothing
+        if rt is not None and given is None and kwargs.get("use_cache", True):
+            for n in CACHE_ARGS:
+                kwargs.pop(n, None)
+            kwargs[cache_arg] = rt.new_cache()
+        return orig_generate(*args, **kwargs)
+    except BaseException:
+        # generate() in a thread feeding a streamer: end the stream so that the consumer stops
+        # instead of waiting forever; the error itself propagates in the generating thread
+        if streamer is not None and hasattr(streamer, "end"):
+            with contextlib.suppress(Exception):
+                streamer.end()
+        raise
 
 
 def patch(model, policy: Policy) -> Handle:
