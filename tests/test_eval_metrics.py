@@ -64,3 +64,46 @@ def test_relaxed_accuracy():
     assert relaxed_accuracy("0.01", ["0"]) == 0.0
     assert relaxed_accuracy("Yes", ["yes"]) == 1.0
     assert relaxed_accuracy("yes ", ["no"]) == 0.0
+
+
+# normalize_answer == lmms-eval's EvalAIAnswerProcessor: inputs and the outputs that lmms-eval
+# 0.7.3's processor gave for them (computed with it; its quirks included: "'s" is split off, a
+# mark next to a space vanishes while one inside a word becomes a space, at most 32 periods go)
+LMMS_EVAL_CASES = [
+    ("it's", "it 's"), ("It's red.", "it 's red"), ("its", "its"), ("Let's go", "let 's go"),
+    ("1,000", "1000"), ("1,000,000 dollars", "1000000 dollars"), ("3.5", "3.5"), ("a.b", "ab"),
+    ("Yes.", "yes"), ("what's that?", "what 's that"), ("somebody'd", "somebodyd"),
+    ("twas", "'twas"), ("y'allll", "y'all'll"), ("I'm", "i'm"), ("Im", "im"),
+    ("the answer", "answer"), ("An Apple", "apple"), ("two dogs!", "2 dogs"), ("none", "0"),
+    ("ten.", "10"), ("dont", "don't"), ("hello-world", "hello world"),
+    ("hello - world", "hello world"), ("(red)", "red"), ("red (dark)", "red dark"),
+    ("x/y", "x y"), ("x / y", "x y"), ("e.g. this", "eg this"), ("...", ""),
+    ("." * 40 + " x", "........ x"), ("mr. smith's", "mr smith 's"), ("cats'", "cats'"),
+    ("\tTab\nnew", "tab new"), ("<b>bold</b>", "b bold b"), ("a_b", "b"),
+    ("no, it isnt", "no it isn't"), ("oclock", "o'clock"), ("5 o'clock", "5 o'clock"),
+    ("don't", "don't"), ("", ""),
+]
+
+
+@pytest.mark.parametrize("text,expected", LMMS_EVAL_CASES)
+def test_normalize_answer_matches_lmms_eval_cases(text, expected):
+    assert normalize_answer(text) == expected
+
+
+def test_normalize_answer_matches_lmms_eval_itself():
+    """Random strings through lmms-eval's own processor (runs where lmms-eval is installed:
+    `pip install --no-deps lmms-eval`; the module needs only `re`)."""
+    mod = pytest.importorskip("lmms_eval.tasks._task_utils.vqa_eval_metric")
+    import random
+
+    proc = mod.EvalAIAnswerProcessor()
+    rng = random.Random(0)
+    alpha = "abcdefghijklmnopqrstuvwxyz0123456789 .,;/[]\"{}()=+\\_-><@`?!'\n\tTHEAn"
+    words = ["it's", "its", "the", "a", "one", "ten", "dont", "let's", "1,000", "3.5", "Yes.",
+             "somebody'd", "twas", "I'm"]
+    for _ in range(3000):
+        if rng.random() < 0.5:
+            t = "".join(rng.choice(alpha) for _ in range(rng.randint(0, 20)))
+        else:
+            t = " ".join(rng.choice(words) for _ in range(rng.randint(0, 5)))
+        assert normalize_answer(t) == proc(t), t
