@@ -148,3 +148,12 @@ def test_two_threads_one_patched_model(llava):
             assert not errors, errors
             for seq, got in zip(sequential, results):
                 assert torch.equal(seq, got)
+
+
+def test_generate_without_cache_warns(llava):
+    inp = tiny.make_inputs(llava, [[6, "image", 9]])
+    ref = llava.generate(**inp, **GEN, use_cache=False)
+    with hf.apply(llava, TGVKV(keep_ratio=0.2)):
+        with pytest.warns(UserWarning, match="nothing is evicted"):
+            got = llava.generate(**inp, **GEN, use_cache=False)
+    assert torch.equal(ref, got)

@@ -30,6 +30,7 @@ import contextlib
 import functools
 import inspect
 import threading
+import warnings
 import weakref
 
 import torch
@@ -65,8 +66,6 @@ CACHE_ARGS = ("cache", "past_key_values")  # the cache argument's names, newest 
 
 
 def _check_transformers_version():
-    import warnings
-
     import transformers
     from packaging.version import Version
 
@@ -367,10 +366,14 @@ def _generate(rt_ref, orig_generate, cache_arg, *args, **kwargs):
     try:
         given = _given_cache(kwargs)
         _refuse_foreign(given)  # before generate starts: a streamer must not wait for nothing
-        if rt is not None and given is None and kwargs.get("use_cache", True):
-            for n in CACHE_ARGS:
-                kwargs.pop(n, None)
-            kwargs[cache_arg] = rt.new_cache()
+        if rt is not None and given is None:
+            if kwargs.get("use_cache", True) is False:
+                warnings.warn("tgvkv: generate(use_cache=False) keeps no KV cache, so nothing is "
+                              "evicted: the call runs as unpatched", stacklevel=2)
+            else:
+                for n in CACHE_ARGS:
+                    kwargs.pop(n, None)
+                kwargs[cache_arg] = rt.new_cache()
         return orig_generate(*args, **kwargs)
     except BaseException:
         # generate() in a thread feeding a streamer: end the stream so that the consumer stops
