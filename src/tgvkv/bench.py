@@ -38,264 +38,20 @@ from typing import Callable, Sequence
 
 import torch
 
-PAD, TEXT, VISION = 0, 1, 2
-_INT64_MAX = (1 << 63) - 1
+from .constants import PAD, TEXT, VISION
 
 
 # --------------------------------------------------------------------------------------------
 # The plain-PyTorch composition
 # --------------------------------------------------------------------------------------------
-@dataclass
-class GuidanceMasks:
-    """Masks shared by every layer of one ``evict`` call (computed once per call).
-
-    bias : [B, 1, T, N] fp32, 0 where guidance row t may attend slot j, -inf elsewhere (rows of
-        unused ``q_pos`` entries are all 0 so that softmax stays finite; they are zeroed after).
-    row_valid : [B, T] bool. vision, text, real : [B, N] bool. n_valid : [B] int64.
-    """
-
-    bias: torch.Tensor
-    row_valid: torch.Tensor
-    vision: torch.Tensor
-    text: torch.Tensor
-    real: torch.Tensor
-    q_idx: torch.Tensor  # [B, T] int64, q_pos with -1 replaced by 0 (for gathers)
-    n_valid: torch.Tensor
-
-
-def guidance_masks(q_pos: torch.Tensor, modality: torch.Tensor) -> GuidanceMasks:
-    B, N = modality.shape
-    dev = modality.device
-    j = torch.arange(N, device=dev)
-    row_valid = q_pos >= 0
-    real = modality != PAD
-    allowed = (j.view(1, 1, N) <= q_pos.unsqueeze(-1)) & real.unsqueeze(1)
-    allowed |= ~row_valid.unsqueeze(-1)
-    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=dev)
-    bias.masked_fill_(~allowed, float("-inf"))
-    return GuidanceMasks(bias=bias.unsqueeze(1), row_valid=row_valid, vision=modality == VISION,
-                         text=modality == TEXT, real=real, q_idx=q_pos.clamp_min(0),
-                         n_valid=row_valid.sum(-1))
-
-
-def torch_text_attention(q: torch.Tensor, k: torch.Tensor, m: GuidanceMasks,
-                         scale: float) -> torch.Tensor:
-    """Head-averaged fp32 attention of the guidance rows, ``[B, T, N]`` (unused rows are 0)."""
-    B, Hq, T, D = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
-    g = Hq // Hkv
-    # GQA without copying the keys: the g query heads of a KV head become g*T rows of one matmul
-    qf = q.to(torch.float32).reshape(B, Hkv, g * T, D)
-    kf = k.to(torch.float32)
-    logits = torch.matmul(qf, kf.transpose(-1, -2)).view(B, Hq, T, N)
-    logits.mul_(scale).add_(m.bias)
-    A = torch.softmax(logits, dim=-1).mean(1)
-    return A.mul_(m.row_valid.unsqueeze(-1))
-
-
-def torch_scores_from_attention(A: torch.Tensor, m: GuidanceMasks, need_mi: bool = True):
-    """(scores [B, N] fp32, stats [B, 2] fp32) from the guidance rows ``A`` [B, T, N]."""
-    B, T, N = A.shape
-    # text weights: column t of the guidance block seen by the rows u >= t (causal, so rows u < t
-    # hold 0 there): w_t = sum_u A[u, q_pos[t]] / (n_valid - t)
-    G = A.gather(2, m.q_idx.unsqueeze(1).expand(B, T, T))  # [B, T(u), T(t)]
-    cnt = (m.n_valid.unsqueeze(-1) - torch.arange(T, device=A.device)).clamp_min(1)
-    w = (G.sum(1) / cnt).mul_(m.row_valid)  # [B, T]
-    vis_score = torch.bmm(w.unsqueeze(1), A).squeeze(1)  # [B, N]
-    col = A.sum(1)
-    scores = torch.where(m.vision, vis_score, torch.where(m.text, col, torch.zeros_like(col)))
-    blk = A.to(torch.float64) * m.vision.unsqueeze(1)  # text->vision block (pad rows are 0)
-    S = blk.sum((1, 2))
-    stats = torch.zeros(B, 2, dtype=torch.float64, device=A.device)
-    stats[:, 0] = S
-    if need_mi:
-        # I = sum p log(p / (pr pc)) over p > 0, p = blk / S (as the reference writes it)
-        p = blk / torch.where(S > 0, S, torch.ones_like(S)).view(B, 1, 1)
-        outer = p.sum(2, keepdim=True) * p.sum(1, keepdim=True)
-        nz = p > 0
-        terms = torch.where(nz, p * torch.log(torch.where(nz, p / outer, torch.ones_like(p))),
-                            torch.zeros_like(p))
-        I = terms.sum((1, 2))
-        stats[:, 1] = torch.where(S > 0, I, torch.zeros_like(I))
-    return scores, stats.to(torch.float32)
-
-
-def torch_score_text_vision(q, k, q_pos, modality, scale, masks: GuidanceMasks | None = None,
-                            need_mi: bool = True):
-    """Plain-PyTorch ``score_text_vision``: (scores [B, N] fp32, stats [B, 2] fp32)."""
-    m = masks if masks is not None else guidance_masks(q_pos, modality)
-    return torch_scores_from_attention(torch_text_attention(q, k, m, scale), m, need_mi)
-
-
-def _sample_facts(q_pos, modality, n_sink):
-    real = modality != PAD
-    n_real = real.sum(-1)
-    evicts = (modality == VISION).any(-1) & (q_pos >= 0).any(-1) & (n_real > n_sink + 1)
-    return n_real, evicts
-
-
-def torch_layer_budgets(stats, q_pos, modality, keep_ratio, budget="mass", redistribute=False,
-                        n_sink=4):
-    """Plain-PyTorch ``layer_budgets``: (keep [L, B] int64, keep_fraction [L, B] float64)."""
-    L, B = stats.shape[0], stats.shape[1]
-    n_real, evicts = _sample_facts(q_pos, modality, n_sink)
-    Nf = n_real.to(torch.float64)
-    st = stats.to(torch.float64)
-    w = st[..., 0] if budget == "mass" else st[..., 0] * st[..., 1]
-    tot = w.sum(0, keepdim=True)
-    pi = torch.where(tot > 0, w / torch.where(tot > 0, tot, torch.ones_like(tot)),
-                     torch.full_like(w, 1.0 / L))
-    r = 1.0 - L * keep_ratio * pi  # [L, B]
-    if redistribute:
-        target = (1.0 - r) * Nf
-        clamped = torch.zeros(L, B, dtype=torch.bool, device=stats.device)
-        active = torch.ones(B, dtype=torch.bool, device=stats.device)
-        for _ in range(L + 1):  # each round clamps at least one layer of every active sample
-            excess = torch.where(~clamped, (target - Nf).clamp_min(0), torch.zeros_like(target)).sum(0)
-            newly = ~clamped & (target >= Nf) & active
-            active &= newly.any(0)
-            if not bool(active.any()):
-                break
-            clamped |= newly
-            target = torch.where(newly, Nf.expand_as(target), target)
-            free = ~clamped
-            n_free = free.sum(0)
-            wsum = torch.where(free, pi, torch.zeros_like(pi)).sum(0)
-            active &= (n_free > 0) & (excess > 0)
-            share = torch.where(wsum > 0, pi / torch.where(wsum > 0, wsum, torch.ones_like(wsum)),
-                                1.0 / n_free.clamp_min(1).to(pi.dtype))
-            target = torch.where(free & active, target + excess * share, target)
-        r = 1.0 - target / Nf
-    n_cand = (n_real - n_sink - 1).clamp_min(0)
-    forget = torch.round(r * Nf).clamp_min(0).to(torch.int64)  # half to even, like the SPEC
-    keep = n_real - torch.minimum(forget, n_cand)
-    no = ~evicts | (keep_ratio >= 1.0)
-    keep = torch.where(no, n_real.expand_as(keep), keep)
-    frac = torch.where(no, torch.ones_like(r), 1.0 - r)
-    return keep, frac
-
-
-def torch_select_keep(scores, keep, q_pos, modality, n_sink=4):
-    """Plain-PyTorch ``select_keep``: (keep_idx [L, B, N] int64, n_protected [L, B] int64)."""
-    L, B, N = scores.shape
-    dev = scores.device
-    j = torch.arange(N, device=dev)
-    real = modality != PAD
-    rank = real.cumsum(-1) - 1  # index of each real slot among the real ones
-    n_real = real.sum(-1, keepdim=True)
-    cand = real & (rank >= n_sink) & (rank != n_real - 1)  # [B, N]
-    forget = torch.minimum((n_real.squeeze(-1) - keep).clamp_min(0), cand.sum(-1))  # [L, B]
-    # one packed key: class (text above vision), fp32 score bits, slot (later wins ties)
-    s = torch.where(scores > 0, scores, torch.zeros_like(scores)).contiguous()
-    bits = s.view(torch.int32).to(torch.int64)
-    key = ((modality == TEXT).to(torch.int64) << 62) | (bits << 31) | j
-    key = torch.where(cand, key, torch.full_like(key, _INT64_MAX))
-    order = key.sort(-1).indices
-    drop = torch.zeros(L, B, N, dtype=torch.bool, device=dev)
-    drop.scatter_(-1, order, j.view(1, 1, N) < forget.unsqueeze(-1))
-    kept = real & ~drop
-    dest = kept.cumsum(-1) - 1
-    out = torch.full((L, B, N + 1), -1, dtype=torch.int64, device=dev)
-    out.scatter_(-1, torch.where(kept, dest, torch.full_like(dest, N)), j.expand(L, B, N))
-    keep_idx = out[..., :N]
-    g0 = q_pos[:, 0] if q_pos.shape[1] else torch.full((B,), -1, dtype=torch.int64, device=dev)
-    prot = (kept & (j >= g0.view(1, B, 1))).sum(-1).clamp_min(1)
-    n_prot = torch.where(g0.view(1, B) >= 0, prot, torch.ones_like(prot))
-    return keep_idx, n_prot
-
-
-def torch_compact(k: torch.Tensor, v: torch.Tensor, keep_idx: torch.Tensor, width: int):
-    """Gather the kept slots of one layer into new tensors ``[B, Hkv, width, D]``.
-
-    ``keep_idx`` is ``[B, N]`` (ascending, -1 padded); ``width`` >= the largest kept count.
-    One ``index_select`` of D-element rows of the flattened cache per tensor.
-    """
-    B, H, N, D = k.shape
-    idx = keep_idx[:, :width].clamp_min(0)
-    base = torch.arange(B * H, device=k.device).view(B, H, 1) * N
-    flat = (base + idx.unsqueeze(1)).reshape(-1)
-    k2 = k.reshape(B * H * N, D).index_select(0, flat).view(B, H, width, D)
-    v2 = v.reshape(B * H * N, D).index_select(0, flat).view(B, H, width, D)
-    return k2, v2
-
-
-def torch_evict_from_scores(k_cache, v_cache, scores, stats, q_pos, modality, keep_ratio,
-                            budget="mass", redistribute=False, n_sink=4):
-    """Budgets + selection + gather. Returns (new_k, new_v, keep_idx, n_kept, n_protected,
-    keep_fraction); ``new_k[l]``/``new_v[l]`` are ``[B, Hkv, max_b n_kept[l, b], D]``."""
-    keep, frac = torch_layer_budgets(stats, q_pos, modality, keep_ratio, budget, redistribute,
-                                     n_sink)
-    keep_idx, n_prot = torch_select_keep(scores, keep, q_pos, modality, n_sink)
-    widths = keep.max(1).values.tolist() if keep.numel() else []  # one host sync for all layers
-    new_k, new_v = [], []
-    for l, (k, v) in enumerate(zip(k_cache, v_cache)):
-        k2, v2 = torch_compact(k, v, keep_idx[l], int(widths[l]))
-        new_k.append(k2)
-        new_v.append(v2)
-    return new_k, new_v, keep_idx, keep, n_prot, frac
-
-
-def torch_evict(k_cache, v_cache, queries, q_pos, modality, scale, keep_ratio, budget="mass",
-                redistribute=False, n_sink=4):
-    """The fastest plain-PyTorch composition of ``tgvkv::evict`` (not in place).
-
-    Returns
-    -------
-    new_k, new_v : L tensors ``[B, Hkv, max_b n_kept, D]`` (the compacted cache, new memory).
-    keep_idx [L, B, N] int64, n_kept [L, B] int64, n_protected [L, B] int64,
-    keep_fraction [L, B] float64 (the same four tensors as the op).
-    """
-    if not k_cache:
-        B = modality.shape[0]
-        e = torch.zeros(0, B, dtype=torch.int64, device=modality.device)
-        return [], [], e.unsqueeze(-1), e, e, e.to(torch.float64)
-    m = guidance_masks(q_pos, modality)
-    need_mi = budget == "mi"
-    sc = [torch_score_text_vision(q, k, q_pos, modality, scale, m, need_mi)
-          for q, k in zip(queries, k_cache)]
-    scores = torch.stack([s for s, _ in sc])
-    stats = torch.stack([s for _, s in sc])
-    return torch_evict_from_scores(k_cache, v_cache, scores, stats, q_pos, modality, keep_ratio,
-                                   budget, redistribute, n_sink)
-
-
-def torch_decode_evict_(k, v, pos, length, q, n_seen, keep_fraction, n_protected, scale,
-                        n_sink=4):
-    """Plain-PyTorch ``decode_evict_`` (same semantics as the op: move the last live slot).
-
-    Shapes as in the README: k, v [B, Hkv, S, D]; pos [B, S]; length, n_seen, n_protected [B]
-    int64; q [B, Hq, D]; keep_fraction [B] float64. Returns evicted [B] int64 (pos or -1).
-    """
-    B, Hkv, S, D = k.shape
-    Hq = q.shape[1]
-    g = Hq // Hkv
-    dev = k.device
-    s = torch.arange(S, device=dev)
-    live = s.view(1, S) < length.view(B, 1)
-    logits = torch.matmul(q.to(torch.float32).view(B, Hkv, g, D),
-                          k.to(torch.float32).transpose(-1, -2)) * scale  # [B, Hkv, g, S]
-    logits.masked_fill_(~live.view(B, 1, 1, S), float("-inf"))
-    att = torch.softmax(logits, -1).mean((1, 2))  # [B, S]
-    forget = torch.trunc(length.to(torch.float64) - n_seen.to(torch.float64) * keep_fraction)
-    # protected: the n_protected live entries of largest pos
-    pos_live = torch.where(live, pos, torch.full_like(pos, -1))
-    kth = pos_live.sort(-1, descending=True).values.gather(
-        1, (n_protected - 1).clamp(0, S - 1).view(B, 1))
-    cand = live & (s.view(1, S) >= n_sink) & (pos < kth)
-    active = (keep_fraction < 1.0) & (forget > 0) & cand.any(-1)
-    a = torch.where(cand, att, torch.full_like(att, float("inf")))
-    amin = a.min(-1, keepdim=True).values
-    tie_pos = torch.where(cand & (a == amin), pos, torch.full_like(pos, _INT64_MAX))
-    slot = tie_pos.argmin(-1)  # ties to the smaller pos
-    b = torch.arange(B, device=dev)
-    last = (length - 1).clamp_min(0)
-    slot = torch.where(active, slot, last)  # inactive samples copy a slot onto itself
-    evicted = torch.where(active, pos[b, slot], torch.full_like(length, -1))
-    k[b, :, slot] = k[b, :, last]
-    v[b, :, slot] = v[b, :, last]
-    pos[b, slot] = pos[b, last]
-    length.sub_(active.to(length.dtype))
-    return evicted
+from .torch_impl import GuidanceMasks, guidance_masks  # noqa: E402,F401  (moved there)
+from .torch_impl import compact as torch_compact  # noqa: E402,F401
+from .torch_impl import decode_evict_ as torch_decode_evict_  # noqa: E402,F401
+from .torch_impl import evict as torch_evict  # noqa: E402,F401
+from .torch_impl import evict_from_scores as torch_evict_from_scores  # noqa: E402,F401
+from .torch_impl import layer_budgets as torch_layer_budgets  # noqa: E402,F401
+from .torch_impl import score_text_vision as torch_score_text_vision  # noqa: E402,F401
+from .torch_impl import select_keep as torch_select_keep  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,10 +339,10 @@ def load_model(model_path, preset, device, dtype, seed, error):
         except Exception as e:
             raise error(f"--model {model_path}: cannot read its config ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})")
-        cls = tiny._CLASSES.get(getattr(cfg, "model_type", None))
+        cls = tiny.MODEL_CLASSES.get(getattr(cfg, "model_type", None))
         if cls is None:
             raise error(f"--model {model_path}: model type {cfg.model_type!r} is not supported "
-                        f"(supported: {', '.join(sorted(tiny._CLASSES))})")
+                        f"(supported: {', '.join(sorted(tiny.MODEL_CLASSES))})")
         try:
             model = cls.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa")
         except Exception as e:
@@ -603,7 +359,7 @@ def load_model(model_path, preset, device, dtype, seed, error):
     if name == "tiny-llama":
         raise error("tiny-llama is a text-only model: nothing to evict; pick a VLM preset")
     with torch.device("meta"):
-        meta = tiny._CLASSES[tiny.config(name).model_type](tiny.config(name))
+        meta = tiny.MODEL_CLASSES[tiny.config(name).model_type](tiny.config(name))
     need = sum(p.numel() for p in meta.parameters()) * torch.empty((), dtype=dtype).element_size()
     del meta
     avail = _available_bytes(device)
@@ -711,9 +467,9 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
     model, name, kind = load_model(model_path, preset, device, dtype, seed, error)
     from .hf import apply as tgvkv_apply
     from .hf import tiny
-    from .policy import TGVKV, ops_backend
+    from .policy import TGVKV
 
-    backend = getattr(ops_backend(), "__name__", str(ops_backend()))
+    backend = TGVKV().ops.__name__  # which op implementation the policy calls
     configs = [None] + [float(k) for k in keep_ratios]
     bar = progress_factory(len(configs) * len(batches), "generate") if progress_factory else None
     rows = []
