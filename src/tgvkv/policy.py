@@ -174,6 +174,7 @@ class TGVKV(Policy):
         guidance queries instead of the text-weighted sums.
     text_priority : TPR ablation switch. False: text and vision compete on score alone.
     uniform_budgets : TVB ablation switch. True: every layer gets the same share 1/L.
+    ops : keyword only; the op module the hooks call (default :mod:`tgvkv.ops`).
     """
 
     keep_ratio: float = 0.05
