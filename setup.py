@@ -73,6 +73,18 @@ def _arch_flags():
     return flags
 
 
+# Optional parts. `pip install tgvkv` gives the ops and the policies (tgvkv, tgvkv.ops,
+# tgvkv.policy, tgvkv.presses, tgvkv.torch_impl); the extras add the rest. CI reads the oldest
+# supported transformers from the pin below (regex `transformers>=([0-9.]+)`).
+TRANSFORMERS = "transformers>=5.17,<=5.24.0"
+EXTRAS = {
+    "hf": [TRANSFORMERS],                               # tgvkv.hf, tgvkv.testing, generate bench
+    "eval": [TRANSFORMERS, "easy-vqa", "pillow"],       # tgvkv.eval: tiny VLM on easy-VQA
+    "plot": ["matplotlib"],                             # tgvkv-bench --plot
+}
+EXTRAS["test"] = sorted(set(sum(EXTRAS.values(), [])) | {"pytest", "hypothesis"})
+
+
 def _extension():
     cpp_sources = _rel_glob("csrc/*.cpp") + _rel_glob("csrc/cpu/*.cpp")
     cu_sources = _rel_glob("csrc/cuda/*.cu")
@@ -113,9 +125,8 @@ setup(
     package_data={"tgvkv": ["data/**/*", "data/*"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.11", "transformers>=5.17,<=5.24.0", "numpy", "tqdm",
-                      "easy-vqa", "pillow"],  # the built-in accuracy run: tiny VLM on easy-VQA
-    extras_require={"test": ["pytest", "hypothesis"], "plot": ["matplotlib"]},
-    entry_points={"console_scripts": ["tgvkv-bench = tgvkv.cli:main"]},
+    install_requires=["torch>=2.11", "numpy", "tqdm"],  # the ops and the policies
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["tgvkv-bench = tgvkv.bench.cli:main"]},
     zip_safe=False,
 )

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from tgvkv import cli
+from tgvkv.bench import cli, common
 
 
 def _verdict(rows, op="evict"):
@@ -113,9 +113,9 @@ def main(argv=None) -> int:
                 f"| {r['op']} | {r['keep_ratio']:g} | {t['median_ms']:.3f} ({t['min_ms']:.3f}-"
                 f"{t['max_ms']:.3f}) | {b['median_ms']:.3f} ({b['min_ms']:.3f}-{b['max_ms']:.3f})"
                 f" | {r['speedup']:.2f}x | {b['min_ms'] / t['min_ms']:.2f}x | "
-                f"{cli._fmt(t['gbs'], '.1f')} | "
-                f"{cli._fmt(t['pct_copy_bw'], '.0f')} | {cli._fmt_bytes(t['peak_extra_bytes'])} | "
-                f"{cli._fmt_bytes(b['peak_extra_bytes'])} | "
+                f"{common.fmt(t['gbs'], '.1f')} | "
+                f"{common.fmt(t['pct_copy_bw'], '.0f')} | {common.fmt_bytes(t['peak_extra_bytes'])} | "
+                f"{common.fmt_bytes(b['peak_extra_bytes'])} | "
                 f"{ {True: 'yes', False: 'NO', None: '-'}[r.get('same_result')]} |")
         lines.append("")
     lines += ["## Targets (issue core: >= 2x faster than plain PyTorch, lower peak memory)", ""]
@@ -124,8 +124,8 @@ def main(argv=None) -> int:
             speed_ok = "met" if sp >= 2 else "NOT met"
             mem_ok = ("met" if (pt is not None and pb is not None and pt < pb) else "NOT met")
             lines.append(f"- {s['ops']['dtype']}, keep {kr:g}: evict speedup {sp:.2f}x "
-                         f"(>= 2x {speed_ok}); peak {cli._fmt_bytes(pt)} vs "
-                         f"{cli._fmt_bytes(pb)} (lower peak {mem_ok})")
+                         f"(>= 2x {speed_ok}); peak {common.fmt_bytes(pt)} vs "
+                         f"{common.fmt_bytes(pb)} (lower peak {mem_ok})")
     lines.append("")
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines))

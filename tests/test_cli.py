@@ -1,6 +1,6 @@
 """The ``tgvkv-bench`` command line and its plain-PyTorch baseline.
 
-- The baseline (:mod:`tgvkv.bench` ``torch_*``) keeps exactly the slots the reference keeps, so
+- The baseline (:mod:`tgvkv.torch_impl`) keeps exactly the slots the reference keeps, so
   that every speed ratio the CLI reports compares like with like.
 - The CLI, driven in a subprocess on tiny shapes: help text, exit codes, one-line errors without a
   traceback, the JSON schema, the plot.
@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tgvkv import bench
+from tgvkv import torch_impl
 from tgvkv import reference as ref
 
 PAD, TEXT, VISION = ref.PAD, ref.TEXT, ref.VISION
@@ -97,7 +97,7 @@ def test_torch_composition_keeps_the_reference_slots(seed, kr, budget, redistrib
         pytest.skip("mutual information is rounding noise for a rank-1 text->vision block")
     kr_, vr_ = [x.clone() for x in k], [x.clone() for x in v]
     exp = ref.evict(kr_, vr_, q, q_pos, mod, 8 ** -0.5, kr, budget, redistribute)
-    new_k, new_v, *got = bench.torch_evict(k, v, q, q_pos, mod, 8 ** -0.5, kr, budget,
+    new_k, new_v, *got = torch_impl.evict(k, v, q, q_pos, mod, 8 ** -0.5, kr, budget,
                                            redistribute)
     for name, e, g_ in zip(("keep_idx", "n_kept", "n_protected"), exp[:3], got[:3]):
         assert torch.equal(e, g_), (name, e, g_)
@@ -113,7 +113,7 @@ def test_torch_composition_stages_match_reference():
     k, v, q, q_pos, mod = _random_case(3, 3, 4, 2, 30, 16, 2, torch.float32)
     for ql, kl in zip(q, k):
         s_exp, st_exp = ref.score_text_vision(ql, kl, q_pos, mod, 0.25)
-        s_got, st_got = bench.torch_score_text_vision(ql, kl, q_pos, mod, 0.25)
+        s_got, st_got = torch_impl.score_text_vision(ql, kl, q_pos, mod, 0.25)
         torch.testing.assert_close(s_got, s_exp, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(st_got, st_exp, rtol=1e-5, atol=1e-6)
 
@@ -135,7 +135,7 @@ def test_torch_decode_evict_matches_reference(seed):
     a = [x.clone() for x in (k, v, pos, length)]
     b = [x.clone() for x in (k, v, pos, length)]
     e_exp = ref.decode_evict_(*a, q, n_seen, frac, nprot, D ** -0.5)
-    e_got = bench.torch_decode_evict_(*b, q, n_seen, frac, nprot, D ** -0.5)
+    e_got = torch_impl.decode_evict_(*b, q, n_seen, frac, nprot, D ** -0.5)
     assert torch.equal(e_exp, e_got) and torch.equal(a[3], b[3])
     for i in range(B):  # same live (pos, K, V) entries, any slot order
         n = int(a[3][i])

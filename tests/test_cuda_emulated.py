@@ -429,24 +429,38 @@ def test_decode_evict(emu, name):
 
 
 # ------------------------------------------------------------------------------------------
-# The emulator's launchers still mirror csrc/cuda/*.cu
+# The emulator runs the extension's own launchers (no copy that could drift)
 # ------------------------------------------------------------------------------------------
 def _launches(text):
     return {re.sub(r"\s+", " ", m.group(0)).strip()
             for m in re.finditer(r"[\w:<>]+<<<[^;]*?>>>", text)}
 
 
-def test_emulator_mirrors_every_launch():
-    """Every kernel launch in csrc/cuda/*.cu is one the emulator's driver reproduces: a changed
-    grid, block, shared-memory size or a new kernel must be mirrored in tools/cuda_emu/emu.cpp."""
+def test_emulator_runs_the_extensions_launchers():
+    """Every kernel launch is in a launcher of csrc/include/tgvkv/cuda (declared in launch.cuh),
+    none in the torch glue (csrc/cuda/*.cu) or in the emulator's driver: the driver calls every
+    launcher, and the emulator build rewrites every launch of the staged headers."""
     in_cu = set()
     for cu in sorted((REPO / "csrc" / "cuda").glob("*.cu")):
         in_cu |= _launches(cu.read_text())
+    assert not in_cu, f"kernel launches outside the launchers (move them to csrc/include): {in_cu}"
+    headers = sorted((REPO / "csrc" / "include" / "tgvkv" / "cuda").glob("*.cuh"))
+    in_headers = set()
+    for h in headers:
+        in_headers |= _launches(h.read_text())
+    assert in_headers, "no launch found in csrc/include/tgvkv/cuda/*.cuh"
     emu_src = (EMU_DIR / "emu.cpp").read_text()
-    block = emu_src[emu_src.index("// MIRRORED_LAUNCHES ("):emu_src.index("// END_MIRRORED_LAUNCHES")]
-    mirrored = set()
-    for line in block.splitlines()[1:]:
-        mirrored |= _launches(line.lstrip("/ "))
-    assert in_cu, "no launch found in csrc/cuda/*.cu"
-    assert in_cu == mirrored, (f"launches not mirrored by the emulator: {sorted(in_cu - mirrored)}; "
-                               f"mirrored but gone: {sorted(mirrored - in_cu)}")
+    assert not _launches(emu_src) and "emu::launch(" not in emu_src, \
+        "the emulator's driver launches kernels itself instead of calling the launchers"
+    declared = set(re.findall(r"^cudaError_t (launch_\w+)\(", (REPO / "csrc" / "include" / "tgvkv" /
+                                                             "cuda" / "launch.cuh").read_text(), re.M))
+    assert declared, "no launcher declared in launch.cuh"
+    called = set(re.findall(r"\b(launch_\w+)\(", emu_src))
+    assert declared <= called, f"launchers the emulator never runs: {sorted(declared - called)}"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tgvkv_cuda_emu_build", EMU_DIR / "build.py")
+    emu_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emu_build)
+    rewritten = sum(emu_build.rewrite_launches(h.read_text())[1] for h in headers)
+    assert rewritten == sum(h.read_text().count("<<<") for h in headers) > 0

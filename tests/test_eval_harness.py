@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tgvkv.eval import (POLICIES, default_model_path, format_table, load_dataset, load_model,
                         make_policy, policy_class, run)
-from tgvkv.eval.baselines import _evict_one_
+from tgvkv.torch_impl import evict_lowest_ as _evict_one_
 
 PIL = pytest.importorskip("PIL.Image")
 

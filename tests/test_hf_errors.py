@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("transformers")
 
 import tgvkv.hf as hf  # noqa: E402
-from tgvkv.hf import tiny  # noqa: E402
+from tgvkv import testing as tiny  # noqa: E402
 from tgvkv.policy import TGVKV, Policy  # noqa: E402
 
 GEN = dict(max_new_tokens=4, do_sample=False)

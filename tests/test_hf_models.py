@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 import tgvkv.hf as hf  # noqa: E402
 from tgvkv import reference  # noqa: E402
-from tgvkv.hf import tiny  # noqa: E402
+from tgvkv import testing as tiny  # noqa: E402
 from tgvkv.policy import TGVKV  # noqa: E402
 
 VLMS = ["tiny-llava", "tiny-llava-next", "tiny-llava-onevision", "tiny-qwen2-vl",
@@ -285,19 +285,16 @@ def test_right_padding_scores_match_oracle():
 
 
 @pytest.mark.parametrize("name", ["tiny-llava-next", "tiny-qwen3-vl"])
-def test_ops_backend_matches_reference_backend_end_to_end(name, monkeypatch):
+def test_ops_backend_matches_reference_backend_end_to_end(name):
     """The compiled ops and tgvkv.reference drive the model to the same kept sets and tokens,
     decode-time eviction included (live slot order may differ: compare sets)."""
-    import tgvkv.policy as P
+    import tgvkv.ops
 
-    if P.ops_backend() is reference:
-        pytest.skip("compiled ops not loaded")
     m = model(name)
     inp = tiny.make_inputs(m, [PROMPT, [2, "image", 3, "image", 5]])
     runs = []
-    for backend in (P.ops_backend(), reference):
-        monkeypatch.setattr(P, "_OPS", backend)
-        with hf.apply(m, TGVKV(keep_ratio=0.3)) as h:
+    for backend in (tgvkv.ops, reference):
+        with hf.apply(m, TGVKV(keep_ratio=0.3, ops=backend)) as h:
             out = m.generate(**inp, max_new_tokens=8, min_new_tokens=8, do_sample=False)
             c = h.last_cache
         live = [[c.kept_positions(l, b) for b in range(2)] for l in range(len(c.layers))]

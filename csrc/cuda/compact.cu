@@ -1,5 +1,5 @@
-// CUDA implementation of tgvkv::compact_, and the launcher of the compaction kernel
-// (csrc/include/tgvkv/cuda/compact.cuh) that evict.cu reuses.
+// CUDA implementation of tgvkv::compact_. The compaction kernel and its launcher (which evict.cu
+// reuses): csrc/include/tgvkv/cuda/compact.cuh; this is the one translation unit that includes it.
 #include <torch/library.h>
 
 #include "glue.cuh"
@@ -7,20 +7,6 @@
 
 namespace tgvkv {
 namespace cuda {
-
-void launch_compact(const compact::Params& p, int unit_bytes, cudaStream_t st) {
-  using namespace compact;
-  const dim3 grid(unsigned(int64_t(2) * p.B * p.H * p.dsplit), unsigned(p.L));
-  if (empty_grid(grid)) return;
-  switch (unit_bytes) {
-    case 16: compact_kernel<16><<<grid, kThreads, 0, st>>>(p); break;
-    case 8: compact_kernel<8><<<grid, kThreads, 0, st>>>(p); break;
-    case 4: compact_kernel<4><<<grid, kThreads, 0, st>>>(p); break;
-    case 2: compact_kernel<2><<<grid, kThreads, 0, st>>>(p); break;
-    default: compact_kernel<1><<<grid, kThreads, 0, st>>>(p); break;
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 
 namespace {
 
@@ -51,7 +37,7 @@ at::Tensor compact_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tens
                        vw.data_ptr(), {vw.stride(0), vw.stride(1), vw.stride(2)},
                        int64_t(vw.element_size()), H > 0 ? vw.size(3) : 0};
   const int ub = compact::plan(p, &layer, 1, num_sms(k.get_device()));
-  launch_compact(p, ub, current_stream());
+  C10_CUDA_CHECK(launch_compact(p, ub, current_stream()));
   if (!kw.is_same(k)) k.copy_(kw);
   if (!vw.is_same(v)) v.copy_(vw);
   return n_kept;

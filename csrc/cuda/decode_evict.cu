@@ -1,4 +1,4 @@
-// CUDA implementation of tgvkv::decode_evict_ (kernels: csrc/include/tgvkv/cuda/decode.cuh).
+// CUDA implementation of tgvkv::decode_evict_ (kernels and launcher: csrc/include/tgvkv/cuda/decode.cuh).
 // Three launches, no host sync. Data-dependent checks of the CPU op (length in [0, S], finite
 // forget count) are not done on CUDA: length is clamped to [0, S] and a non-finite forget count
 // evicts nothing.
@@ -14,20 +14,6 @@ namespace {
 // Slots per split of the decode kernels. Fixed (not derived from the device or the batch) so the
 // fp32 rounding of the attention, hence the victim, depends on the sample's inputs only.
 constexpr int64_t kDecodeSpan = 256;
-
-template <typename T>
-void launch_decode_t(const decode::Params& p, size_t smem1, cudaStream_t st) {
-  using namespace decode;
-  C10_CUDA_CHECK(ensure_dynamic_smem(logits_kernel<T>, smem1));
-  logits_kernel<T><<<dim3(p.nsplit + 1, p.B), kThreads, smem1, st>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (p.nsplit > 0) {
-    argmin_kernel<<<dim3(p.nsplit, p.B), kThreads, 2 * p.Hq * sizeof(float), st>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  apply_kernel<T><<<p.B, kThreads, 0, st>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 
 at::Tensor decode_evict_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
                              const at::Tensor& length, const at::Tensor& q,
@@ -92,11 +78,7 @@ at::Tensor decode_evict_cuda(const at::Tensor& k, const at::Tensor& v, const at:
   p.best_slot = reinterpret_cast<int64_t*>(base + o_bs);
   p.evicted = evicted.data_ptr<int64_t>();
   const cudaStream_t st = current_stream();
-  switch (dtype_of(k)) {
-    case DType::F32: launch_decode_t<float>(p, smem1, st); break;
-    case DType::F16: launch_decode_t<half_t>(p, smem1, st); break;
-    case DType::BF16: launch_decode_t<bf16_t>(p, smem1, st); break;
-  }
+  C10_CUDA_CHECK(launch_decode(p, dtype_of(k), smem1, st));
   return evicted;
 }
 

@@ -56,7 +56,7 @@ Tensor4 evict_tail(TensorList k_cache, TensorList v_cache, const Tensor& scores,
   sp.n_protected = n_prot.data_ptr<int64_t>();
   sp.n_kept = n_kept.data_ptr<int64_t>();
   sp.keep_fraction = frac.data_ptr<double>();
-  launch_select(sp, st);
+  C10_CUDA_CHECK(launch_select(sp, st));
 
   if (!k_cache.empty() && B > 0) {
     const int sms = num_sms(mod.get_device());
@@ -86,7 +86,7 @@ Tensor4 evict_tail(TensorList k_cache, TensorList v_cache, const Tensor& scores,
                                    int64_t(v.element_size()), H > 0 ? v.size(3) : 0};
       }
       const int ub = compact::plan(cp, layers, n, sms);
-      launch_compact(cp, ub, st);
+      C10_CUDA_CHECK(launch_compact(cp, ub, st));
     }
     for (int64_t l = 0; l < L; ++l) {
       if (!kw[l].is_same(k_cache[l])) k_cache[l].copy_(kw[l]);
@@ -181,7 +181,8 @@ Tensor4 evict_cuda(TensorList k_cache, TensorList v_cache, TensorList queries, c
         }
         p.scores = scores.data_ptr<float>() + l0 * B * N;
         p.stats = stats.data_ptr<float>() + l0 * B * 2;
-        launch_score(p, dt, st);  // stream-ordered: the next group may reuse the workspace
+        // stream-ordered: the next group may reuse the workspace
+        C10_CUDA_CHECK(launch_score(p, dt, st));
       }
     }
   }

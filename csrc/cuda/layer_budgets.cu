@@ -1,6 +1,6 @@
 // CUDA implementation of tgvkv::layer_budgets: one block per sample scans its modality row and
 // calls the torch-free tgvkv::sample_layer_budgets (shared with the CPU: bit-identical keep
-// counts). Kernel: csrc/include/tgvkv/cuda/select.cuh (launched by select_keep.cu's launcher).
+// counts). Kernel and launcher: csrc/include/tgvkv/cuda/select.cuh (compiled in select_keep.cu).
 #include <torch/library.h>
 
 #include <tuple>
@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> layer_budgets_cuda(const at::Tensor& stats,
   p.modality = mod.data_ptr<int8_t>();
   p.keep_out = keep.data_ptr<int64_t>();
   p.keep_fraction = frac.data_ptr<double>();
-  launch_budgets(p, current_stream());
+  C10_CUDA_CHECK(launch_budgets(p, current_stream()));
   return {keep, frac};
 }
 

@@ -1,5 +1,6 @@
-// CUDA implementation of tgvkv::select_keep, and the launchers of the budget and selection
-// kernels (csrc/include/tgvkv/cuda/select.cuh) that layer_budgets.cu and evict.cu reuse.
+// CUDA implementation of tgvkv::select_keep. The budget and selection kernels and their launchers
+// (which layer_budgets.cu and evict.cu reuse): csrc/include/tgvkv/cuda/select.cuh; this is the
+// one translation unit that includes it.
 #include <torch/library.h>
 
 #include <tuple>
@@ -9,23 +10,6 @@
 
 namespace tgvkv {
 namespace cuda {
-
-void launch_budgets(const select::Params& p, cudaStream_t st) {
-  if (p.B == 0 || p.L == 0) return;
-  const size_t smem = select::budget_smem_bytes(p.L);
-  C10_CUDA_CHECK(ensure_dynamic_smem(select::budgets_kernel, smem));
-  select::budgets_kernel<<<p.B, select::kThreads, smem, st>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-void launch_select(const select::Params& p, cudaStream_t st) {
-  const int64_t blocks = int64_t(p.L) * p.B;
-  if (blocks == 0) return;
-  const size_t smem = p.keep == nullptr ? select::budget_smem_bytes(p.L) : 0;
-  C10_CUDA_CHECK(ensure_dynamic_smem(select::select_kernel, smem));
-  select::select_kernel<<<unsigned(blocks), select::kThreads, smem, st>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 
 namespace {
 
@@ -57,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> select_keep_cuda(const at::Tensor& scores,
   p.modality = mod.data_ptr<int8_t>();
   p.keep_idx = keep_idx.data_ptr<int64_t>();
   p.n_protected = n_prot.data_ptr<int64_t>();
-  launch_select(p, current_stream());
+  C10_CUDA_CHECK(launch_select(p, current_stream()));
   return {keep_idx, n_prot};
 }
 

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-PAD, TEXT, VISION = 0, 1, 2
+from .constants import PAD, TEXT, VISION
 
 _ops = torch.ops.tgvkv
 
@@ -44,7 +44,18 @@ def modality_map(input_ids: Tensor, vision_token_ids: Sequence[int],
     -------
     Tensor
         ``[B, N]`` int8 of :data:`PAD` / :data:`TEXT` / :data:`VISION`, on ``input_ids.device``.
+
+    Raises
+    ------
+    ValueError
+        ``input_ids`` is not 2D, or ``attention_mask`` is not 2D of the same shape.
     """
+    if input_ids.dim() != 2:
+        raise ValueError(f"tgvkv: input_ids must be [B, N], got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and (attention_mask.dim() != 2
+                                       or attention_mask.shape != input_ids.shape):
+        raise ValueError("tgvkv: a 2D attention_mask of the same shape as input_ids is needed "
+                         f"(got {tuple(attention_mask.shape)} vs {tuple(input_ids.shape)})")
     ids = [int(t) for t in vision_token_ids]
     if ids:
         vt = torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device)

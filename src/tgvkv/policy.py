@@ -37,36 +37,16 @@ Hooks (shapes as in the README's API table; ``L`` layers, ``B`` samples, ``N`` p
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from . import reference as _reference
+from . import ops as _default_ops
+from . import torch_impl
+from .constants import BUDGET_MODES, TEXT, VISION
 
-PAD, TEXT, VISION = 0, 1, 2
-
-__all__ = ["Policy", "TGVKV", "ops_backend"]
-
-
-# --------------------------------------------------------------------------------------------
-# Which implementation of the ops: the compiled extension when it is loaded, else the reference.
-# --------------------------------------------------------------------------------------------
-_OPS = None
-
-
-def ops_backend():
-    """The module providing the op functions: ``tgvkv.ops`` when the compiled extension is loaded
-    (``torch.ops.tgvkv.evict`` exists), else :mod:`tgvkv.reference` (same signatures, slow)."""
-    global _OPS
-    if _OPS is None:
-        try:
-            torch.ops.tgvkv.evict  # noqa: B018  (raises when the extension is not loaded)
-            from . import ops as _ops  # type: ignore[attr-defined]
-
-            _OPS = _ops
-        except (AttributeError, ImportError, RuntimeError):
-            _OPS = _reference
-    return _OPS
+__all__ = ["Policy", "TGVKV", "guidance_attention"]
 
 
 def _on(t: torch.Tensor, device) -> torch.Tensor:
@@ -82,16 +62,23 @@ class Policy:
         (averaged over layers). 1.0 keeps everything and the model runs exactly as unpatched.
     n_sink : first ``n_sink`` real slots of every sample are never evicted (nor is the last one).
     decode_evict : evict during decoding so that each layer keeps a constant fraction (SPEC §4).
+    ops : the op implementation the hooks call (default :mod:`tgvkv.ops`, the compiled kernels;
+        :mod:`tgvkv.reference` has the same functions, slowly, for tests).
+
+    The configuration is validated once, when the policy is built (:meth:`validate`).
     """
 
     keep_ratio: float = 1.0
     n_sink: int = 4
     decode_evict: bool = True
+    ops: Any = _default_ops
 
-    def __init__(self, keep_ratio: float = 1.0, n_sink: int = 4, decode_evict: bool = True):
+    def __init__(self, keep_ratio: float = 1.0, n_sink: int = 4, decode_evict: bool = True,
+                 *, ops: Any = _default_ops):
         self.keep_ratio = keep_ratio
         self.n_sink = n_sink
         self.decode_evict = decode_evict
+        self.ops = ops
         self.validate()
 
     # ---- validation -------------------------------------------------------------------------
@@ -104,32 +91,29 @@ class Policy:
 
     # ---- hooks --------------------------------------------------------------------------------
     def guidance(self, modality: torch.Tensor) -> torch.Tensor:
-        return ops_backend().guidance_positions(modality)
+        return self.ops.guidance_positions(modality)
 
     def evicts(self, q_pos: torch.Tensor, modality: torch.Tensor) -> bool:
         """True when prefill eviction can drop something in at least one sample (one host sync)."""
         if float(self.keep_ratio) >= 1.0:
             return False
-        real = (modality != PAD).sum(1)
-        has_vis = (modality == VISION).any(1)
-        has_guid = (q_pos >= 0).any(1) if q_pos.numel() else torch.zeros_like(has_vis)
-        return bool((has_vis & _on(has_guid, has_vis.device) & (real > self.n_sink + 1)).any())
+        _, evicts = torch_impl.sample_facts(_on(q_pos, modality.device), modality, self.n_sink)
+        return bool(evicts.any())
 
     def layer_scores(self, layer_idx, q, k, q_pos, modality, scale):
         raise NotImplementedError
 
     def budgets(self, stats, q_pos, modality):
-        return ops_backend().layer_budgets(stats, q_pos, modality, float(self.keep_ratio), "mass",
-                                           False, self.n_sink)
+        return self.ops.layer_budgets(stats, q_pos, modality, float(self.keep_ratio), "mass",
+                                      False, self.n_sink)
 
     def select(self, scores, keep, q_pos, modality):
-        return ops_backend().select_keep(scores, keep, q_pos, modality, self.n_sink)
+        return self.ops.select_keep(scores, keep, q_pos, modality, self.n_sink)
 
     def evict(self, k_cache, v_cache, scores, stats, q_pos, modality):
-        ops = ops_backend()
         keep, frac = self.budgets(stats, q_pos, modality)
         keep_idx, n_prot = self.select(scores, keep, q_pos, modality)
-        n_kept = torch.stack([_on(ops.compact_(k, v, _on(keep_idx[l], k.device)), k.device)
+        n_kept = torch.stack([_on(self.ops.compact_(k, v, _on(keep_idx[l], k.device)), k.device)
                               for l, (k, v) in enumerate(zip(k_cache, v_cache))])
         return keep_idx, n_kept, n_prot, frac
 
@@ -137,11 +121,21 @@ class Policy:
                     scale):
         if not self.decode_evict:
             return None
-        return ops_backend().decode_evict_(k, v, pos, length, q, n_seen, keep_fraction,
-                                           n_protected, float(scale), self.n_sink)
+        return self.ops.decode_evict_(k, v, pos, length, q, n_seen, keep_fraction,
+                                      n_protected, float(scale), self.n_sink)
 
 
-def _gather_rows(q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+def ops_field():
+    """The ``ops`` field of a policy dataclass: keyword-only, left out of repr and ==."""
+    return field(default=_default_ops, kw_only=True, repr=False, compare=False)
+
+
+def single_class(modality: torch.Tensor) -> torch.Tensor:
+    """Text and vision in one ranking class (no text priority): vision slots relabelled text."""
+    return torch.where(modality == VISION, torch.full_like(modality, TEXT), modality)
+
+
+def gather_rows(q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
     """q [B, Hq, N, D], q_pos [B, T] (-1 = unused) -> [B, Hq, T, D] (unused rows: row 0)."""
     B, Hq, _, D = q.shape
     idx = _on(q_pos, q.device).clamp(min=0)[:, None, :, None].expand(B, Hq, q_pos.shape[1], D)
@@ -149,22 +143,14 @@ def _gather_rows(q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
 
 
 def guidance_attention(q_rows, k, q_pos, modality, scale):
-    """Head-averaged causal fp32 attention of the guidance rows, [B, T, N] (pure torch, T x N).
+    """Head-averaged causal fp32 attention of the guidance rows, [B, T, N]
+    (:func:`tgvkv.torch_impl.text_attention`, T x N).
 
     Used by the ablations that need raw rows (``text_weighting=False``); the default path never
     materialises them.
     """
-    B, Hq, T, D = q_rows.shape
-    Hkv, N = k.shape[1], k.shape[2]
-    kk = k.float().repeat_interleave(Hq // Hkv, dim=1)
-    logits = torch.einsum("bhtd,bhnd->bhtn", q_rows.float(), kk) * scale
-    qp = _on(q_pos, k.device)
-    cols = torch.arange(N, device=k.device)
-    allowed = (cols[None, None, :] <= qp[:, :, None]) & (_on(modality, k.device) != PAD)[:, None, :]
-    allowed = allowed & (qp >= 0)[:, :, None]
-    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-    A = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(1)
-    return A
+    q_pos, modality = _on(q_pos, k.device), _on(modality, k.device)
+    return torch_impl.text_attention(q_rows, k, torch_impl.guidance_masks(q_pos, modality), scale)
 
 
 @dataclass
@@ -188,6 +174,7 @@ class TGVKV(Policy):
         guidance queries instead of the text-weighted sums.
     text_priority : TPR ablation switch. False: text and vision compete on score alone.
     uniform_budgets : TVB ablation switch. True: every layer gets the same share 1/L.
+    ops : keyword only; the op module the hooks call (default :mod:`tgvkv.ops`).
     """
 
     keep_ratio: float = 0.05
@@ -200,14 +187,15 @@ class TGVKV(Policy):
     text_weighting: bool = True
     text_priority: bool = True
     uniform_budgets: bool = False
+    ops: Any = ops_field()
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
         super().validate()
-        if self.budget not in _reference.BUDGET_MODES:
-            raise ValueError(f"budget must be one of {_reference.BUDGET_MODES}, got {self.budget!r}")
+        if self.budget not in BUDGET_MODES:
+            raise ValueError(f"budget must be one of {BUDGET_MODES}, got {self.budget!r}")
         if self.text_score == "all_queries":
             raise NotImplementedError(
                 "text_score='all_queries' (text scores summed over all N queries, the released "
@@ -234,10 +222,9 @@ class TGVKV(Policy):
         return self.text_weighting and self.text_priority and not self.uniform_budgets
 
     def layer_scores(self, layer_idx, q, k, q_pos, modality, scale):
-        ops = ops_backend()
         q_pos_d, mod_d = _on(q_pos, k.device), _on(modality, k.device)
-        rows = _gather_rows(q, q_pos_d)
-        scores, stats = ops.score_text_vision(rows, k, q_pos_d, mod_d, float(scale))
+        rows = gather_rows(q, q_pos_d)
+        scores, stats = self.ops.score_text_vision(rows, k, q_pos_d, mod_d, float(scale))
         scores, stats = _on(scores, k.device), _on(stats, k.device)
         if not self.text_weighting:
             colsum = guidance_attention(rows, k, q_pos_d, mod_d, float(scale)).sum(1)
@@ -247,17 +234,17 @@ class TGVKV(Policy):
     def budgets(self, stats, q_pos, modality):
         if self.uniform_budgets:
             stats = torch.ones_like(stats)
-        return ops_backend().layer_budgets(stats, q_pos, modality, float(self.keep_ratio),
-                                           self.budget, self.redistribute, self.n_sink)
+        return self.ops.layer_budgets(stats, q_pos, modality, float(self.keep_ratio),
+                                      self.budget, self.redistribute, self.n_sink)
 
     def select(self, scores, keep, q_pos, modality):
         if not self.text_priority:  # one class for every real slot: rank on score alone
-            modality = torch.where(modality == VISION, torch.full_like(modality, TEXT), modality)
-        return ops_backend().select_keep(scores, keep, q_pos, modality, self.n_sink)
+            modality = single_class(modality)
+        return self.ops.select_keep(scores, keep, q_pos, modality, self.n_sink)
 
     def evict(self, k_cache, v_cache, scores, stats, q_pos, modality):
         if not self._fast:
             return super().evict(k_cache, v_cache, scores, stats, q_pos, modality)
-        return ops_backend().evict_from_scores(
+        return self.ops.evict_from_scores(
             k_cache, v_cache, scores, stats, q_pos, modality, float(self.keep_ratio), self.budget,
             self.redistribute, self.n_sink)

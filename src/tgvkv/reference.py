@@ -20,9 +20,7 @@ from typing import Sequence
 
 import torch
 
-PAD, TEXT, VISION = 0, 1, 2
-BUDGET_MODES = ("mass", "mi")
-TEXT_SCORE_MODES = ("guidance", "all_queries")
+from .constants import BUDGET_MODES, PAD, TEXT, TEXT_SCORE_MODES, VISION
 
 
 # --------------------------------------------------------------------------------------------

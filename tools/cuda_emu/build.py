@@ -4,8 +4,10 @@
 
 Steps: copy the torch-free kernel headers (csrc/include/tgvkv) into OUT_DIR/include, rewriting
 each ``extern __shared__ [__align__(n)] T name[];`` (the dynamic shared memory, which has no C++
-equivalent) into ``T* name = reinterpret_cast<T*>(emu_dyn_smem);`` -- the only change made to
-the kernel sources -- then compile emu.cpp against them and the fake CUDA headers in fake/ with
+equivalent) into ``T* name = reinterpret_cast<T*>(emu_dyn_smem);`` and each launch
+``kernel<<<config>>>(args);`` of the launchers (defined in the kernel headers) into
+``emu::Launch(config) << [&] { kernel(args); };`` -- the only changes made to the kernel
+sources -- then compile emu.cpp against them and the fake CUDA headers in fake/ with
 g++ -std=c++17 -O1 -pthread (a few seconds).
 """
 
@@ -33,6 +35,15 @@ def rewrite_dynamic_shared(src: str) -> tuple[str, int]:
         lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>(emu_dyn_smem);", src)
 
 
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)<<<([^;]*?)>>>\(([^;]*?)\);")
+
+
+def rewrite_launches(src: str) -> tuple[str, int]:
+    """``kernel<<<config>>>(args);`` -> ``emu::Launch(config) << [&] { kernel(args); };``."""
+    return _LAUNCH.subn(lambda m: f"emu::Launch({m.group(2)}) << [&] {{ {m.group(1)}({m.group(3)}); }};",
+                        src)
+
+
 def stage_headers(out: Path) -> int:
     """Copies csrc/include/tgvkv to out/include/tgvkv with the rewrite; returns the rewrites."""
     dst_root = out / "include" / "tgvkv"
@@ -45,7 +56,10 @@ def stage_headers(out: Path) -> int:
         text, n = rewrite_dynamic_shared(src.read_text())
         if "extern __shared__" in text:
             raise RuntimeError(f"{src}: an 'extern __shared__' declaration build.py cannot rewrite")
-        total += n
+        text, n_launch = rewrite_launches(text)
+        if "<<<" in text:
+            raise RuntimeError(f"{src}: a kernel launch build.py cannot rewrite")
+        total += n + n_launch
         dst = dst_root / src.relative_to(KERNELS)
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_text(text)

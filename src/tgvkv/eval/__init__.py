@@ -3,7 +3,7 @@
 ``tgvkv.eval.run(...)`` evaluates a Hugging Face VLM (default: the committed tiny LLaVA trained on
 easy-VQA, ``tgvkv/data/tiny-llava-easyvqa``) on a VQA set under several eviction policies and keep
 ratios; ``tgvkv.eval.format_table(result)`` renders the result. The built-in dataset comes from
-the ``easy-vqa`` package (a dependency of tgvkv, offline).
+the ``easy-vqa`` package (the ``eval`` extra: ``pip install "tgvkv[eval]"``; offline).
 """
 
 from .baselines import POLICIES, make_policy, policy_class

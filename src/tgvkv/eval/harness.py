@@ -104,10 +104,9 @@ def _versions(device):
             "threads": torch.get_num_threads(), "platform": platform.platform()}
     try:
         import tgvkv
-        from tgvkv.policy import ops_backend
 
         info["tgvkv"] = getattr(tgvkv, "__version__", "unknown")
-        info["tgvkv_ops_backend"] = ops_backend().__name__
+        info["tgvkv_ops_backend"] = tgvkv.TGVKV().ops.__name__
     except Exception as e:  # pragma: no cover - reported, not hidden
         info["tgvkv_import_error"] = repr(e)
     if str(device).startswith("cuda") and torch.cuda.is_available():

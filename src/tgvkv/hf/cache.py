@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from ..policy import PAD, Policy
+from ..constants import PAD
+from ..policy import Policy
 from .modality import modality_map
 
 log = logging.getLogger("tgvkv")

@@ -8,9 +8,9 @@ markers, timestamps between video frames, the question) is text.
 
 from __future__ import annotations
 
-import torch
+from ..ops import modality_map  # the one modality map (validates its inputs)
 
-from ..policy import ops_backend
+__all__ = ["VISION_ID_ATTRS", "modality_map", "vision_token_ids"]
 
 VISION_ID_ATTRS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 
@@ -29,16 +29,3 @@ def vision_token_ids(config) -> tuple[int, ...]:
             if isinstance(val, int) and not isinstance(val, bool) and val >= 0 and val not in ids:
                 ids.append(val)
     return tuple(ids)
-
-
-def modality_map(input_ids: torch.Tensor, vision_ids, attention_mask: torch.Tensor | None = None):
-    """[B, N] int8 PAD/TEXT/VISION map of a prompt (see :func:`tgvkv.reference.modality_map`)."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"tgvkv: input_ids must be [B, N], got shape {tuple(input_ids.shape)}")
-    if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.shape != input_ids.shape:
-            raise ValueError("tgvkv: a 2D attention_mask of the same shape as input_ids is needed "
-                             f"(got {tuple(attention_mask.shape)} vs {tuple(input_ids.shape)})")
-        attention_mask = attention_mask.to(input_ids.device)
-    mod = ops_backend().modality_map(input_ids, [int(t) for t in vision_ids], attention_mask)
-    return mod.to(input_ids.device)

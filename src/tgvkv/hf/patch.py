@@ -238,7 +238,6 @@ class Handle:
         if not isinstance(policy, Policy):
             raise TypeError(f"tgvkv: policy must be a tgvkv.Policy (e.g. tgvkv.TGVKV(...)), got "
                             f"{type(policy).__name__}")
-        policy.validate()
         _check_transformers_version()
         if getattr(model, "_tgvkv_handle", None) is not None:
             raise RuntimeError("tgvkv: this model is already patched; remove() the first handle")

@@ -57,13 +57,18 @@ inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return
 
 typedef int cudaError_t;
 typedef void* cudaStream_t;
-enum { cudaSuccess = 0 };
+enum { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = 132; return 0; }
 inline cudaError_t cudaGetLastError() { return 0; }
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return 0; }
 inline cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return 0; }
+// Device memory is host memory here, and a launch runs to completion before it returns.
+inline cudaError_t cudaMemsetAsync(void* p, int value, size_t n, cudaStream_t) {
+  std::memset(p, value, n);
+  return 0;
+}
 
 namespace emu {
 
@@ -256,4 +261,15 @@ void launch(dim3 grid, dim3 block, size_t smem, F body) {
   for (auto& t : th) t.join();
   dyn_smem = nullptr;
 }
+
+// `kernel<<<grid, block, smem, stream>>>(args);` as build.py rewrites it in the staged headers:
+// `emu::Launch(grid, block, smem, stream) << [&] { kernel(args); };` (the stream is ignored:
+// launches run in program order anyway).
+struct Launch {
+  dim3 grid, block;
+  size_t smem;
+  Launch(dim3 g, dim3 b, size_t s = 0, cudaStream_t = nullptr) : grid(g), block(b), smem(s) {}
+  template <typename F>
+  void operator<<(F body) const { launch(grid, block, smem, body); }
+};
 }  // namespace emu

@@ -36,6 +36,14 @@ struct View4 {
 // Every launch in tgvkv goes through this: a zero-sized grid is a no-op, not a launch error.
 inline bool empty_grid(dim3 g) { return g.x == 0 || g.y == 0 || g.z == 0; }
 
+// In a launcher (returns cudaError_t): return the error of a runtime call or of the launch just
+// made (TGVKV_CUDA_TRY(cudaGetLastError())) to the caller, which raises it.
+#define TGVKV_CUDA_TRY(expr)                         \
+  do {                                               \
+    const cudaError_t tgvkv_err_ = (expr);           \
+    if (tgvkv_err_ != cudaSuccess) return tgvkv_err_; \
+  } while (0)
+
 template <typename I>
 __host__ __device__ inline I ceil_div(I a, I b) {
   return (a + b - 1) / b;

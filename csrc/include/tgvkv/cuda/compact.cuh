@@ -112,5 +112,24 @@ __global__ void __launch_bounds__(kThreads) compact_kernel(const Params P) {
 }
 
 }  // namespace compact
+
+// ---------------------------------------------------------------------------------------------
+// Launcher (declared in launch.cuh). Defined here, next to the kernel it instantiates: this
+// header is included by compact.cu only (and by the CUDA emulator).
+// ---------------------------------------------------------------------------------------------
+cudaError_t launch_compact(const compact::Params& p, int unit_bytes, cudaStream_t st) {
+  using namespace compact;
+  const dim3 grid(unsigned(int64_t(2) * p.B * p.H * p.dsplit), unsigned(p.L));
+  if (empty_grid(grid)) return cudaSuccess;
+  switch (unit_bytes) {
+    case 16: compact_kernel<16><<<grid, kThreads, 0, st>>>(p); break;
+    case 8: compact_kernel<8><<<grid, kThreads, 0, st>>>(p); break;
+    case 4: compact_kernel<4><<<grid, kThreads, 0, st>>>(p); break;
+    case 2: compact_kernel<2><<<grid, kThreads, 0, st>>>(p); break;
+    default: compact_kernel<1><<<grid, kThreads, 0, st>>>(p); break;
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace cuda
 }  // namespace tgvkv

@@ -307,5 +307,36 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const Params P) {
 }
 
 }  // namespace decode
+
+// ---------------------------------------------------------------------------------------------
+// Launcher (declared in launch.cuh). Defined here, next to the kernels it instantiates: this
+// header is included by decode_evict.cu only (and by the CUDA emulator).
+// ---------------------------------------------------------------------------------------------
+namespace decode {
+
+template <typename T>
+cudaError_t launch_t(const Params& p, size_t smem1, cudaStream_t st) {
+  TGVKV_CUDA_TRY(ensure_dynamic_smem(logits_kernel<T>, smem1));
+  logits_kernel<T><<<dim3(p.nsplit + 1, p.B), kThreads, smem1, st>>>(p);
+  TGVKV_CUDA_TRY(cudaGetLastError());
+  if (p.nsplit > 0) {
+    argmin_kernel<<<dim3(p.nsplit, p.B), kThreads, 2 * p.Hq * sizeof(float), st>>>(p);
+    TGVKV_CUDA_TRY(cudaGetLastError());
+  }
+  apply_kernel<T><<<p.B, kThreads, 0, st>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace decode
+
+cudaError_t launch_decode(const decode::Params& p, DType dtype, size_t smem1, cudaStream_t st) {
+  switch (dtype) {
+    case DType::F32: return decode::launch_t<float>(p, smem1, st);
+    case DType::F16: return decode::launch_t<half_t>(p, smem1, st);
+    case DType::BF16: return decode::launch_t<bf16_t>(p, smem1, st);
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace cuda
 }  // namespace tgvkv

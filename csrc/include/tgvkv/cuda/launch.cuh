@@ -1,9 +1,12 @@
 // Torch-free launch interface of the tgvkv CUDA kernels: kernel parameter structs, launch plans
-// and the host launchers (defined in csrc/cuda/<op>.cu, each next to the only translation unit
-// that instantiates its kernels; evict.cu composes them through these declarations).
+// and the host launchers. Each launcher is defined at the end of its kernel header
+// (score.cuh, select.cuh, compact.cuh, decode.cuh), which exactly one translation unit of the
+// extension includes (csrc/cuda/<op>.cu; evict.cu composes them through these declarations) and
+// which the CUDA emulator (tools/cuda_emu) includes as well: one launch sequence, no copy.
 //
 // Launchers take raw pointers, sizes and the stream; they never synchronise with the host and
-// check every launch (C10_CUDA_KERNEL_LAUNCH_CHECK in the .cu definitions).
+// check every runtime call and launch, returning the first error (cudaSuccess otherwise); the
+// .cu glue turns it into an exception (C10_CUDA_CHECK).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -85,7 +88,7 @@ inline size_t plan(Params& p, void* ws) {
 
 // Scores [L, B, N] and stats [L, B, 2] of the p.L (<= kMaxLayers) layers of p; p planned with
 // score::plan on a workspace of the returned size.
-void launch_score(const score::Params& p, DType dtype, cudaStream_t stream);
+cudaError_t launch_score(const score::Params& p, DType dtype, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // layer_budgets and select_keep (csrc/cuda/select_keep.cu)
@@ -120,9 +123,9 @@ inline size_t budget_smem_bytes(int L) { return size_t(L) * 4 * 8; }
 }  // namespace select
 
 // Budgets only (p.keep_out, p.keep_fraction): grid B.
-void launch_budgets(const select::Params& p, cudaStream_t stream);
+cudaError_t launch_budgets(const select::Params& p, cudaStream_t stream);
 // Selection of every (layer, sample); budgets computed in the block when p.keep == nullptr.
-void launch_select(const select::Params& p, cudaStream_t stream);
+cudaError_t launch_select(const select::Params& p, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // compact_ (csrc/cuda/compact.cu)
@@ -201,7 +204,7 @@ inline int plan(Params& p, const Layer* layers, int n, int sms) {
 
 }  // namespace compact
 
-void launch_compact(const compact::Params& p, int unit_bytes, cudaStream_t stream);
+cudaError_t launch_compact(const compact::Params& p, int unit_bytes, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // decode_evict_ (csrc/cuda/decode_evict.cu)
@@ -240,6 +243,10 @@ struct Params {
 };
 
 }  // namespace decode
+
+// The three decode launches of p (planned by the caller); smem1: dynamic shared memory of the
+// logits kernel, (Hq + kWarps) * D floats.
+cudaError_t launch_decode(const decode::Params& p, DType dtype, size_t smem1, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace tgvkv

@@ -631,5 +631,57 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const Params P) {
 }
 
 }  // namespace score
+
+// ---------------------------------------------------------------------------------------------
+// Launcher (declared in launch.cuh). Defined here, next to the kernels it instantiates: this
+// header is included by score_text_vision.cu only (and by the CUDA emulator).
+// ---------------------------------------------------------------------------------------------
+namespace score {
+
+template <typename T>
+cudaError_t launch_t(const Params& p, cudaStream_t st) {
+  const size_t smem = dyn_smem_bytes<T>(p);
+  // > 48 KB of dynamic shared memory needs an opt-in (done once per kernel and device).
+  TGVKV_CUDA_TRY(ensure_dynamic_smem(stats_kernel<T>, smem));
+  TGVKV_CUDA_TRY(ensure_dynamic_smem(weights_kernel<T>, smem));
+  TGVKV_CUDA_TRY(ensure_dynamic_smem(scores_kernel<T>, smem));
+  const dim3 g1(p.nsplit, p.B, p.L), g2((p.T + kNC - 1) / kNC, p.B, p.L), g3(p.nchunks, p.B, p.L),
+      g4(p.B, p.L);
+  if (!empty_grid(g1)) {
+    stats_kernel<T><<<g1, kThreads, smem, st>>>(p);
+    TGVKV_CUDA_TRY(cudaGetLastError());
+  }
+  if (!empty_grid(g2)) {
+    weights_kernel<T><<<g2, kThreads, smem, st>>>(p);
+    TGVKV_CUDA_TRY(cudaGetLastError());
+  }
+  if (!empty_grid(g3)) {
+    scores_kernel<T><<<g3, kThreads, smem, st>>>(p);
+    TGVKV_CUDA_TRY(cudaGetLastError());
+  }
+  if (!empty_grid(g4)) {
+    finalize_kernel<<<g4, kThreads, 0, st>>>(p);
+    TGVKV_CUDA_TRY(cudaGetLastError());
+  }
+  return cudaSuccess;
+}
+
+}  // namespace score
+
+cudaError_t launch_score(const score::Params& p, DType dtype, cudaStream_t st) {
+  if (p.L == 0 || p.B == 0) return cudaSuccess;
+  const size_t LB = size_t(p.L) * p.B;
+  if (p.N == 0 || p.T == 0) {  // no guidance row (or no slot): every score and statistic is 0
+    if (p.N > 0) TGVKV_CUDA_TRY(cudaMemsetAsync(p.scores, 0, LB * p.N * sizeof(float), st));
+    return cudaMemsetAsync(p.stats, 0, LB * 2 * sizeof(float), st);
+  }
+  switch (dtype) {
+    case DType::F32: return score::launch_t<float>(p, st);
+    case DType::F16: return score::launch_t<half_t>(p, st);
+    case DType::BF16: return score::launch_t<bf16_t>(p, st);
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace cuda
 }  // namespace tgvkv

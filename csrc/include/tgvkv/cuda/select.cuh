@@ -287,5 +287,27 @@ __global__ void __launch_bounds__(kThreads) select_kernel(const Params P) {
 }
 
 }  // namespace select
+
+// ---------------------------------------------------------------------------------------------
+// Launchers (declared in launch.cuh). Defined here, next to the kernels they instantiate: this
+// header is included by select_keep.cu only (and by the CUDA emulator).
+// ---------------------------------------------------------------------------------------------
+cudaError_t launch_budgets(const select::Params& p, cudaStream_t st) {
+  if (p.B == 0 || p.L == 0) return cudaSuccess;
+  const size_t smem = select::budget_smem_bytes(p.L);
+  TGVKV_CUDA_TRY(ensure_dynamic_smem(select::budgets_kernel, smem));
+  select::budgets_kernel<<<p.B, select::kThreads, smem, st>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_select(const select::Params& p, cudaStream_t st) {
+  const int64_t blocks = int64_t(p.L) * p.B;
+  if (blocks == 0) return cudaSuccess;
+  const size_t smem = p.keep == nullptr ? select::budget_smem_bytes(p.L) : 0;
+  TGVKV_CUDA_TRY(ensure_dynamic_smem(select::select_kernel, smem));
+  select::select_kernel<<<unsigned(blocks), select::kThreads, smem, st>>>(p);
+  return cudaGetLastError();
+}
+
 }  // namespace cuda
 }  // namespace tgvkv

@@ -1,0 +1,57 @@
+"""Accuracy: the eval harness (:mod:`tgvkv.eval`) as a ``tgvkv-bench`` section."""
+
+from __future__ import annotations
+
+import os
+
+QUICK_ACCURACY = {"policies": ["tgvkv"], "keep_ratios": [1.0, 0.2, 0.05], "limit": 24,
+                  "max_new_tokens": 8}
+
+
+def run_accuracy(model=None, dataset="easy-vqa", policies=None, keep_ratios=None, limit=None,
+                 max_new_tokens=32, device="cpu", quick=False, progress=True,
+                 error=ValueError) -> dict:
+    """The eval harness (:func:`tgvkv.eval.run`) plus a flat ``rows`` list and its table.
+
+    ``quick``: the subset of the argument-less run (:data:`QUICK_ACCURACY`), unless overridden.
+    """
+    try:
+        from .. import eval as tgvkv_eval
+    except ImportError as e:
+        raise error(f"the accuracy harness (tgvkv.eval) cannot be imported: {e}")
+    if quick:
+        policies = policies or QUICK_ACCURACY["policies"]
+        keep_ratios = keep_ratios or QUICK_ACCURACY["keep_ratios"]
+        limit = limit or QUICK_ACCURACY["limit"]
+        max_new_tokens = QUICK_ACCURACY["max_new_tokens"]
+    for p in policies or []:
+        if p not in tgvkv_eval.POLICIES:
+            raise error(f"unknown policy {p!r} (choose from {', '.join(tgvkv_eval.POLICIES)})")
+    if model is not None and not os.path.isdir(str(model)):
+        raise error(f"--model {model}: not a directory (expected a local Hugging Face checkpoint)")
+    if model is None and not os.path.isdir(tgvkv_eval.default_model_path()):
+        raise error(f"the default eval model ({tgvkv_eval.default_model_path()}) is not "
+                    "installed; pass --model PATH")
+    try:
+        res = tgvkv_eval.run(model=model, dataset=dataset, policies=policies,
+                             keep_ratios=keep_ratios, limit=limit, device=device,
+                             progress=progress, max_new_tokens=max_new_tokens)
+    except ImportError as e:
+        raise error(f"the accuracy harness needs the eval extra: {e}")
+    except (ValueError, OSError, FileNotFoundError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise error(f"accuracy: {msg}")
+    rows = [{"policy": "full", "keep_ratio": None, "accuracy": res["full"]["accuracy"],
+             "pct_of_full": 100.0, "n_diff_vs_full": 0, "seconds": res["full"].get("seconds")}]
+    for pol, per in res["results"].items():
+        for kr, r in per.items():
+            rows.append({"policy": pol, "keep_ratio": float(kr), "accuracy": r["accuracy"],
+                         "pct_of_full": r.get("pct_of_full"),
+                         "n_diff_vs_full": r.get("n_diff_vs_full"), "seconds": r.get("seconds")})
+    res = dict(res)
+    res["rows"] = rows
+    res["metric"] = "accuracy"
+    res["table"] = (f"accuracy: {res['model']} on {res['dataset']} ({res['n_samples']} samples, "
+                    f"max {max_new_tokens} new tokens)\n" + tgvkv_eval.format_table(res))
+    return res
+

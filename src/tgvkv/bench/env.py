@@ -1,0 +1,61 @@
+"""Environment facts recorded in every ``tgvkv-bench`` report: device, CPU, versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except Exception:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device: str) -> dict:
+    info = {"device": device, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    try:
+        info["load_avg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    if device.startswith("cuda"):
+        idx = torch.device(device).index or 0
+        p = torch.cuda.get_device_properties(idx)
+        info["gpu"] = p.name
+        info["gpu_memory_gib"] = round(p.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def versions() -> dict:
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import transformers
+
+        v["transformers"] = transformers.__version__
+    except Exception:
+        v["transformers"] = None
+    try:
+        import tgvkv
+
+        v["tgvkv"] = getattr(tgvkv, "__version__", None)
+        bi = getattr(tgvkv, "build_info", None)
+        if callable(bi):
+            try:
+                v["tgvkv_build"] = {k: (x if isinstance(x, (str, int, float, bool, type(None), list))
+                                        else str(x)) for k, x in dict(bi()).items()}
+            except Exception as e:  # build info is informative only
+                v["tgvkv_build"] = f"unavailable: {e}"
+    except Exception:
+        v["tgvkv"] = None
+    return v
+

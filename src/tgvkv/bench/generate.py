@@ -1,0 +1,285 @@
+"""End to end: ``generate()`` with a Hugging Face VLM at several keep ratios and batch sizes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+
+import torch
+
+from ..constants import PAD
+from .common import fmt, fmt_bytes, table
+from .timing import peak_extra_bytes, sync
+
+GEN_ALIASES = {"tiny": "tiny-llava"}
+
+
+def _available_bytes(device: str) -> int | None:
+    try:
+        if device.startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            return int(free)
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+
+
+def load_model(model_path, preset, device, dtype, seed, error):
+    """(model, name, kind): a local checkpoint or an architecture with random weights."""
+    if model_path is not None:  # checked before the (slow) transformers import
+        if not os.path.isdir(model_path):
+            raise error(f"--model {model_path}: not a directory (expected a local Hugging Face "
+                        "checkpoint with config.json)")
+        if not os.path.isfile(os.path.join(model_path, "config.json")):
+            raise error(f"--model {model_path}: not a model (no config.json in it)")
+    from .. import testing as tiny
+
+    if model_path is not None:
+        import transformers as tf
+
+        try:
+            cfg = tf.AutoConfig.from_pretrained(model_path)
+        except Exception as e:
+            raise error(f"--model {model_path}: cannot read its config ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})")
+        cls = tiny.MODEL_CLASSES.get(getattr(cfg, "model_type", None))
+        if cls is None:
+            raise error(f"--model {model_path}: model type {cfg.model_type!r} is not supported "
+                        f"(supported: {', '.join(sorted(tiny.MODEL_CLASSES))})")
+        try:
+            model = cls.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa")
+        except Exception as e:
+            raise error(f"--model {model_path}: cannot load the weights ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})")
+        model = model.to(device).eval()
+        model.generation_config.pad_token_id = model.generation_config.pad_token_id or 0
+        return model, os.path.basename(os.path.normpath(model_path)), "checkpoint"
+    name = GEN_ALIASES.get(preset or "tiny", preset or "tiny")
+    names = tiny.TINY + tiny.PRESETS
+    if name not in names:
+        raise error(f"unknown preset {preset!r} for generate (choose from tiny, "
+                    f"{', '.join(names)})")
+    if name == "tiny-llama":
+        raise error("tiny-llama is a text-only model: nothing to evict; pick a VLM preset")
+    with torch.device("meta"):
+        meta = tiny.MODEL_CLASSES[tiny.config(name).model_type](tiny.config(name))
+    need = sum(p.numel() for p in meta.parameters()) * torch.empty((), dtype=dtype).element_size()
+    del meta
+    avail = _available_bytes(device)
+    if avail is not None and need > 0.8 * avail:
+        raise error(f"preset {name}: its weights need {need / 2**30:.1f} GiB of {dtype} but only "
+                    f"{avail / 2**30:.1f} GiB is free on {device}; use a tiny-* preset (or a GPU)")
+    return tiny.build(name, seed=seed, dtype=dtype, device=device), name, "random weights"
+
+
+def _prompt(model, b: int, kind: str) -> list:
+    """One single-image prompt: text prefix, one image, the question (lengths vary per sample so
+    that a batch is padded)."""
+    big = kind != "tiny"
+    return [24 if big else 8, "image", (40 if big else 16) + 3 * (b % 3)]
+
+
+class _ForwardClock:
+    """Forward pre-hook / hook on the top-level model: start and end of each forward call."""
+
+    def __init__(self, model, device):
+        self.device = device
+        self.spans: list[tuple[float, float]] = []
+        self._t0 = None
+        self._h = [model.register_forward_pre_hook(self._pre),
+                   model.register_forward_hook(self._post)]
+
+    def _pre(self, *a):
+        sync(self.device)
+        self._t0 = time.perf_counter()
+
+    def _post(self, *a):
+        sync(self.device)
+        self.spans.append((self._t0, time.perf_counter()))
+
+    def remove(self):
+        for h in self._h:
+            h.remove()
+
+
+def _cache_facts(cache) -> dict:
+    out = {"cache_bytes": None, "kept_fraction": None}
+    if cache is None:
+        return out
+    if hasattr(cache, "nbytes") and callable(cache.nbytes):
+        out["cache_bytes"] = int(cache.nbytes())
+    else:
+        tot = 0
+        for layer in getattr(cache, "layers", []):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    tot += t.numel() * t.element_size()
+        out["cache_bytes"] = tot
+    res = getattr(cache, "result", None)
+    mod = getattr(cache, "modality", None)
+    if res is not None and mod is not None:
+        n_kept = res[1].to(torch.float64)
+        n_real = (mod != PAD).sum(1).to(n_kept.device, torch.float64)
+        out["kept_fraction"] = float(n_kept.sum() / (n_real.sum() * n_kept.shape[0]))
+    elif cache is not None:
+        out["kept_fraction"] = 1.0
+    return out
+
+
+def _generate_once(model, inputs, new_tokens, device, policy, tgvkv_apply):
+    """One timed generate(); returns (ttft_s, prefill_s, decode_s_per_step, total_s, cache)."""
+    from ..hf import output_cache
+
+    ctx = tgvkv_apply(model, policy) if policy is not None else contextlib.nullcontext()
+    with ctx as handle:
+        clock = _ForwardClock(model, device)
+        try:
+            sync(device)
+            t0 = time.perf_counter()
+            out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, return_dict_in_generate=True)
+            sync(device)
+            t1 = time.perf_counter()
+        finally:
+            clock.remove()
+        cache = output_cache(out)
+    spans = clock.spans
+    first_end = spans[0][1]
+    steps = max(1, len(spans) - 1)
+    return (first_end - t0, spans[0][1] - spans[0][0], (t1 - first_end) / steps, t1 - t0, cache)
+
+
+def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32,
+                 dtype_name="float32", keep_ratios=(1.0, 0.5, 0.2, 0.1, 0.05), batches=(1,),
+                 new_tokens=32, reps=3, seed=0, progress=True, max_batch=False, error=ValueError,
+                 progress_factory=None) -> dict:
+    """End-to-end generate() at several keep ratios and batch sizes (plus the unpatched model).
+
+    Metrics (median over ``reps`` calls after one warm-up call per configuration):
+    ``ttft_ms`` generate() start to the end of the first forward (prompt + eviction);
+    ``prefill_ms`` the first forward alone (eviction included: it runs in its hook);
+    ``decode_ms_per_step`` / ``decode_tok_s`` from the end of the first forward to the end of
+    generate() (generation overheads included), ``batch * (new_tokens - 1)`` tokens;
+    ``cache_bytes`` bytes held by the KV cache after generate(); ``peak_bytes`` peak extra memory
+    of one generate() call (see :func:`peak_extra_bytes`).
+    """
+    if new_tokens < 2:
+        raise error("--new-tokens must be >= 2 (decode speed needs at least one decode step)")
+    model, name, kind = load_model(model_path, preset, device, dtype, seed, error)
+    from .. import testing as tiny
+    from ..hf import apply as tgvkv_apply
+    from ..policy import TGVKV
+
+    backend = TGVKV().ops.__name__  # which op implementation the policy calls
+    configs = [None] + [float(k) for k in keep_ratios]
+    bar = progress_factory(len(configs) * len(batches), "generate") if progress_factory else None
+    rows = []
+    prompt_tokens = None
+    for B in batches:
+        inputs = tiny.make_inputs(model, [_prompt(model, b, "tiny" if name.startswith("tiny") else
+                                                  "full") for b in range(B)], seed=seed)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        full_bytes = None
+        for kr in configs:
+            policy = TGVKV(keep_ratio=kr) if kr is not None else None
+            _generate_once(model, inputs, 2, device, policy, tgvkv_apply)  # warm-up
+            res = [_generate_once(model, inputs, new_tokens, device, policy, tgvkv_apply)
+                   for _ in range(reps)]
+            ttft = statistics.median(r[0] for r in res)
+            pre = statistics.median(r[1] for r in res)
+            dec = statistics.median(r[2] for r in res)
+            facts = _cache_facts(res[-1][4])
+            del res
+            peak, method = peak_extra_bytes(
+                lambda: _generate_once(model, inputs, new_tokens, device, policy, tgvkv_apply)[4],
+                device)
+            if kr is None:
+                full_bytes = facts["cache_bytes"]
+            rows.append({"keep_ratio": kr, "batch": B, "prompt_tokens": prompt_tokens,
+                         "ttft_ms": ttft * 1e3, "prefill_ms": pre * 1e3,
+                         "decode_ms_per_step": dec * 1e3, "decode_tok_s": B / dec,
+                         "cache_bytes": facts["cache_bytes"], "cache_bytes_full": full_bytes,
+                         "kept_fraction": facts["kept_fraction"], "peak_bytes": peak,
+                         "peak_method": method})
+            if bar is not None:
+                bar.set_postfix_str(f"batch {B} keep {kr if kr is not None else 'off'}")
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    base = {r["batch"]: r for r in rows if r["keep_ratio"] is None}
+    for r in rows:
+        b = base.get(r["batch"])
+        r["decode_speedup_vs_unpatched"] = r["decode_tok_s"] / b["decode_tok_s"] if b else None
+        r["ttft_ratio_vs_unpatched"] = r["ttft_ms"] / b["ttft_ms"] if b else None
+    sec = {"model": name, "model_kind": kind, "dtype": dtype_name, "new_tokens": new_tokens,
+           "prompt_tokens": prompt_tokens, "backend": backend, "reps": reps, "rows": rows,
+           "prompt": "random text tokens + one random image (tgvkv.testing.make_inputs); batch "
+                     "samples differ in question length (left padding)"}
+    if max_batch:
+        if not device.startswith("cuda"):
+            raise error("--max-batch needs a CUDA device (CPU memory is not bounded the same way)")
+        sec["max_batch"] = {
+            "unpatched": _max_batch(model, None, new_tokens, device, tgvkv_apply, seed, name),
+            f"keep_ratio={min(keep_ratios):g}": _max_batch(
+                model, TGVKV(keep_ratio=float(min(keep_ratios))), new_tokens, device, tgvkv_apply,
+                seed, name)}
+    return sec
+
+
+def _max_batch(model, policy, new_tokens, device, tgvkv_apply, seed, name, cap=4096):
+    """Largest batch whose generate() runs without CUDA OOM (doubling, then bisection)."""
+    from .. import testing as tiny
+
+    def fits(B):
+        try:
+            inputs = tiny.make_inputs(model, [_prompt(model, b, "tiny" if name.startswith("tiny")
+                                                      else "full") for b in range(B)], seed=seed)
+            _generate_once(model, inputs, new_tokens, device, policy, tgvkv_apply)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        except RuntimeError as e:  # some kernels report OOM as a plain RuntimeError
+            if "out of memory" in str(e).lower():
+                return False
+            raise
+        finally:
+            torch.cuda.empty_cache()
+
+    lo, hi = 0, 1
+    while hi <= cap and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi > cap:
+        return {"max_batch": lo, "capped_at": cap}
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return {"max_batch": lo}
+
+
+def generate_table(sec: dict) -> str:
+    title = (f"generate: {sec['model']} ({sec['model_kind']}, {sec['dtype']}), prompt "
+             f"{sec['prompt_tokens']} tokens, {sec['new_tokens']} new tokens, ops backend "
+             f"{sec['backend']}")
+    hdr = ["keep", "batch", "TTFT ms", "prefill ms", "decode ms/step", "decode tok/s",
+           "vs unpatched", "kept", "KV cache", "peak extra"]
+    out = []
+    for r in sec["rows"]:
+        out.append(["off (unpatched)" if r["keep_ratio"] is None else f"{r['keep_ratio']:g}",
+                    str(r["batch"]), fmt(r["ttft_ms"], ".1f"), fmt(r["prefill_ms"], ".1f"),
+                    fmt(r["decode_ms_per_step"], ".2f"), fmt(r["decode_tok_s"], ".1f"),
+                    fmt(r["decode_speedup_vs_unpatched"], ".2f") + "x",
+                    fmt(r["kept_fraction"], ".3f"), fmt_bytes(r["cache_bytes"]),
+                    fmt_bytes(r["peak_bytes"])])
+    txt = table(hdr, out, title)
+    if sec["model"].startswith("tiny"):
+        txt += ("\nnote: a tiny model's decode step is Python/dispatch overhead, not KV-cache "
+                "reads, so eviction shows its memory effect here but not a throughput gain; that "
+                "needs a cache that dominates the step (long prompts, large batches, full-size "
+                "models, GPU)")
+    if sec.get("max_batch"):
+        txt += "\nlargest batch that fits: " + ", ".join(
+            f"{k}: {v['max_batch']}" for k, v in sec["max_batch"].items())
+    return txt
+

@@ -1,0 +1,297 @@
+"""``tgvkv-bench ops``: every op and the whole ``evict`` against the plain-PyTorch composition
+(:mod:`tgvkv.torch_impl`) in the same run: time, GB/s, peak extra memory, same result."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+
+from .. import torch_impl
+from .common import UserError, fmt, fmt_bytes, progress_bar, table
+from .shapes import PRESETS, Shape, make_inputs
+from .timing import copy_bandwidth_gbs, peak_extra_bytes, time_fn
+
+OP_STAGES = ("score_text_vision", "layer_budgets", "select_keep", "compact_", "evict_from_scores",
+             "evict", "decode_evict_")
+
+
+def _load_tgvkv_ops():
+    """Import tgvkv and return torch.ops.tgvkv, or raise UserError when the ops are not built."""
+    try:
+        import tgvkv  # noqa: F401  (loads _C)
+    except Exception as e:
+        raise UserError(f"cannot import tgvkv's compiled ops ({type(e).__name__}: {e}); build "
+                        "them with: pip install --no-build-isolation .")
+    ns = torch.ops.tgvkv
+    try:
+        ns.evict  # noqa: B018
+    except (AttributeError, RuntimeError):
+        raise UserError("torch.ops.tgvkv.evict is not registered: tgvkv was installed without its "
+                        "compiled extension (pip install --no-build-isolation .)")
+    return ns
+
+
+def _ops_shape(args, default_shape=None):
+    if args.preset is not None:
+        if args.preset not in PRESETS:
+            raise UserError(f"unknown preset {args.preset!r} (choose from "
+                            f"{', '.join(PRESETS)})")
+        base = PRESETS[args.preset]
+    else:
+        base = default_shape or PRESETS["tiny"]
+    fields = {}
+    for f in ("layers", "heads", "kv_heads", "head_dim", "tokens", "vision_tokens", "text_tokens",
+              "batch"):
+        v = getattr(args, f, None)
+        fields[f] = getattr(base, f) if v is None else v
+    shape = Shape(**fields)
+    try:
+        shape.check()
+    except ValueError as e:
+        raise UserError(str(e))
+    return shape
+
+
+class _Case:
+    """The inputs of one ``tgvkv-bench ops`` run: the synthetic cache, working copies for the
+    in-place ops (restored outside timed regions) and, per keep ratio, the shared intermediates
+    (scores, budgets, selection: from the op itself) and the decode state."""
+
+    def __init__(self, shape, device, dtype, seed, ops, budget, redistribute, n_sink):
+        self.k0, self.v0, self.qs, self.q_pos, self.mod = make_inputs(shape, dtype, device, seed)
+        self.shape, self.device, self.dtype, self.ops = shape, device, dtype, ops
+        self.budget, self.redistribute, self.n_sink = budget, redistribute, n_sink
+        self.scale = shape.head_dim ** -0.5
+        self.elt = self.k0[0].element_size()
+        self.kw = [x.clone() for x in self.k0]
+        self.vw = [x.clone() for x in self.v0]
+        self.masks = torch_impl.guidance_masks(self.q_pos, self.mod)
+        self.dec = {}
+
+    def restore(self):
+        for a, b in zip(self.kw, self.k0):
+            a.copy_(b)
+        for a, b in zip(self.vw, self.v0):
+            a.copy_(b)
+
+    def at_keep_ratio(self, kr, with_decode):
+        """Intermediates of keep ratio ``kr`` (and the decode state when it is timed)."""
+        ops, q_pos, mod, n_sink = self.ops, self.q_pos, self.mod, self.n_sink
+        sc = [ops.score_text_vision(q, k, q_pos, mod, self.scale) for q, k in zip(self.qs, self.k0)]
+        self.scores = torch.stack([s for s, _ in sc])
+        self.stats = torch.stack([s for _, s in sc])
+        self.keep, self.frac = ops.layer_budgets(self.stats, q_pos, mod, kr, self.budget,
+                                                 self.redistribute, n_sink)
+        self.keep_idx, self.n_prot = ops.select_keep(self.scores, self.keep, q_pos, mod, n_sink)
+        self.widths = self.keep.max(1).values.tolist()
+        self.dec = {}
+        if with_decode:
+            self._decode_state()
+        self.n_seen = torch.full((self.shape.batch,), self.shape.tokens + 2, dtype=torch.int64,
+                                 device=self.device)
+
+    def _decode_state(self):
+        """The decode state as the model layer holds it: each layer compacted to its kept slots
+        (capacity = largest kept count + 2), then two decode tokens appended (the second decode
+        step: the first one that evicts, as every later step does)."""
+        sh, dev = self.shape, self.device
+        B, Hq, Hkv, N, D = sh.batch, sh.heads, sh.kv_heads, sh.tokens, sh.head_dim
+        dec = self.dec
+        dec.update(k0=[], v0=[], pos0=[], len0=[])
+        for l in range(sh.layers):
+            w = int(self.widths[l])
+            kc, vc = torch_impl.compact(self.k0[l], self.v0[l], self.keep_idx[l], w)
+            kd = torch.zeros(B, Hkv, w + 2, D, dtype=self.dtype, device=dev)
+            vd = torch.zeros_like(kd)
+            pd = torch.full((B, w + 2), -1, dtype=torch.int64, device=dev)
+            for b in range(B):
+                n = int(self.keep[l, b])
+                kd[b, :, :n], vd[b, :, :n] = kc[b, :, :n], vc[b, :, :n]
+                kd[b, :, n:n + 2] = self.k0[l][b, :, -2:]
+                vd[b, :, n:n + 2] = self.v0[l][b, :, -2:]
+                pd[b, :n] = self.keep_idx[l, b, :n]
+                pd[b, n], pd[b, n + 1] = N, N + 1
+            dec["k0"].append(kd)
+            dec["v0"].append(vd)
+            dec["pos0"].append(pd)
+            dec["len0"].append((self.keep[l] + 2).clone())
+        dec["q"] = [q[:, :, -1].contiguous() if q.shape[2] else
+                    torch.randn(B, Hq, D, device=dev).to(q.dtype) for q in self.qs]
+        for name in ("k", "v", "pos", "len"):
+            dec[name] = [x.clone() for x in dec[name + "0"]]
+
+    def restore_decode(self):
+        dec = self.dec
+        for l in range(self.shape.layers):
+            for name in ("k", "v", "pos", "len"):
+                dec[name][l].copy_(dec[name + "0"][l])
+
+    def nbytes(self):
+        """Bytes moved per stage (the bytes model of the report)."""
+        Hkv, D, elt = self.shape.kv_heads, self.shape.head_dim, self.elt
+        bytes_q = sum(q.numel() for q in self.qs) * elt
+        bytes_k = sum(k.numel() for k in self.k0) * elt
+        bytes_compact = 2 * 2 * int(self.keep.sum()) * Hkv * D * elt  # read + write kept K, V rows
+        bytes_decode = None
+        if self.dec:
+            bytes_decode = sum(int(x.sum()) for x in self.dec["len0"]) * Hkv * D * elt + \
+                sum(q.numel() for q in self.dec["q"]) * elt
+        return {"score_text_vision": bytes_q + bytes_k, "layer_budgets": None, "select_keep": None,
+                "compact_": bytes_compact,
+                "evict_from_scores": bytes_compact + self.scores.numel() * 4,
+                "evict": bytes_q + bytes_k + bytes_compact, "decode_evict_": bytes_decode}
+
+    def stages(self, kr):
+        """op name -> (tgvkv call, plain-PyTorch call, setup before each call or None)."""
+        ops, q_pos, mod, n_sink, scale = self.ops, self.q_pos, self.mod, self.n_sink, self.scale
+        budget, redis, L = self.budget, self.redistribute, self.shape.layers
+        k0, v0, kw, vw, qs, dec = self.k0, self.v0, self.kw, self.vw, self.qs, self.dec
+        scores, stats, keep, keep_idx = self.scores, self.stats, self.keep, self.keep_idx
+        frac, n_prot, n_seen = self.frac, self.n_prot, self.n_seen
+
+        def decode(impl):
+            return lambda: [impl(dec["k"][l], dec["v"][l], dec["pos"][l], dec["len"][l],
+                                 dec["q"][l], n_seen, frac[l], n_prot[l], scale, n_sink)
+                            for l in range(L)]
+
+        return {
+            "score_text_vision": (
+                lambda: [ops.score_text_vision(q, k, q_pos, mod, scale) for q, k in zip(qs, k0)],
+                lambda: [torch_impl.score_text_vision(q, k, q_pos, mod, scale, self.masks,
+                                                      budget == "mi") for q, k in zip(qs, k0)],
+                None),
+            "layer_budgets": (
+                lambda: ops.layer_budgets(stats, q_pos, mod, kr, budget, redis, n_sink),
+                lambda: torch_impl.layer_budgets(stats, q_pos, mod, kr, budget, redis, n_sink),
+                None),
+            "select_keep": (lambda: ops.select_keep(scores, keep, q_pos, mod, n_sink),
+                            lambda: torch_impl.select_keep(scores, keep, q_pos, mod, n_sink), None),
+            "compact_": (lambda: [ops.compact_(kw[l], vw[l], keep_idx[l]) for l in range(L)],
+                         lambda: [torch_impl.compact(k0[l], v0[l], keep_idx[l],
+                                                     int(self.widths[l])) for l in range(L)],
+                         self.restore),
+            "evict_from_scores": (
+                lambda: ops.evict_from_scores(kw, vw, scores, stats, q_pos, mod, kr, budget,
+                                              redis, n_sink),
+                lambda: torch_impl.evict_from_scores(k0, v0, scores, stats, q_pos, mod, kr, budget,
+                                                     redis, n_sink),
+                self.restore),
+            "evict": (
+                lambda: ops.evict(kw, vw, qs, q_pos, mod, scale, kr, budget, redis, n_sink),
+                lambda: torch_impl.evict(k0, v0, qs, q_pos, mod, scale, kr, budget, redis, n_sink),
+                self.restore),
+            "decode_evict_": (decode(ops.decode_evict_), decode(torch_impl.decode_evict_),
+                              self.restore_decode),
+        }
+
+    def same_key(self, st, out):
+        """The output both implementations must agree on exactly (None: not compared)."""
+        if st == "evict_from_scores" and len(out) == 6:
+            out = tuple(out[2:])
+        if st == "compact_" and isinstance(out[0], tuple):  # torch: (k, v) per layer
+            out = [(self.keep_idx[l] >= 0).sum(-1) for l in range(self.shape.layers)]
+        if st in ("layer_budgets", "select_keep", "evict_from_scores"):
+            return out[0]
+        if st == "evict":
+            return out[0] if isinstance(out, tuple) and len(out) == 4 else out[2]
+        if st in ("compact_", "decode_evict_"):
+            return torch.stack(list(out))
+        return None
+
+
+def _timed(fn, setup, nbytes, copy_bw, device, warmup, reps, min_time, memory):
+    """Timing of one implementation of one stage (+ GB/s and peak extra memory)."""
+    tm = time_fn(fn, device, setup=setup, warmup=warmup, reps=reps, min_time_s=min_time)
+    r = tm.as_dict()
+    r["gbs"] = nbytes / (tm.median_ms / 1e3) / 1e9 if nbytes else None
+    r["pct_copy_bw"] = 100 * r["gbs"] / copy_bw if nbytes and copy_bw else None
+    r["peak_extra_bytes"] = None
+    method = None
+    if memory:
+        if setup is not None:
+            setup()
+        r["peak_extra_bytes"], method = peak_extra_bytes(fn, device)
+    return r, method
+
+
+def _stage_row(case, st, kr, fns, nbytes, copy_bw, timing, bar):
+    """One row of the ops table: both implementations checked once each from the same state,
+    then timed. Returns (row, memory method)."""
+    t_fn, b_fn, setup = fns
+    row = {"op": st, "keep_ratio": kr, "bytes": nbytes}
+    keys = []
+    for fn in (t_fn, b_fn):
+        if setup is not None:
+            setup()
+        keys.append(case.same_key(st, fn()))
+    row["same_result"] = (None if keys[0] is None
+                          else bool(torch.equal(keys[0].cpu(), keys[1].cpu())))
+    if st == "decode_evict_":
+        row["evictions_per_call"] = int((keys[0] >= 0).sum())
+    method = None
+    for impl, fn in (("tgvkv", t_fn), ("torch", b_fn)):
+        row[impl], m = _timed(fn, setup, nbytes, copy_bw, case.device, *timing)
+        method = m or method
+        if bar is not None:
+            bar.set_postfix_str(f"{st} {impl} k={kr}")
+            bar.update(1)
+    row["speedup"] = row["torch"]["median_ms"] / row["tgvkv"]["median_ms"]
+    pt, pb = row["tgvkv"]["peak_extra_bytes"], row["torch"]["peak_extra_bytes"]
+    row["peak_ratio"] = (pt / pb) if (pt is not None and pb) else None
+    return row, method
+
+
+def run_ops(shape, preset, device, dtype, dtype_name, keep_ratios, budget="mass",
+            redistribute=False, stages=OP_STAGES, warmup=2, reps=20, min_time=0.5,
+            memory=True, seed=0, progress=True, n_sink=4) -> dict:
+    """Time the ops and their plain-PyTorch compositions; returns the ``ops`` section."""
+    ops = _load_tgvkv_ops()
+    case = _Case(shape, device, dtype, seed, ops, budget, redistribute, n_sink)
+    copy_bw = copy_bandwidth_gbs(device)
+    rows = []
+    mem_method = None
+    bar = progress_bar(len(keep_ratios) * len(stages) * 2, "ops", not progress)
+    for kr in keep_ratios:
+        case.at_keep_ratio(kr, "decode_evict_" in stages)
+        table_, nbytes = case.stages(kr), case.nbytes()
+        for st in stages:
+            row, m = _stage_row(case, st, kr, table_[st], nbytes[st], copy_bw,
+                                (warmup, reps, min_time, memory), bar)
+            mem_method = m or mem_method
+            rows.append(row)
+    if bar is not None:
+        bar.close()
+    return {"shape": asdict(shape), "preset": preset, "dtype": dtype_name, "budget": budget,
+            "redistribute": redistribute, "copy_bandwidth_gbs": copy_bw,
+            "memory_method": mem_method,
+            "bytes_model": "score: read Q and K; compact: read + write the kept K and V rows; "
+                           "evict: both; decode (second decode step after prefill eviction, "
+                           "one eviction per layer): read the live K rows and q",
+            "rows": rows}
+
+
+def ops_table(sec: dict) -> str:
+    sh = sec["shape"]
+    title = (f"ops: L={sh['layers']} Hq={sh['heads']} Hkv={sh['kv_heads']} D={sh['head_dim']} "
+             f"N={sh['tokens']} (vision {sh['vision_tokens']}, T={sh['text_tokens']}) "
+             f"B={sh['batch']} {sec['dtype']}"
+             + (f" [{sec['preset']}]" if sec.get("preset") else "")
+             + f"; copy bandwidth {sec['copy_bandwidth_gbs']:.1f} GB/s")
+    hdr = ["op", "keep", "tgvkv ms (min-max)", "torch ms (min-max)", "speedup", "GB/s",
+           "% copy", "peak tgvkv", "peak torch", "same"]
+    out = []
+    for r in sec["rows"]:
+        t, b = r["tgvkv"], r["torch"]
+        out.append([r["op"], fmt(r["keep_ratio"], "g"),
+                    f"{t['median_ms']:.3f} ({t['min_ms']:.3f}-{t['max_ms']:.3f})",
+                    f"{b['median_ms']:.3f} ({b['min_ms']:.3f}-{b['max_ms']:.3f})",
+                    f"{r['speedup']:.2f}x", fmt(t["gbs"], ".1f"), fmt(t["pct_copy_bw"], ".0f"),
+                    fmt_bytes(t["peak_extra_bytes"]), fmt_bytes(b["peak_extra_bytes"]),
+                    {True: "yes", False: "NO", None: "-"}[r.get("same_result")]])
+    note = ("speedup = plain-PyTorch median / tgvkv median (same run); GB/s of tgvkv by the bytes "
+            "model: " + sec["bytes_model"] + "; peak = extra memory allocated during the call ("
+            + (sec.get("memory_method") or "not measured") + "); same = both implementations "
+            "give the identical kept slots / counts / evicted positions from the same state")
+    return table(hdr, out, title) + "\n" + note
+
