@@ -6,7 +6,7 @@
   as it is after prefill eviction (``keep_ratio * N`` live slots plus two decoded tokens, so that
   every call evicts one slot, the steady state), timed eagerly over all L layers of a decode step
   (launch overhead included, as the model layer calls it) and as a replayed CUDA graph (kernel
-  time), against the plain-PyTorch ``tgvkv.bench.torch_decode_evict_`` in the same run;
+  time), against the plain-PyTorch ``tgvkv.torch_impl.decode_evict_`` in the same run;
 - a CUDA-graph capture check of one decode step's evictions (all L layers): capture, replay on
   the restored state, and compare the cache state and the victims with the eager ops, bit for bit.
 
@@ -27,7 +27,8 @@ from dataclasses import asdict
 import torch
 
 import tgvkv  # noqa: F401  (registers torch.ops.tgvkv.*)
-from tgvkv import bench
+from tgvkv import bench, torch_impl
+from tgvkv.bench.env import device_info, versions
 
 OPS = torch.ops.tgvkv
 
@@ -101,7 +102,7 @@ def measure_decode(shape, batch, keep_ratio, dtype, device, reps, scale=None):
         return [OPS.decode_evict_(*st, q, n_seen, frac, n_prot, scale, 4) for st in states]
 
     def step_torch():
-        return [bench.torch_decode_evict_(*st, q, n_seen, frac, n_prot, scale, 4)
+        return [torch_impl.decode_evict_(*st, q, n_seen, frac, n_prot, scale, 4)
                 for st in states]
 
     restore()
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rep = {"schema": "tgvkv-gpu-extra/1",
            "command": " ".join(["tools/gpu_extra.py"] + sys.argv[1:]),
-           "versions": bench.versions(), "device": bench.device_info(dev), "dtype": str(dtype)}
+           "versions": versions(), "device": device_info(dev), "dtype": str(dtype)}
     rep["copy_bandwidth_gbs"] = bench.copy_bandwidth_gbs(dev, nbytes=args.copy_mib << 20, reps=20)
     rep["copy_bytes"] = args.copy_mib << 20
     print(f"copy bandwidth ({args.copy_mib} MiB, read + write): "
