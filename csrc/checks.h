@@ -7,11 +7,14 @@
 //   tgvkv::score_text_vision: 'k' must have 4 dims [B, Hkv, N, D], got shape [2, 3, 4]
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <sstream>
 #include <string>
@@ -126,8 +129,53 @@ inline void check_q_pos_modality(const at::Tensor& q_pos, const at::Tensor& moda
   check_same_device(q_pos, modality, op, "q_pos", "modality");
 }
 
+// n_sink is compared with slot counts (32-bit in the kernels): bounded so no sum overflows.
+constexpr int64_t kMaxNSink = (int64_t{1} << 31) - 1;
 inline void check_n_sink(int64_t n_sink, const char* op) {
-  TGVKV_CHECK_VALUE(n_sink >= 0, op, "n_sink must be >= 0, got ", n_sink);
+  TGVKV_CHECK_VALUE(n_sink >= 0 && n_sink <= kMaxNSink, op, "n_sink must be in [0, 2^31 - 1], got ",
+                    n_sink);
+}
+
+// ---- tensors an op writes in place ---------------------------------------------------------
+// As built-in in-place ops do, refuse a written tensor whose elements share memory (an expand()ed
+// or stride-0 view) and two written tensors that share memory (K and V the same tensor, the same
+// tensor in two layers): the result would depend on the order of the writes.
+inline void check_no_internal_overlap(const at::Tensor& t, const char* op, const char* name,
+                                      int64_t index = -1) {
+  TGVKV_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, "'", name,
+              index >= 0 ? "[" + std::to_string(index) + "]" : std::string(),
+              "' is written in place but several of its elements share one memory location (an "
+              "expand()ed or stride-0 view); pass a tensor with its own memory (e.g. .clone())");
+}
+
+// Byte range [lo, hi) a strided tensor can touch (strides >= 0; empty tensors touch nothing).
+inline void byte_extent(const at::Tensor& t, uintptr_t* lo, uintptr_t* hi) {
+  const uintptr_t base = reinterpret_cast<uintptr_t>(t.data_ptr());
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * std::abs(t.stride(d));
+  *lo = base;
+  *hi = base + static_cast<uintptr_t>((last + 1) * t.element_size());
+}
+
+inline bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  switch (at::get_overlap_status(a, b)) {
+    case at::MemOverlapStatus::Full:
+    case at::MemOverlapStatus::Partial: return true;
+    case at::MemOverlapStatus::No: return false;
+    case at::MemOverlapStatus::TooHard: break;  // non-dense views: compare their byte ranges
+  }
+  if (!a.storage().is_alias_of(b.storage())) return false;
+  uintptr_t alo, ahi, blo, bhi;
+  byte_extent(a, &alo, &ahi);
+  byte_extent(b, &blo, &bhi);
+  return alo < bhi && blo < ahi;
+}
+
+inline void check_no_overlap(const at::Tensor& a, const at::Tensor& b, const char* op,
+                             const std::string& aname, const std::string& bname) {
+  TGVKV_CHECK(!may_share_memory(a, b), op, "'", aname, "' and '", bname, "' are both written in ",
+              "place but share memory; pass separate tensors");
 }
 
 inline void check_keep_ratio(double keep_ratio, const char* op) {

@@ -88,6 +88,20 @@ inline void check_kv_pair(const at::Tensor& k, const at::Tensor& v, const char* 
   checks::check_size(v, 2, k.size(2), op, vname, lay.seq);
 }
 
+// Every K and V of a cache is compacted in place: none may share memory with itself or another.
+inline void check_written_cache(at::TensorList k_cache, at::TensorList v_cache, const char* op) {
+  const int64_t L = static_cast<int64_t>(k_cache.size());
+  auto name = [](int64_t i, int64_t L) {
+    return std::string(i < L ? "k_cache[" : "v_cache[") + std::to_string(i < L ? i : i - L) + "]";
+  };
+  auto at_ = [&](int64_t i) -> const at::Tensor& { return i < L ? k_cache[i] : v_cache[i - L]; };
+  for (int64_t i = 0; i < 2 * L; ++i) {
+    checks::check_no_internal_overlap(at_(i), op, i < L ? "k_cache" : "v_cache", i < L ? i : i - L);
+    for (int64_t j = i + 1; j < 2 * L; ++j)
+      checks::check_no_overlap(at_(i), at_(j), op, name(i, L), name(j, L));
+  }
+}
+
 // k_cache / v_cache: the same number of layers, L of them or none, each layer a K/V pair of
 // float K on modality's device with B and N from modality.
 inline void check_cache_lists(at::TensorList k_cache, at::TensorList v_cache, int64_t L,
@@ -103,6 +117,7 @@ inline void check_cache_lists(at::TensorList k_cache, at::TensorList v_cache, in
     checks::check_size(k_cache[l], 2, d.N, op, "k_cache[l]", "N (from modality)");
     checks::check_same_device(k_cache[l], modality, op, "k_cache[l]", "modality");
   }
+  check_written_cache(k_cache, v_cache, op);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -166,6 +181,9 @@ inline void check_compact_args(const at::Tensor& k, const at::Tensor& v,
   checks::check_same_device(keep_idx, k, op, "keep_idx", "k");
   checks::check_size(keep_idx, 0, k.size(0), op, "keep_idx", "B (from k)");
   checks::check_size(keep_idx, 1, k.size(2), op, "keep_idx", "N (from k)");
+  checks::check_no_internal_overlap(k, op, "k");
+  checks::check_no_internal_overlap(v, op, "v");
+  checks::check_no_overlap(k, v, op, "k", "v");
 }
 
 // Returns the layer count L (from scores) and the budget mode.
@@ -247,6 +265,13 @@ inline DecodeArgs check_decode_evict_args(const at::Tensor& k, const at::Tensor&
   checks::check_same_device(pos, k, op, "pos", "k");
   checks::check_scale(scale, op);
   checks::check_n_sink(n_sink, op);
+  const at::Tensor* written[] = {&k, &v, &pos, &length};
+  const char* names[] = {"k", "v", "pos", "length"};
+  for (int i = 0; i < 4; ++i) {
+    checks::check_no_internal_overlap(*written[i], op, names[i]);
+    for (int j = i + 1; j < 4; ++j)
+      checks::check_no_overlap(*written[i], *written[j], op, names[i], names[j]);
+  }
   return DecodeArgs{B, Hkv, S, D, q.size(1)};
 }
 

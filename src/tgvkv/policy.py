@@ -44,7 +44,7 @@ import torch
 
 from . import ops as _default_ops
 from . import torch_impl
-from .constants import BUDGET_MODES, TEXT, VISION
+from .constants import BUDGET_MODES, MAX_N_SINK, TEXT, VISION
 
 __all__ = ["Policy", "TGVKV", "guidance_attention"]
 
@@ -86,8 +86,9 @@ class Policy:
         kr = self.keep_ratio
         if isinstance(kr, bool) or not isinstance(kr, (int, float)) or not (0.0 < float(kr) <= 1.0):
             raise ValueError(f"keep_ratio must be a number in (0, 1], got {kr!r}")
-        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
-            raise ValueError(f"n_sink must be an int >= 0, got {self.n_sink!r}")
+        ns = self.n_sink
+        if isinstance(ns, bool) or not isinstance(ns, int) or not (0 <= ns <= MAX_N_SINK):
+            raise ValueError(f"n_sink must be an int in [0, 2**31 - 1], got {ns!r}")
 
     # ---- hooks --------------------------------------------------------------------------------
     def guidance(self, modality: torch.Tensor) -> torch.Tensor:

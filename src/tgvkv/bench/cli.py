@@ -62,6 +62,7 @@ import math
 import os
 import shlex
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -344,6 +345,27 @@ def _finish(report, texts, args, device) -> None:
         print(f"wrote {args.plot}")
 
 
+def _check_output_path(flag: str, path: str) -> None:
+    """Before any work: ``path`` can be written (a regular file, or a new one in an existing,
+    writable directory), so that a long run does not end in a traceback."""
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a directory, expected a file name")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: not a regular file")
+    if not os.path.isdir(d):
+        raise UserError(f"{flag} {path}: directory {d} does not exist")
+    try:  # the real test (permissions, read-only or full file systems): write a probe file
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".tgvkv-bench-probe-") as f:
+            f.write(b"x")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {d} ({e.strerror or e})") from None
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path}: the file is not writable")
+
+
 def _run(argv: list[str]) -> int:
     parser = build_parser()
     orig_argv = list(argv)
@@ -355,10 +377,9 @@ def _run(argv: list[str]) -> int:
         return 0
     cmd = args.command or "all"
     check_plot_deps(args.plot)
-    if args.json:
-        d = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(d):
-            raise UserError(f"--json {args.json}: directory {d} does not exist")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            _check_output_path(flag, path)
 
     import torch
 
