@@ -159,3 +159,57 @@ def test_cli_output_parent_is_a_file(tmp_path):
     f.write_text("x")
     p = _cli("ops", "--preset", "tiny", "--json", f / "r.json")
     assert p.returncode == 2 and "does not exist" in p.stderr, p.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# Fake (meta) kernels check shapes, dtypes and devices like the real op
+# ------------------------------------------------------------------------------------------
+def _meta(g):
+    return {k: v.to("meta") for k, v in g.items()}
+
+
+@pytest.mark.parametrize("name", ["score_text_vision", "layer_budgets", "select_keep", "compact_",
+                                  "evict_from_scores", "evict"])
+def test_fake_kernels_accept_good_args(name):
+    call(name, _meta(good()))  # the meta kernels compute shapes only
+
+
+@pytest.mark.parametrize("name,over,arg", [
+    ("score_text_vision", {"k": torch.empty(B, HKV, N + 1, D)}, "k"),
+    ("score_text_vision", {"q": torch.empty(B, 4, 3, D, dtype=torch.float16)}, "q"),
+    ("layer_budgets", {"stats": torch.empty(L, B, 3)}, "stats"),
+    ("select_keep", {"keep": torch.empty(L, B + 1, dtype=torch.int64)}, "keep"),
+    ("compact_", {"keep_idx": torch.empty(B, N - 1, dtype=torch.int64)}, "keep_idx"),
+    ("compact_", {"v": torch.empty(B, HKV + 1, N, D)}, "v"),
+    ("evict_from_scores", {"scores": torch.empty(L, B, N, dtype=torch.float64)}, "scores"),
+    ("evict", {"queries": [torch.empty(B, 4, 1, D)] * L}, "queries[0]"),
+])
+def test_fake_kernels_refuse_what_the_op_refuses(name, over, arg):
+    g = good()
+    with pytest.raises(RuntimeError) as real:
+        call(name, g, **over)
+    assert name in str(real.value)
+    meta_over = {k: ([t.to("meta") for t in v] if isinstance(v, list) else v.to("meta"))
+                 for k, v in over.items()}
+    expect_error(lambda: call(name, _meta(g), **meta_over), name, arg)
+
+
+@pytest.mark.parametrize("name,arg", [("score_text_vision", "k"), ("compact_", "k"),
+                                      ("select_keep", "scores"), ("layer_budgets", "stats")])
+def test_one_input_on_meta_is_an_error(name, arg):
+    g = good()
+    g[arg] = g[arg].to("meta")  # the others stay on the cpu
+    with pytest.raises(RuntimeError, match="device"):
+        call(name, g)
+
+
+def test_fake_kernels_under_torch_compile_refuse_bad_shapes():
+    g = good()
+    bad_idx = torch.arange(N - 1).repeat(B, 1)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(k, v, idx):
+        return torch.ops.tgvkv.compact_(k, v, idx)
+
+    with pytest.raises(Exception, match="keep_idx"):
+        f(g["k"].clone(), g["v"].clone(), bad_idx)

@@ -283,8 +283,83 @@ def decode_evict_(k: Tensor, v: Tensor, pos: Tensor, length: Tensor, q: Tensor, 
 # --------------------------------------------------------------------------------------------
 # Fake kernels: output shapes from input shapes (torch.compile / meta tensors / opcheck)
 # --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------
+# Fake kernels: output shapes from input shapes, after the checks that need no data (so that a
+# torch.compile trace refuses what the real op refuses). The C++ op_args layer is the full set;
+# this mirrors its shape, dtype and device rules by named dimensions ("B Hkv N D"): a letter
+# bound by one argument must match in the others (lowercase letters are per tensor).
+# --------------------------------------------------------------------------------------------
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _FakeCheck:
+    def __init__(self, op: str):
+        self.op, self.dims, self.device = op, {}, None
+
+    def __call__(self, t, name: str, layout: str, dtypes=None, scope=None):
+        op = f"tgvkv::{self.op}"
+        letters = layout.split()
+        if not isinstance(t, Tensor):
+            raise RuntimeError(f"{op}: '{name}' must be a tensor, got {type(t).__name__}")
+        if t.dim() != len(letters):
+            raise RuntimeError(f"{op}: '{name}' must have {len(letters)} dims [{', '.join(letters)}]"
+                               f", got shape {list(t.shape)}")
+        if dtypes is not None and t.dtype not in dtypes:
+            raise RuntimeError(f"{op}: '{name}' must be "
+                               f"{' or '.join(str(d).replace('torch.', '') for d in dtypes)}, "
+                               f"got {str(t.dtype).replace('torch.', '')}")
+        if self.device is None:
+            self.device = (name, t.device)
+        elif t.device != self.device[1]:
+            raise RuntimeError(f"{op}: '{name}' must be on the device of '{self.device[0]}' "
+                               f"({self.device[1]}), got {t.device}")
+        bound = self.dims if scope is None else scope
+        for d, letter in enumerate(letters):
+            if letter.isdigit():
+                want = (int(letter), "")
+            elif letter in bound:
+                want = bound[letter]
+            elif letter in self.dims:
+                want = self.dims[letter]
+            else:
+                bound[letter] = (t.shape[d], name)
+                continue
+            if t.shape[d] != want[0]:
+                src = f" (from '{want[1]}')" if want[1] else ""
+                raise RuntimeError(f"{op}: '{name}' dim {d} ({letter}) must be {want[0]}{src}, "
+                                   f"got shape {list(t.shape)}")
+
+    def same_dtype(self, t, ref, name: str, ref_name: str):
+        if t.dtype != ref.dtype:
+            raise RuntimeError(f"tgvkv::{self.op}: '{name}' must have the dtype of '{ref_name}' "
+                               f"({str(ref.dtype).replace('torch.', '')}), got "
+                               f"{str(t.dtype).replace('torch.', '')}")
+
+    def small(self, q_pos, modality):
+        self(modality, "modality", "B N", (torch.int8,))
+        self(q_pos, "q_pos", "B T", (torch.int64,))
+
+    def cache(self, k_cache, v_cache, queries=None):
+        if len(k_cache) != len(v_cache):
+            raise RuntimeError(f"tgvkv::{self.op}: 'k_cache' and 'v_cache' must have the same "
+                               f"number of layers, got {len(k_cache)} and {len(v_cache)}")
+        for l, (k, v) in enumerate(zip(k_cache, v_cache)):
+            layer = {}
+            self(k, f"k_cache[{l}]", "B Hkv N D", _FLOAT, scope=layer)
+            self(v, f"v_cache[{l}]", "B Hkv N Dv", scope=layer)
+            self.same_dtype(v, k, f"v_cache[{l}]", f"k_cache[{l}]")
+            if queries is not None:
+                self(queries[l], f"queries[{l}]", "B Hq T D", scope=layer)
+                self.same_dtype(queries[l], k, f"queries[{l}]", f"k_cache[{l}]")
+
+
 @torch.library.register_fake("tgvkv::score_text_vision")
 def _score_text_vision_fake(q, k, q_pos, modality, scale):
+    c = _FakeCheck("score_text_vision")
+    c.small(q_pos, modality)
+    c(k, "k", "B Hkv N D", _FLOAT)
+    c(q, "q", "B Hq T D")
+    c.same_dtype(q, k, "q", "k")
     B, N = k.shape[0], k.shape[2]
     return (k.new_empty((B, N), dtype=torch.float32), k.new_empty((B, 2), dtype=torch.float32))
 
@@ -292,6 +367,9 @@ def _score_text_vision_fake(q, k, q_pos, modality, scale):
 @torch.library.register_fake("tgvkv::layer_budgets")
 def _layer_budgets_fake(stats, q_pos, modality, keep_ratio, budget="mass", redistribute=False,
                         n_sink=4):
+    c = _FakeCheck("layer_budgets")
+    c.small(q_pos, modality)
+    c(stats, "stats", "L B 2", (torch.float32,))
     L, B = stats.shape[0], stats.shape[1]
     return (modality.new_empty((L, B), dtype=torch.int64),
             modality.new_empty((L, B), dtype=torch.float64))
@@ -299,6 +377,10 @@ def _layer_budgets_fake(stats, q_pos, modality, keep_ratio, budget="mass", redis
 
 @torch.library.register_fake("tgvkv::select_keep")
 def _select_keep_fake(scores, keep, q_pos, modality, n_sink=4):
+    c = _FakeCheck("select_keep")
+    c.small(q_pos, modality)
+    c(scores, "scores", "L B N", (torch.float32,))
+    c(keep, "keep", "L B", (torch.int64,))
     L, B, N = scores.shape
     return (modality.new_empty((L, B, N), dtype=torch.int64),
             modality.new_empty((L, B), dtype=torch.int64))
@@ -306,6 +388,11 @@ def _select_keep_fake(scores, keep, q_pos, modality, n_sink=4):
 
 @torch.library.register_fake("tgvkv::compact_")
 def _compact_fake(k, v, keep_idx):
+    c = _FakeCheck("compact_")
+    c(k, "k", "B Hkv N D", _FLOAT)
+    c(v, "v", "B Hkv N Dv")
+    c.same_dtype(v, k, "v", "k")
+    c(keep_idx, "keep_idx", "B N", (torch.int64,))
     return keep_idx.new_empty((k.shape[0],), dtype=torch.int64)
 
 
@@ -320,18 +407,43 @@ def _evict_outputs(L, modality):
 @torch.library.register_fake("tgvkv::evict_from_scores")
 def _evict_from_scores_fake(k_cache, v_cache, scores, stats, q_pos, modality, keep_ratio,
                             budget="mass", redistribute=False, n_sink=4):
+    c = _FakeCheck("evict_from_scores")
+    c.small(q_pos, modality)
+    c(scores, "scores", "L B N", (torch.float32,))
+    c(stats, "stats", "L B 2", (torch.float32,))
+    if k_cache and len(k_cache) != scores.shape[0]:
+        raise RuntimeError(f"tgvkv::evict_from_scores: 'k_cache' must have L = {scores.shape[0]} "
+                           f"layers (or none), got {len(k_cache)}")
+    c.cache(k_cache, v_cache)
     return _evict_outputs(scores.shape[0], modality)
 
 
 @torch.library.register_fake("tgvkv::evict")
 def _evict_fake(k_cache, v_cache, queries, q_pos, modality, scale, keep_ratio, budget="mass",
                 redistribute=False, n_sink=4):
+    c = _FakeCheck("evict")
+    c.small(q_pos, modality)
+    if len(queries) != len(k_cache):
+        raise RuntimeError(f"tgvkv::evict: 'queries' must have one tensor per layer of 'k_cache' "
+                           f"({len(k_cache)}), got {len(queries)}")
+    c.cache(k_cache, v_cache, queries)
     return _evict_outputs(len(k_cache), modality)
 
 
 @torch.library.register_fake("tgvkv::decode_evict_")
 def _decode_evict_fake(k, v, pos, length, q, n_seen, keep_fraction, n_protected, scale,
                        n_sink=4):
+    c = _FakeCheck("decode_evict_")
+    c(k, "k", "B Hkv S D", _FLOAT)
+    c(v, "v", "B Hkv S Dv")
+    c.same_dtype(v, k, "v", "k")
+    c(q, "q", "B Hq D")
+    c.same_dtype(q, k, "q", "k")
+    c(pos, "pos", "B S", (torch.int64,))
+    for t, name, dt in ((length, "length", torch.int64), (n_seen, "n_seen", torch.int64),
+                        (keep_fraction, "keep_fraction", torch.float64),
+                        (n_protected, "n_protected", torch.int64)):
+        c(t, name, "B", (dt,))
     return k.new_empty((k.shape[0],), dtype=torch.int64)
 
 
