@@ -517,6 +517,8 @@ def run_ops(shape, preset, device, dtype, dtype_name, keep_ratios, budget="mass"
                     bar.set_postfix_str(f"{st} {impl} k={kr}")
                     bar.update(1)
             row["speedup"] = row["torch"]["median_ms"] / row["tgvkv"]["median_ms"]
+            if st == "score_text_vision":  # achieved GFLOP/s vs torch.matmul of the same Q.K^T
+                row.update(_score_gflops(qs, k0, shape, device, row, warmup, reps, min_time))
             pt, pb = row["tgvkv"]["peak_extra_bytes"], row["torch"]["peak_extra_bytes"]
             row["peak_ratio"] = (pt / pb) if (pt is not None and pb) else None
             rows.append(row)
@@ -531,6 +533,25 @@ def run_ops(shape, preset, device, dtype, dtype_name, keep_ratios, budget="mass"
                            "evict: both; decode (second decode step after prefill eviction, "
                            "one eviction per layer): read the live K rows and q",
             "rows": rows}
+
+
+def _score_gflops(qs, k0, shape, device, row, warmup, reps, min_time) -> dict:
+    """GFLOP/s of score_text_vision (its Q.K^T: 2*L*B*Hq*T*N*D flops) and of torch.matmul of the
+    same Q.K^T shapes in fp32 (inputs converted outside the timed region), timed in this run."""
+    import torch
+
+    from . import bench
+
+    B, Hkv, D = shape.batch, shape.kv_heads, shape.head_dim
+    flops = 2 * shape.layers * B * shape.heads * shape.text_tokens * shape.tokens * D
+    qf = [q.float().reshape(B, Hkv, -1, D) for q in qs]
+    kt = [k.float().transpose(-1, -2) for k in k0]
+    mm = bench.time_fn(lambda: [torch.matmul(a, b) for a, b in zip(qf, kt)], device,
+                       warmup=warmup, reps=reps, min_time_s=min_time)
+    g = {impl: flops / (row[impl]["median_ms"] / 1e3) / 1e9 for impl in ("tgvkv", "torch")}
+    g["matmul"] = flops / (mm.median_ms / 1e3) / 1e9
+    return {"flops": flops, "matmul_ms": mm.median_ms, "gflops": g,
+            "pct_matmul": 100 * g["tgvkv"] / g["matmul"]}
 
 
 def ops_table(sec: dict) -> str:
@@ -555,6 +576,13 @@ def ops_table(sec: dict) -> str:
             "model: " + sec["bytes_model"] + "; peak = extra memory allocated during the call ("
             + (sec.get("memory_method") or "not measured") + "); same = both implementations "
             "give the identical kept slots / counts / evicted positions from the same state")
+    for r in sec["rows"]:
+        if r.get("gflops"):
+            g = r["gflops"]
+            note += (f"\n{r['op']} keep {_fmt(r['keep_ratio'], 'g')}: Q.K^T at {g['tgvkv']:.1f} "
+                     f"GFLOP/s = {r['pct_matmul']:.0f}% of torch.matmul of the same Q.K^T in fp32 "
+                     f"({g['matmul']:.1f} GFLOP/s, {r['matmul_ms']:.1f} ms; plain PyTorch "
+                     f"composition {g['torch']:.1f} GFLOP/s)")
     return table(hdr, out, title) + "\n" + note
 
 
