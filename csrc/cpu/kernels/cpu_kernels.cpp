@@ -239,9 +239,14 @@ void score_layers_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb
     auto part_of = [&](int64_t l, int64_t b, int64_t hk) {
       return buf + off[l - l0] + (b * layers[l].Hkv + hk) * Tmax * N;
     };
-    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    // At least two items when several threads exist, so that the GEMMs always run inside a
+    // parallel region, where the BLAS runs single-threaded: their rounding then never depends on
+    // the thread count (a lone item outside a region would let MKL split it over threads).
+    const int64_t n_items = static_cast<int64_t>(items.size());
+    const int64_t n_launch = at::get_num_threads() > 1 ? std::max<int64_t>(n_items, 2) : n_items;
+    at::parallel_for(0, n_launch, 1, [&](int64_t begin, int64_t end) {
       Scratch qs, ks, ls;
-      for (int64_t i = begin; i < end; ++i) {
+      for (int64_t i = begin; i < std::min(end, n_items); ++i) {
         const Item& it = items[i];
         const ScoreLayer& ly = layers[it.l];
         float* part = part_of(it.l, it.b, it.hk);
