@@ -105,32 +105,30 @@ inline float lanes_sum(const Vec& v) {
 // Masked softmax of one logits row over keys [0, n) (bias: 0 or -inf per key) accumulated into
 // acc[0, n). Returns false when no key is allowed (nothing accumulated).
 inline bool softmax_accumulate(float* x, int64_t n, const float* bias, float scale, float* acc) {
+  // pass 1: the max of the masked, scaled logits (recomputed, not stored: one store pass less)
   const Vec vs(scale), ninf(kNegInf);
   Vec vmax = ninf;
   int64_t j = 0;
-  for (; j + kW <= n; j += kW) {
-    const Vec v = at::vec::fmadd(Vec::loadu(x + j), vs, Vec::loadu(bias + j));
-    v.store(x + j);
-    vmax = at::vec::maximum(vmax, v);
-  }
+  for (; j + kW <= n; j += kW)
+    vmax = at::vec::maximum(vmax, at::vec::fmadd(Vec::loadu(x + j), vs, Vec::loadu(bias + j)));
   const int64_t rem = n - j;
   if (rem > 0) {
-    Vec v = at::vec::fmadd(Vec::loadu(x + j, rem), vs, Vec::loadu(bias + j, rem));
-    v = Vec::set(ninf, v, rem);
-    v.store(x + j, static_cast<int>(rem));
-    vmax = at::vec::maximum(vmax, v);
+    const Vec v = at::vec::fmadd(Vec::loadu(x + j, rem), vs, Vec::loadu(bias + j, rem));
+    vmax = at::vec::maximum(vmax, Vec::set(ninf, v, rem));
   }
   const float mx = lanes_max(vmax);
   if (!(mx > kNegInf)) return false;
   const Vec vm(mx);
   Vec vsum(0.0f);
   for (j = 0; j + kW <= n; j += kW) {
-    const Vec e = (Vec::loadu(x + j) - vm).exp_u20();
+    const Vec v = at::vec::fmadd(Vec::loadu(x + j), vs, Vec::loadu(bias + j));
+    const Vec e = (v - vm).exp_u20();
     e.store(x + j);
     vsum = vsum + e;
   }
   if (rem > 0) {
-    Vec e = (Vec::loadu(x + j, rem) - vm).exp_u20();
+    const Vec v = at::vec::fmadd(Vec::loadu(x + j, rem), vs, Vec::loadu(bias + j, rem));
+    Vec e = (Vec::set(ninf, v, rem) - vm).exp_u20();
     e = Vec::set(Vec(0.0f), e, rem);
     e.store(x + j, static_cast<int>(rem));
     vsum = vsum + e;
@@ -208,11 +206,13 @@ void score_layers_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb
   std::vector<int64_t> per_layer(static_cast<size_t>(L));
   for (int64_t l = 0; l < L; ++l) per_layer[l] = B * layers[l].Hkv * Tmax * N;
   const int64_t budget = (int64_t{64} << 20) / 4;
-  int64_t cap = 0;
-  for (int64_t l = 0; l < L; ++l) cap = std::max(cap, per_layer[l]);
-  cap = std::max(cap, budget);
-  std::unique_ptr<float[]> buf_v(new float[static_cast<size_t>(cap + 16)]);
-  float* const buf = align64(buf_v.get());
+  int64_t cap = 0, total = 0;
+  for (int64_t l = 0; l < L; ++l) cap = std::max(cap, per_layer[l]), total += per_layer[l];
+  cap = std::max(cap, std::min(total, budget));
+  // Reused across calls of this (caller) thread: a fresh multi-MiB buffer per call costs a page
+  // fault per 4 KiB touched (per-layer score_text_vision calls would pay that 32 times).
+  thread_local Scratch buf_cache;
+  float* const buf = buf_cache.get(cap);
 
   std::vector<int64_t> nchunk(static_cast<size_t>(B)), rows_per(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) {
