@@ -36,6 +36,9 @@ const char* compiled_capabilities();
 // stride ldc. Single-threaded when called inside at::parallel_for. Defined in ops_cpu.cpp.
 void gemm_nt_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
                  int64_t ldb, float* c, int64_t ldc);
+// c[M, N] = a[M, K] . b[K, N] (b: rows of stride ldb), otherwise as gemm_nt_f32.
+void gemm_nn_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
+                 int64_t ldb, float* c, int64_t ldc);
 
 // Per-capability tables (one definition per compiled capability).
 const Kernels* kernels_DEFAULT();

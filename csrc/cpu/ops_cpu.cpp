@@ -46,6 +46,16 @@ void gemm_nt_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, c
   at::cpu::mm_out(C, A, Bt);
 }
 
+void gemm_nn_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
+                 int64_t ldb, float* c, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  const auto opt = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor A = at::from_blob(const_cast<float*>(a), {M, K}, {lda, 1}, opt);
+  const at::Tensor Bm = at::from_blob(const_cast<float*>(b), {K, N}, {ldb, 1}, opt);
+  at::Tensor C = at::from_blob(c, {M, N}, {ldc, 1}, opt);
+  at::cpu::mm_out(C, A, Bm);
+}
+
 const char* compiled_capabilities() {
 #if defined(__x86_64__) || defined(_M_X64)
   return "DEFAULT,AVX2,AVX512";
