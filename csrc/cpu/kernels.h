@@ -31,12 +31,9 @@ const Kernels& kernels();
 // Comma-separated capabilities compiled into this binary (e.g. "DEFAULT,AVX2,AVX512").
 const char* compiled_capabilities();
 
-// c[M, N] = a[M, K] . b[N, K]^T in fp32 through ATen's own GEMM (whatever BLAS torch was built
-// with). a: rows of stride lda; b: rows of stride ldb (unit stride within a row); c: rows of
-// stride ldc. Single-threaded when called inside at::parallel_for. Defined in ops_cpu.cpp.
-void gemm_nt_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
-                 int64_t ldb, float* c, int64_t ldc);
-// c[M, N] = a[M, K] . b[K, N] (b: rows of stride ldb), otherwise as gemm_nt_f32.
+// c[M, N] = a[M, K] . b[K, N] in fp32 through ATen's own GEMM (whatever BLAS torch was built
+// with). a, b, c: rows of stride lda, ldb, ldc (unit stride within a row). Single-threaded when
+// called inside at::parallel_for. Defined in ops_cpu.cpp.
 void gemm_nn_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
                  int64_t ldb, float* c, int64_t ldc);
 

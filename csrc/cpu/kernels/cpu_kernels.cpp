@@ -6,7 +6,7 @@
 //
 // No ISA intrinsics here: vector code is at::vec::Vectorized<T> (AVX2, AVX-512, NEON, SVE, VSX
 // from one source, selected by the CPU_CAPABILITY_* macros), GEMMs go through ATen's own GEMM
-// (gemm_nt_f32: MKL / oneDNN / OpenBLAS, whatever torch was built with), threads through
+// (gemm_nn_f32: MKL / oneDNN / OpenBLAS, whatever torch was built with), threads through
 // at::parallel_for, fp16/bf16 through at::vec::convert_to_float.
 //
 // Everything below is in an anonymous namespace (internal linkage) except the table getter, whose

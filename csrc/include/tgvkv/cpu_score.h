@@ -2,8 +2,9 @@
 // evict): the work description and the second pass.
 //
 // The first pass (csrc/cpu/kernels/cpu_kernels.cpp, compiled per CPU capability): per (layer,
-// sample, KV head, chunk of guidance rows) work item, the logits of the rows of the group's query
-// heads are one GEMM through ATen (MKL / oneDNN / OpenBLAS), followed by a masked fp32 softmax per
+// sample, KV head, chunk of guidance rows) work item, K^T is transposed once (8x8 at::vec blocks)
+// and the logits of the rows of the group's query heads are one GEMM through ATen (MKL / oneDNN /
+// OpenBLAS), followed by a masked fp32 softmax per
 // row (at::vec) accumulated into that KV head's partial head sum, query heads in order; the KV
 // heads' partial sums are then added in the fixed order 0..Hkv-1 (deterministic whatever the
 // thread count: every row's value depends only on that row and the fixed chunking). The second
