@@ -9,6 +9,10 @@ Environment:
   TGVKV_CUDA_ARCHS   nvcc targets: either raw flags ("-gencode=arch=compute_90a,code=sm_90a ...")
                      or a list of archs ("90a;80;80+PTX"). Default: sm_90a, sm_80 and PTX 8.0.
   MAX_JOBS=N         bounds parallel compiles (the C++ flags include -g0: half the build time).
+
+CPU kernels: csrc/cpu/kernels/*.cpp are compiled once per CPU capability (as ATen compiles its
+native/cpu kernels: -DCPU_CAPABILITY=X -DCPU_CAPABILITY_X plus that ISA's flags) and chosen at
+runtime (csrc/cpu/kernels.h), so one binary is fast on AVX2, AVX-512 and ARM machines alike.
 """
 
 import glob
@@ -26,6 +30,19 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = ("-gencode=arch=compute_90a,code=sm_90a "
                  "-gencode=arch=compute_80,code=sm_80 "
                  "-gencode=arch=compute_80,code=compute_80")
+
+
+# CPU capabilities the csrc/cpu/kernels/ sources are compiled for: (name, extra flags). DEFAULT
+# first: it is linked first, so the linker keeps its copy of any inline function the capability
+# objects share (an AVX-512 copy must never serve a DEFAULT caller).
+if re.match(r"(x86_64|amd64|AMD64)$", __import__("platform").machine()):
+    CPU_CAPABILITIES = [
+        ("DEFAULT", []),
+        ("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
+        ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]),
+    ]
+else:  # aarch64 (NEON through at::vec's DEFAULT), ppc64le, s390x, ...
+    CPU_CAPABILITIES = [("DEFAULT", [])]
 
 
 def _rel_glob(pattern):
@@ -111,6 +128,30 @@ def _extension():
         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 
+class _BuildExt(BuildExtension):
+    """BuildExtension + the per-CPU-capability objects of csrc/cpu/kernels/*.cpp."""
+
+    def build_extension(self, ext):
+        cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) \
+            else list(ext.extra_compile_args)
+        post = {"cxx": None, "nvcc": []}
+        objects = []
+        for cap, flags in CPU_CAPABILITIES:
+            macros = list(ext.define_macros) + [("CPU_CAPABILITY", cap)]
+            if cap != "DEFAULT":
+                macros.append(("CPU_CAPABILITY_" + cap, None))
+            post["cxx"] = cxx + flags
+            objects += self.compiler.compile(
+                _rel_glob("csrc/cpu/kernels/*.cpp"),
+                output_dir=os.path.join(self.build_temp, "cpu_capability_" + cap),
+                macros=macros, include_dirs=ext.include_dirs, debug=self.debug,
+                extra_postargs=dict(post) if isinstance(ext.extra_compile_args, dict)
+                else post["cxx"], depends=ext.depends)
+        # DEFAULT's object right after the extension's own objects (see CPU_CAPABILITIES)
+        ext.extra_objects = objects + list(ext.extra_objects or [])
+        super().build_extension(ext)
+
+
 setup(
     name="tgvkv",
     version=VERSION,
@@ -124,7 +165,7 @@ setup(
     include_package_data=True,
     package_data={"tgvkv": ["data/**/*", "data/*"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExt.with_options(use_ninja=True)},
     install_requires=["torch>=2.11", "numpy", "tqdm"],  # the ops and the policies
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["tgvkv-bench = tgvkv.bench.cli:main"]},

@@ -3,6 +3,8 @@
 // itself only exposes build facts. The only file that needs pybind11.
 #include <pybind11/pybind11.h>
 
+#include "cpu/kernels.h"
+
 #ifndef TGVKV_VERSION
 #define TGVKV_VERSION "unknown"
 #endif
@@ -30,8 +32,12 @@ PYBIND11_MODULE(_C, m) {
         d["cuda"] = false;
         d["cuda_archs"] = "";
 #endif
+        // CPU kernels: the capabilities compiled in and the one in use (TGVKV_CPU_CAPABILITY, else
+        // ATen's choice: ATEN_CPU_CAPABILITY / the CPU)
+        d["cpu_capabilities"] = tgvkv::cpu::compiled_capabilities();
+        d["cpu_capability"] = tgvkv::cpu::kernels().capability;
         return d;
       },
       "Build facts: version, torch version built against, whether CUDA kernels are present "
-      "and for which archs.");
+      "and for which archs, the CPU capabilities compiled in and the one in use.");
 }

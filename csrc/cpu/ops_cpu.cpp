@@ -5,25 +5,108 @@
 // (shapes, dtypes and devices through csrc/op_args.h, shared with the CUDA ops; here the device
 // type and the data-dependent invariants: q_pos layout, modality codes, finite scores,
 // ascending keep_idx), allocates outputs and runs the kernels with
-// at::parallel_for over (layer, sample, head / row chunk).
+// at::parallel_for over (layer, sample, head / row chunk). The scoring and decode kernels are
+// compiled per CPU capability (csrc/cpu/kernels/); the table in use is chosen here.
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cctype>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/kernels.h"
 #include "op_args.h"
 #include "tgvkv/common.h"
 #include "tgvkv/cpu_score.h"
 #include "tgvkv/cpu_select.h"
 
 namespace tgvkv {
+namespace cpu {
+
+void gemm_nn_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
+                 int64_t ldb, float* c, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  // at::cpu::mm_out: ATen's CPU matmul kernel without the dispatcher round trip
+  const auto opt = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor A = at::from_blob(const_cast<float*>(a), {M, K}, {lda, 1}, opt);
+  const at::Tensor Bm = at::from_blob(const_cast<float*>(b), {K, N}, {ldb, 1}, opt);
+  at::Tensor C = at::from_blob(c, {M, N}, {ldc, 1}, opt);
+  at::cpu::mm_out(C, A, Bm);
+}
+
+const char* compiled_capabilities() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return "DEFAULT,AVX2,AVX512";
+#else
+  return "DEFAULT";
+#endif
+}
+
+namespace {
+
+// Whether this CPU can run the kernels compiled for capability `cap` (the flags of the build).
+bool cpu_supports(const std::string& cap) {
+  if (cap == "DEFAULT") return true;
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+  if (cap == "AVX2")
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  if (cap == "AVX512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+  return false;
+}
+
+const Kernels* table_of(const std::string& cap) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (cap == "AVX512") return kernels_AVX512();
+  if (cap == "AVX2") return kernels_AVX2();
+#endif
+  if (cap == "DEFAULT") return kernels_DEFAULT();
+  return nullptr;
+}
+
+const Kernels* choose_kernels() {
+  const char* env = std::getenv("TGVKV_CPU_CAPABILITY");
+  if (env != nullptr && *env != '\0') {
+    std::string want(env);
+    for (char& ch : want) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+    const Kernels* k = table_of(want);
+    TORCH_CHECK(k != nullptr, "tgvkv: TGVKV_CPU_CAPABILITY=", env, " is not a CPU capability "
+                "compiled into tgvkv (compiled: ", compiled_capabilities(), ")");
+    TORCH_CHECK(cpu_supports(want), "tgvkv: TGVKV_CPU_CAPABILITY=", env, " but this CPU does "
+                "not support it (compiled: ", compiled_capabilities(), ")");
+    return k;
+  }
+  // ATen's own choice (honours ATEN_CPU_CAPABILITY); anything we did not compile: DEFAULT
+  const std::string aten = at::get_cpu_capability();
+  for (const char* cap : {"AVX512", "AVX2"})
+    if (aten == cap && cpu_supports(cap) && table_of(cap) != nullptr) return table_of(cap);
+  return kernels_DEFAULT();
+}
+
+}  // namespace
+
+const Kernels& kernels() {
+  static const Kernels* k = choose_kernels();
+  return *k;
+}
+
+}  // namespace cpu
+
 namespace {
 
 using at::Tensor;
@@ -148,7 +231,7 @@ void score_all(const std::vector<Tensor>& qs, TensorList ks, const Tensor& q_pos
   sb.N = N;
   sb.scale = static_cast<float>(scale);
   sb.want_mi = want_mi;
-  cpu::score_layers(layers.data(), L, sb, at::get_num_threads(), par_for());
+  cpu::kernels().score_layers(layers.data(), L, sb);
 }
 
 std::tuple<Tensor, Tensor> score_text_vision_cpu(const Tensor& q, const Tensor& k,
@@ -450,36 +533,24 @@ Tensor decode_evict_cpu(const Tensor& k, const Tensor& v, const Tensor& pos, con
   Tensor evicted = at::full({B}, -1, k.options().dtype(at::kLong));
   if (n_max == 0) return evicted;
 
-  // per-(b, query head) softmax over the live slots, in parallel; reduced in head order below
+  // per-(b, query head) softmax over the live slots, one work item per (b, KV head) so that each
+  // key row is read once for its g query heads; reduced in head order below
   std::vector<float> probs(static_cast<size_t>(B * Hq * n_max));
   const Tensor qc = q.contiguous();
   const cpu::DType dt = to_dtype(k);
   const int64_t es = k.element_size();
-  par_for()(0, B * Hq, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(static_cast<size_t>(std::max<int64_t>(D, 1)));
+  const cpu::Kernels& kern = cpu::kernels();
+  par_for()(0, B * Hkv, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(static_cast<size_t>((g + 1) * D + 64));
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t b = it / Hq, hq = it % Hq;
+      const int64_t b = it / Hkv, hk = it % Hkv;
       if (!act[b]) continue;
       const char* kbh =
-          static_cast<const char*>(k.data_ptr()) + (b * k.stride(0) + (hq / g) * k.stride(1)) * es;
-      const char* qh = static_cast<const char*>(qc.data_ptr()) + (b * Hq + hq) * D * es;
-      float* pr = probs.data() + it * n_max;
-      switch (dt) {
-        case cpu::DType::kF32:
-          cpu::decode_head_probs(reinterpret_cast<const float*>(qh),
-                                 reinterpret_cast<const float*>(kbh), k.stride(2), k.stride(3),
-                                 n[b], D, static_cast<float>(scale), qf.data(), pr);
-          break;
-        case cpu::DType::kF16:
-          cpu::decode_head_probs(reinterpret_cast<const half_t*>(qh),
-                                 reinterpret_cast<const half_t*>(kbh), k.stride(2), k.stride(3),
-                                 n[b], D, static_cast<float>(scale), qf.data(), pr);
-          break;
-        default:
-          cpu::decode_head_probs(reinterpret_cast<const bf16_t*>(qh),
-                                 reinterpret_cast<const bf16_t*>(kbh), k.stride(2), k.stride(3),
-                                 n[b], D, static_cast<float>(scale), qf.data(), pr);
-      }
+          static_cast<const char*>(k.data_ptr()) + (b * k.stride(0) + hk * k.stride(1)) * es;
+      const char* qh = static_cast<const char*>(qc.data_ptr()) + (b * Hq + hk * g) * D * es;
+      kern.decode_probs(qh, kbh, dt, k.stride(2), k.stride(3), n[b], D, g,
+                        static_cast<float>(scale), scratch.data(),
+                        probs.data() + (b * Hq + hk * g) * n_max, n_max);
     }
   });
 

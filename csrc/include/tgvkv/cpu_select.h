@@ -1,4 +1,5 @@
-// Torch-free CPU kernels of select_keep, compact_ and decode_evict_.
+// Torch-free CPU kernels of select_keep and compact_ (decode_evict_'s softmax is in
+// csrc/cpu/kernels/, compiled per CPU capability).
 #pragma once
 
 #include <algorithm>
@@ -84,37 +85,6 @@ inline void compact_rows(char* base, int64_t stride_n, int64_t stride_d, int64_t
     }
     ++s;
   }
-}
-
-// Head-averaged... (per query head) softmax of q over the live slots [0, n) of one sample:
-// probs[s] = softmax_s(scale * q . k[s]), fp32. q: [D] of type T; k: [S, D] of one (b, kv head).
-template <typename T>
-inline void decode_head_probs(const T* q, const T* k, int64_t stride_n, int64_t stride_d,
-                              int64_t n, int64_t D, float scale, float* qf /* [D] */,
-                              float* probs /* [n] */) {
-  for (int64_t d = 0; d < D; ++d) qf[d] = to_float(q[d]);
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t s = 0; s < n; ++s) {
-    const T* row = k + s * stride_n;
-    float acc = 0.0f;
-    if (stride_d == 1) {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t d = 0; d < D; ++d) acc += qf[d] * to_float(row[d]);
-    } else {
-      for (int64_t d = 0; d < D; ++d) acc += qf[d] * to_float(row[d * stride_d]);
-    }
-    const float x = acc * scale;
-    probs[s] = x;
-    mx = std::max(mx, x);
-  }
-  float sum = 0.0f;
-  for (int64_t s = 0; s < n; ++s) {
-    const float e = std::exp(probs[s] - mx);
-    probs[s] = e;
-    sum += e;
-  }
-  const float inv = 1.0f / sum;
-  for (int64_t s = 0; s < n; ++s) probs[s] *= inv;
 }
 
 }  // namespace cpu

@@ -22,7 +22,8 @@ def cpu_model() -> str:
 
 def device_info(device: str) -> dict:
     info = {"device": device, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
     try:
         info["load_avg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:

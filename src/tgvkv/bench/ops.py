@@ -242,6 +242,22 @@ def _stage_row(case, st, kr, fns, nbytes, copy_bw, timing, bar):
     return row, method
 
 
+def _score_gflops(case, row, warmup, reps, min_time) -> dict:
+    """GFLOP/s of score_text_vision (its Q.K^T: 2*L*B*Hq*T*N*D flops) and of torch.matmul of the
+    same Q.K^T shapes in fp32 (inputs converted outside the timed region), timed in this run."""
+    shape = case.shape
+    B, Hkv, D = shape.batch, shape.kv_heads, shape.head_dim
+    flops = 2 * shape.layers * B * shape.heads * shape.text_tokens * shape.tokens * D
+    qf = [q.float().reshape(B, Hkv, -1, D) for q in case.qs]
+    kt = [k.float().transpose(-1, -2) for k in case.k0]
+    mm = time_fn(lambda: [torch.matmul(a, b) for a, b in zip(qf, kt)], case.device,
+                 warmup=warmup, reps=reps, min_time_s=min_time)
+    g = {impl: flops / (row[impl]["median_ms"] / 1e3) / 1e9 for impl in ("tgvkv", "torch")}
+    g["matmul"] = flops / (mm.median_ms / 1e3) / 1e9
+    return {"flops": flops, "matmul_ms": mm.median_ms, "gflops": g,
+            "pct_matmul": 100 * g["tgvkv"] / g["matmul"]}
+
+
 def run_ops(shape, preset, device, dtype, dtype_name, keep_ratios, budget="mass",
             redistribute=False, stages=OP_STAGES, warmup=2, reps=20, min_time=0.5,
             memory=True, seed=0, progress=True, n_sink=4) -> dict:
@@ -258,6 +274,8 @@ def run_ops(shape, preset, device, dtype, dtype_name, keep_ratios, budget="mass"
         for st in stages:
             row, m = _stage_row(case, st, kr, table_[st], nbytes[st], copy_bw,
                                 (warmup, reps, min_time, memory), bar)
+            if st == "score_text_vision":  # achieved GFLOP/s vs torch.matmul of the same Q.K^T
+                row.update(_score_gflops(case, row, warmup, reps, min_time))
             mem_method = m or mem_method
             rows.append(row)
     if bar is not None:
@@ -293,5 +311,12 @@ def ops_table(sec: dict) -> str:
             "model: " + sec["bytes_model"] + "; peak = extra memory allocated during the call ("
             + (sec.get("memory_method") or "not measured") + "); same = both implementations "
             "give the identical kept slots / counts / evicted positions from the same state")
+    for r in sec["rows"]:
+        if r.get("gflops"):
+            g = r["gflops"]
+            note += (f"\n{r['op']} keep {fmt(r['keep_ratio'], 'g')}: Q.K^T at {g['tgvkv']:.1f} "
+                     f"GFLOP/s = {r['pct_matmul']:.0f}% of torch.matmul of the same Q.K^T in fp32 "
+                     f"({g['matmul']:.1f} GFLOP/s, {r['matmul_ms']:.1f} ms; plain PyTorch "
+                     f"composition {g['torch']:.1f} GFLOP/s)")
     return table(hdr, out, title) + "\n" + note
 

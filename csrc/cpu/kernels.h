@@ -1,0 +1,48 @@
+// The CPU kernels that are compiled once per CPU capability (csrc/cpu/kernels/cpu_kernels.cpp,
+// built with -DCPU_CAPABILITY=DEFAULT / AVX2 / AVX512 and the matching compiler flags, as ATen
+// builds its own native/cpu kernels) and chosen at runtime, plus the GEMM they call.
+//
+// The capability in use: TGVKV_CPU_CAPABILITY if set (DEFAULT, AVX2, AVX512; an error if the
+// CPU lacks it or it was not compiled), else ATen's own choice (at::get_cpu_capability(), which
+// honours ATEN_CPU_CAPABILITY). tgvkv.build_info()["cpu_capability"] reports it.
+#pragma once
+
+#include <cstdint>
+
+#include "tgvkv/cpu_score.h"
+
+namespace tgvkv {
+namespace cpu {
+
+struct Kernels {
+  const char* capability;
+  // Scores [B, N] and stats [B, 2] of L layers (see cpu_score.h), parallel inside.
+  void (*score_layers)(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb);
+  // Decode step: softmax over the live slots [0, n) of the g query heads of one KV head.
+  // q: [g, D] rows of `dt` (contiguous); k: [S, D] of one (b, kv head), strides (sn, sd);
+  // probs: [g, ldp] fp32 out; scratch: >= (g + 1) * D + 64 floats.
+  void (*decode_probs)(const void* q, const void* k, DType dt, int64_t sn, int64_t sd, int64_t n,
+                       int64_t D, int64_t g, float scale, float* scratch, float* probs,
+                       int64_t ldp);
+};
+
+// The kernel table in use (chosen once, on first use).
+const Kernels& kernels();
+// Comma-separated capabilities compiled into this binary (e.g. "DEFAULT,AVX2,AVX512").
+const char* compiled_capabilities();
+
+// c[M, N] = a[M, K] . b[K, N] in fp32 through ATen's own GEMM (whatever BLAS torch was built
+// with). a, b, c: rows of stride lda, ldb, ldc (unit stride within a row). Single-threaded when
+// called inside at::parallel_for. Defined in ops_cpu.cpp.
+void gemm_nn_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
+                 int64_t ldb, float* c, int64_t ldc);
+
+// Per-capability tables (one definition per compiled capability).
+const Kernels* kernels_DEFAULT();
+#if defined(__x86_64__) || defined(_M_X64)
+const Kernels* kernels_AVX2();
+const Kernels* kernels_AVX512();
+#endif
+
+}  // namespace cpu
+}  // namespace tgvkv

@@ -1,0 +1,381 @@
+// CPU kernels compiled once per CPU capability, as ATen compiles its native/cpu kernels: the build
+// (setup.py, CMakeLists.txt) compiles this file with -DCPU_CAPABILITY=DEFAULT, and on x86-64 also
+// with -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 -mavx2 -mfma -mf16c and with
+// -DCPU_CAPABILITY=AVX512 -DCPU_CAPABILITY_AVX512 -mavx512f -mavx512bw -mavx512vl -mavx512dq
+// -mfma -mf16c; csrc/cpu/ops_cpu.cpp picks one table at runtime (kernels.h).
+//
+// No ISA intrinsics here: vector code is at::vec::Vectorized<T> (AVX2, AVX-512, NEON, SVE, VSX
+// from one source, selected by the CPU_CAPABILITY_* macros), GEMMs go through ATen's own GEMM
+// (gemm_nn_f32: MKL / oneDNN / OpenBLAS, whatever torch was built with), threads through
+// at::parallel_for, fp16/bf16 through at::vec::convert_to_float.
+//
+// Everything below is in an anonymous namespace (internal linkage) except the table getter, whose
+// name carries the capability: no inline function of this file can be merged by the linker with
+// another capability's copy.
+#ifndef CPU_CAPABILITY
+#error "compile with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512 (setup.py and CMakeLists.txt do)"
+#endif
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+#define TGVKV_CAT_(a, b) a##b
+#define TGVKV_CAT(a, b) TGVKV_CAT_(a, b)
+#define TGVKV_STR_(a) #a
+#define TGVKV_STR(a) TGVKV_STR_(a)
+
+namespace tgvkv {
+namespace cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+// Guidance rows per work item: balanced chunks of at most this many rows (a function of the
+// sample's valid row count only, never of the thread count: every row's logits then come from the
+// same GEMM call whatever the threads).
+constexpr int64_t kMaxRows = 48;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Grow-only 64-byte aligned fp32 scratch (one per thread per parallel region).
+struct Scratch {
+  std::unique_ptr<float[]> p;
+  int64_t n = 0;
+  float* get(int64_t m) {
+    if (m > n) {
+      p.reset(new float[static_cast<size_t>(m + 16)]);
+      n = m;
+    }
+    return align64(p.get());
+  }
+};
+
+template <typename T>
+inline void row_to_f32(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n));
+  } else {
+    using VT = at::vec::Vectorized<T>;
+    int64_t i = 0;
+    for (; i + VT::size() <= n; i += VT::size()) {
+      auto [a, b] = at::vec::convert_to_float<T>(VT::loadu(src + i));
+      a.store(dst + i);
+      b.store(dst + i + kW);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+template <typename T>
+inline void strided_to_f32(const T* src, int64_t stride, float* dst, int64_t n) {
+  if (stride == 1) {
+    row_to_f32(src, dst, n);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i * stride]);
+}
+
+// Lane reductions in a fixed order (lane 0, 1, ...).
+inline float lanes_max(const Vec& v) {
+  alignas(64) float t[kW];
+  v.store(t);
+  float m = t[0];
+  for (int64_t i = 1; i < kW; ++i) m = std::max(m, t[i]);
+  return m;
+}
+inline float lanes_sum(const Vec& v) {
+  alignas(64) float t[kW];
+  v.store(t);
+  float s = t[0];
+  for (int64_t i = 1; i < kW; ++i) s += t[i];
+  return s;
+}
+
+// Masked softmax of one logits row over keys [0, n) (bias: 0 or -inf per key) accumulated into
+// acc[0, n). Returns false when no key is allowed (nothing accumulated).
+inline bool softmax_accumulate(float* x, int64_t n, const float* bias, float scale, float* acc) {
+  // pass 1: the max of the masked, scaled logits (recomputed, not stored: one store pass less)
+  const Vec vs(scale), ninf(kNegInf);
+  Vec vmax = ninf;
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW)
+    vmax = at::vec::maximum(vmax, at::vec::fmadd(Vec::loadu(x + j), vs, Vec::loadu(bias + j)));
+  const int64_t rem = n - j;
+  if (rem > 0) {
+    const Vec v = at::vec::fmadd(Vec::loadu(x + j, rem), vs, Vec::loadu(bias + j, rem));
+    vmax = at::vec::maximum(vmax, Vec::set(ninf, v, rem));
+  }
+  const float mx = lanes_max(vmax);
+  if (!(mx > kNegInf)) return false;
+  const Vec vm(mx);
+  Vec vsum(0.0f);
+  for (j = 0; j + kW <= n; j += kW) {
+    const Vec v = at::vec::fmadd(Vec::loadu(x + j), vs, Vec::loadu(bias + j));
+    const Vec e = (v - vm).exp_u20();
+    e.store(x + j);
+    vsum = vsum + e;
+  }
+  if (rem > 0) {
+    const Vec v = at::vec::fmadd(Vec::loadu(x + j, rem), vs, Vec::loadu(bias + j, rem));
+    Vec e = (Vec::set(ninf, v, rem) - vm).exp_u20();
+    e = Vec::set(Vec(0.0f), e, rem);
+    e.store(x + j, static_cast<int>(rem));
+    vsum = vsum + e;
+  }
+  const Vec vinv(1.0f / lanes_sum(vsum));
+  for (j = 0; j + kW <= n; j += kW)
+    at::vec::fmadd(Vec::loadu(x + j), vinv, Vec::loadu(acc + j)).store(acc + j);
+  if (rem > 0)
+    at::vec::fmadd(Vec::loadu(x + j, rem), vinv, Vec::loadu(acc + j, rem))
+        .store(acc + j, static_cast<int>(rem));
+  return true;
+}
+
+// One work item: rows [t0, t1) of sample b, the g query heads of KV head hk. part: [Tmax, N]
+// partial head sum of (layer, b, hk) (rows t0..t1 written here).
+template <typename E>
+void score_item(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b, int64_t b,
+                int64_t hk, int64_t t0, int64_t t1, float* part, Scratch& qs, Scratch& ks,
+                Scratch& ts, Scratch& ls) {
+  const int64_t N = sb.N, T = sb.T, D = ly.D;
+  const int64_t* qp = sb.q_pos + b * T;
+  const int64_t R = t1 - t0, g = ly.Hq / ly.Hkv, M = g * R;
+  const int64_t nk = qp[t1 - 1] + 1;  // keys visible to the last row of the chunk
+  for (int64_t t = t0; t < t1; ++t) std::memset(part + t * N, 0, sizeof(float) * N);
+  // queries of the group, rows t0..t1 of each head: [g * R, D] fp32
+  float* qb = qs.get(M * D);
+  const E* q = static_cast<const E*>(ly.q);
+  for (int64_t gi = 0; gi < g; ++gi)
+    row_to_f32(q + ((b * ly.Hq + hk * g + gi) * T + t0) * D, qb + gi * R * D, R * D);
+  // keys [0, nk): used in place when they are fp32 rows of unit stride, else converted
+  const E* kbh = static_cast<const E*>(ly.k) + b * ly.k_sb + hk * ly.k_sh;
+  const float* kp;
+  int64_t ldk;
+  if (std::is_same_v<E, float> && ly.k_sd == 1 && ly.k_sn >= D) {
+    kp = reinterpret_cast<const float*>(kbh);
+    ldk = ly.k_sn;
+  } else {
+    float* kb = ks.get(nk * D);
+    for (int64_t j = 0; j < nk; ++j) strided_to_f32(kbh + j * ly.k_sn, ly.k_sd, kb + j * D, D);
+    kp = kb;
+    ldk = D;
+  }
+  // K^T [D, nk] (row stride ldl), transposed here in 8x8 blocks: a BLAS handed the transposed
+  // view packs it element by element, which cost as much as the GEMM itself (measured with MKL:
+  // Q @ K^T-view 21 GFLOP/s, Q @ contiguous K^T 35 GFLOP/s, 1 thread, llava-1.5 head shapes)
+  const int64_t ldl = round_up(nk, 16);
+  float* kt = ts.get(D * ldl);
+  const int64_t nk8 = nk / 8 * 8, D8 = D / 8 * 8;
+  for (int64_t j0 = 0; j0 < nk8; j0 += 8)
+    for (int64_t d0 = 0; d0 < D8; d0 += 8)
+      at::vec::transpose_mxn<float, 8, 8>(kp + j0 * ldk + d0, ldk, kt + d0 * ldl + j0, ldl);
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t d = j < nk8 ? D8 : 0; d < D; ++d) kt[d * ldl + j] = kp[j * ldk + d];
+  float* lg = ls.get(M * ldl);
+  gemm_nn_f32(M, nk, D, qb, D, kt, ldl, lg, ldl);
+  for (int64_t gi = 0; gi < g; ++gi)
+    for (int64_t r = 0; r < R; ++r)
+      softmax_accumulate(lg + (gi * R + r) * ldl, qp[t0 + r] + 1, bias_b, sb.scale,
+                         part + (t0 + r) * N);
+}
+
+struct Item {
+  int64_t l, b, hk, t0, t1;
+};
+
+void score_layers_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb) {
+  const int64_t B = sb.B, N = sb.N, T = sb.T;
+  if (L == 0 || B == 0) return;
+  for (int64_t l = 0; l < L; ++l) {
+    std::memset(layers[l].scores, 0, sizeof(float) * B * N);
+    std::memset(layers[l].stats, 0, sizeof(float) * B * 2);
+  }
+  if (N == 0 || T == 0) return;
+  int64_t Tmax = 0;
+  for (int64_t b = 0; b < B; ++b) Tmax = std::max(Tmax, sb.n_rows[b]);
+  if (Tmax == 0) return;
+  // additive key mask per sample: 0, or -inf at pad slots; N padded to a whole vector
+  const int64_t Np = round_up(N, kW);
+  std::vector<float> bias(static_cast<size_t>(B * Np), 0.0f);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < N; ++j)
+      if (sb.mod[b * N + j] == kPad) bias[b * Np + j] = kNegInf;
+
+  // Partial head sums [Hkv, Tmax, N] per (layer, sample), in waves of layers under ~64 MiB.
+  std::vector<int64_t> per_layer(static_cast<size_t>(L));
+  for (int64_t l = 0; l < L; ++l) per_layer[l] = B * layers[l].Hkv * Tmax * N;
+  const int64_t budget = (int64_t{64} << 20) / 4;
+  int64_t cap = 0, total = 0;
+  for (int64_t l = 0; l < L; ++l) cap = std::max(cap, per_layer[l]), total += per_layer[l];
+  cap = std::max(cap, std::min(total, budget));
+  // Reused across calls of this (caller) thread: a fresh multi-MiB buffer per call costs a page
+  // fault per 4 KiB touched (per-layer score_text_vision calls would pay that 32 times).
+  thread_local Scratch buf_cache;
+  float* const buf = buf_cache.get(cap);
+
+  std::vector<int64_t> nchunk(static_cast<size_t>(B)), rows_per(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t Tv = sb.n_rows[b];
+    nchunk[b] = (Tv + kMaxRows - 1) / kMaxRows;
+    rows_per[b] = nchunk[b] > 0 ? (Tv + nchunk[b] - 1) / nchunk[b] : 0;
+  }
+  std::vector<Item> items;
+  std::vector<int64_t> off(static_cast<size_t>(L) + 1, 0);
+  for (int64_t l0 = 0; l0 < L;) {
+    int64_t l1 = l0, used = 0;
+    while (l1 < L && (l1 == l0 || used + per_layer[l1] <= cap)) used += per_layer[l1++];
+    items.clear();
+    for (int64_t l = l0; l < l1; ++l) {
+      off[l + 1 - l0] = off[l - l0] + per_layer[l];
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t hk = 0; hk < layers[l].Hkv; ++hk)
+          for (int64_t c = 0; c < nchunk[b]; ++c) {
+            const int64_t t0 = c * rows_per[b];
+            const int64_t t1 = std::min(sb.n_rows[b], t0 + rows_per[b]);
+            if (t1 > t0) items.push_back({l, b, hk, t0, t1});
+          }
+    }
+    auto part_of = [&](int64_t l, int64_t b, int64_t hk) {
+      return buf + off[l - l0] + (b * layers[l].Hkv + hk) * Tmax * N;
+    };
+    // At least two items when several threads exist, so that the GEMMs always run inside a
+    // parallel region, where the BLAS runs single-threaded: their rounding then never depends on
+    // the thread count (a lone item outside a region would let MKL split it over threads).
+    const int64_t n_items = static_cast<int64_t>(items.size());
+    const int64_t n_launch = at::get_num_threads() > 1 ? std::max<int64_t>(n_items, 2) : n_items;
+    at::parallel_for(0, n_launch, 1, [&](int64_t begin, int64_t end) {
+      Scratch qs, ks, ts, ls;
+      for (int64_t i = begin; i < std::min(end, n_items); ++i) {
+        const Item& it = items[i];
+        const ScoreLayer& ly = layers[it.l];
+        float* part = part_of(it.l, it.b, it.hk);
+        const float* bias_b = bias.data() + it.b * Np;
+        switch (ly.dtype) {
+          case DType::kF32:
+            score_item<float>(ly, sb, bias_b, it.b, it.hk, it.t0, it.t1, part, qs, ks, ts, ls);
+            break;
+          case DType::kF16:
+            score_item<c10::Half>(ly, sb, bias_b, it.b, it.hk, it.t0, it.t1, part, qs, ks, ts, ls);
+            break;
+          default:
+            score_item<c10::BFloat16>(ly, sb, bias_b, it.b, it.hk, it.t0, it.t1, part, qs, ks,
+                                      ts, ls);
+        }
+      }
+    });
+    // KV heads' partial sums added in the fixed order 0..Hkv-1, then the second pass.
+    at::parallel_for(0, (l1 - l0) * B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> colw(static_cast<size_t>(N)), cols(static_cast<size_t>(N));
+      std::vector<double> w(static_cast<size_t>(Tmax));
+      for (int64_t pair = begin; pair < end; ++pair) {
+        const int64_t l = l0 + pair / B, b = pair % B;
+        const ScoreLayer& ly = layers[l];
+        const int64_t Tv = sb.n_rows[b];
+        const int64_t* qp = sb.q_pos + b * T;
+        float* A = part_of(l, b, 0);
+        for (int64_t hk = 1; hk < ly.Hkv; ++hk) {
+          const float* P = part_of(l, b, hk);
+          for (int64_t t = 0; t < Tv; ++t) {
+            const int64_t n = qp[t] + 1;
+            float* a = A + t * N;
+            const float* p = P + t * N;
+            int64_t j = 0;
+            for (; j + kW <= n; j += kW) (Vec::loadu(a + j) + Vec::loadu(p + j)).store(a + j);
+            for (; j < n; ++j) a[j] = a[j] + p[j];
+          }
+        }
+        finish_scores(ly, sb, b, A, colw.data(), cols.data(), w.data());
+      }
+    });
+    l0 = l1;
+  }
+}
+
+// Decode: probs[gi, s] = softmax_s(scale * q[gi] . k[s]) over the live slots [0, n).
+template <typename T>
+void decode_probs_t(const T* q, const T* k, int64_t sn, int64_t sd, int64_t n, int64_t D,
+                    int64_t g, float scale, float* scratch, float* probs, int64_t ldp) {
+  float* qf = align64(scratch);
+  float* kf = qf + round_up(g * D, 16);
+  for (int64_t gi = 0; gi < g; ++gi) row_to_f32(q + gi * D, qf + gi * D, D);
+  for (int64_t s = 0; s < n; ++s) {
+    const float* kr;
+    if (std::is_same_v<T, float> && sd == 1) {
+      kr = reinterpret_cast<const float*>(k + s * sn);
+    } else {
+      strided_to_f32(k + s * sn, sd, kf, D);
+      kr = kf;
+    }
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const float* qr = qf + gi * D;
+      Vec acc(0.0f);
+      int64_t d = 0;
+      for (; d + kW <= D; d += kW) acc = at::vec::fmadd(Vec::loadu(qr + d), Vec::loadu(kr + d), acc);
+      float dot = lanes_sum(acc);
+      for (; d < D; ++d) dot += qr[d] * kr[d];
+      probs[gi * ldp + s] = dot * scale;
+    }
+  }
+  for (int64_t gi = 0; gi < g; ++gi) {
+    float* p = probs + gi * ldp;
+    Vec vmax(kNegInf);
+    int64_t s = 0;
+    for (; s + kW <= n; s += kW) vmax = at::vec::maximum(vmax, Vec::loadu(p + s));
+    float mx = lanes_max(vmax);
+    for (; s < n; ++s) mx = std::max(mx, p[s]);
+    const Vec vm(mx);
+    Vec vsum(0.0f);
+    for (s = 0; s + kW <= n; s += kW) {
+      const Vec e = (Vec::loadu(p + s) - vm).exp();
+      e.store(p + s);
+      vsum = vsum + e;
+    }
+    float sum = lanes_sum(vsum);
+    for (; s < n; ++s) {
+      p[s] = std::exp(p[s] - mx);
+      sum += p[s];
+    }
+    const float inv = 1.0f / sum;
+    const Vec vinv(inv);
+    for (s = 0; s + kW <= n; s += kW) (Vec::loadu(p + s) * vinv).store(p + s);
+    for (; s < n; ++s) p[s] *= inv;
+  }
+}
+
+void decode_probs_impl(const void* q, const void* k, DType dt, int64_t sn, int64_t sd, int64_t n,
+                       int64_t D, int64_t g, float scale, float* scratch, float* probs,
+                       int64_t ldp) {
+  switch (dt) {
+    case DType::kF32:
+      decode_probs_t(static_cast<const float*>(q), static_cast<const float*>(k), sn, sd, n, D, g,
+                     scale, scratch, probs, ldp);
+      break;
+    case DType::kF16:
+      decode_probs_t(static_cast<const c10::Half*>(q), static_cast<const c10::Half*>(k), sn, sd,
+                     n, D, g, scale, scratch, probs, ldp);
+      break;
+    default:
+      decode_probs_t(static_cast<const c10::BFloat16*>(q), static_cast<const c10::BFloat16*>(k),
+                     sn, sd, n, D, g, scale, scratch, probs, ldp);
+  }
+}
+
+const Kernels kTable{TGVKV_STR(CPU_CAPABILITY), &score_layers_impl, &decode_probs_impl};
+
+}  // namespace
+
+const Kernels* TGVKV_CAT(kernels_, CPU_CAPABILITY)() { return &kTable; }
+
+}  // namespace cpu
+}  // namespace tgvkv

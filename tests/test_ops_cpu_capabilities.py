@@ -1,0 +1,73 @@
+"""The CPU kernels under every CPU capability compiled into tgvkv that this machine supports.
+
+The in-process suite runs the capability tgvkv picks (ATen's choice); here each other supported
+capability (DEFAULT, AVX2, AVX512, ...) gets the op-vs-reference tests in a pytest subprocess with
+TGVKV_CPU_CAPABILITY set, so the lower paths are checked on every CI machine too.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import tgvkv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INFO = tgvkv.build_info()
+COMPILED = INFO["cpu_capabilities"].split(",")
+# the op tests of the scoring, selection and decode kernels against tgvkv.reference
+OP_TESTS = [
+    "tests/test_ops_scores.py::test_score_text_vision_matches_reference",
+    "tests/test_ops_scores.py::test_score_text_vision_noncontiguous",
+    "tests/test_ops_scores.py::test_score_text_vision_unused_rows",
+    "tests/test_ops_select.py::test_evict_matches_reference",
+    "tests/test_ops_select.py::test_evict_unused_query_rows",
+    "tests/test_ops_select.py::test_evict_deterministic_across_threads",
+    "tests/test_ops_select.py::test_evict_noncontiguous_cache",
+    # three of the decode grid (the Python reference of decode is the slow part): fp32, fp16 with
+    # 8 query heads per KV head, bf16 with GQA 16/2
+    "tests/test_ops_decode.py::test_decode_evict_matches_reference[1-4-4-64-torch.float32-cpu]",
+    "tests/test_ops_decode.py::test_decode_evict_matches_reference[3-8-1-128-torch.float16-cpu]",
+    "tests/test_ops_decode.py::test_decode_evict_matches_reference[4-16-2-64-torch.bfloat16-cpu]",
+    "tests/test_ops_decode.py::test_decode_evict_noncontiguous_cache",
+]
+
+
+def _env(cap):
+    env = dict(os.environ)
+    env["TGVKV_CPU_CAPABILITY"] = cap
+    return env
+
+
+def _capability_in(env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "import tgvkv; print(tgvkv.build_info()['cpu_capability'])"],
+        env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_build_info_reports_cpu_capability():
+    assert INFO["cpu_capability"] in COMPILED
+    assert "DEFAULT" in COMPILED
+
+
+def test_unknown_capability_is_a_clear_error():
+    r = _capability_in(_env("NOT_A_CAPABILITY"))
+    assert r.returncode != 0
+    assert "TGVKV_CPU_CAPABILITY=NOT_A_CAPABILITY is not a CPU capability" in r.stderr
+
+
+@pytest.mark.parametrize("cap", COMPILED)
+def test_ops_match_reference_under_capability(cap):
+    if cap == INFO["cpu_capability"]:
+        pytest.skip(f"{cap} is the capability in use: the rest of the suite tests it in-process")
+    probe = _capability_in(_env(cap))
+    if probe.returncode != 0 and "does not support it" in probe.stderr:
+        pytest.skip(f"this CPU does not support {cap}")
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.strip() == cap
+    names = list(OP_TESTS)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        "-m", "not slow", *names], cwd=ROOT, env=_env(cap), capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, f"under {cap}:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
