@@ -213,3 +213,31 @@ def test_fake_kernels_under_torch_compile_refuse_bad_shapes():
 
     with pytest.raises(Exception, match="keep_idx"):
         f(g["k"].clone(), g["v"].clone(), bad_idx)
+
+
+# ------------------------------------------------------------------------------------------
+# Non-finite input (CPU: the CUDA ops cannot raise on data without a host sync)
+# ------------------------------------------------------------------------------------------
+def test_nan_in_one_guidance_row():
+    g = good()
+    q = g["q"].clone()
+    q[1, 2, 0, 5] = float("nan")  # sample 1, head 2, its first guidance row
+    expect_error(lambda: call("score_text_vision", g, q=q), "score_text_vision", "q")
+    expect_error(lambda: call("evict", g, queries=[g["q"], q, g["q"]]), "evict", "queries")
+
+
+def test_all_nan_queries_in_evict():
+    g = good()
+    q = torch.full_like(g["q"], float("nan"))
+    expect_error(lambda: call("evict", g, queries=[q] * L), "evict", "queries")
+
+
+def test_inf_in_k_cache_names_k_cache():
+    g = good()
+    kc = [g["k"].clone() for _ in range(L)]
+    real = int(torch.nonzero(g["modality"][0] != 0)[3])
+    kc[2][0, 1, real, 0] = float("inf")
+    with pytest.raises(RuntimeError) as ei:
+        call("evict", g, k_cache=kc)
+    msg = str(ei.value)
+    assert "evict" in msg and "k_cache" in msg and "'scores' must" not in msg, msg

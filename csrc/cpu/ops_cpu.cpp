@@ -13,6 +13,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -234,6 +235,20 @@ void score_all(const std::vector<Tensor>& qs, TensorList ks, const Tensor& q_pos
   cpu::kernels().score_layers(layers.data(), L, sb);
 }
 
+// The valid guidance rows of q [B, Hq, T, D] (rows t < n_rows of sample b) must be finite: a NaN
+// row would otherwise drop out of the softmax sums silently and finite statistics come back.
+void check_finite_rows(const Tensor& q, const std::vector<SampleInfo>& info, const char* op,
+                       const char* name, int64_t layer = -1) {
+  for (size_t b = 0; b < info.size(); ++b) {
+    if (info[b].n_rows == 0) continue;
+    const Tensor rows = q.select(0, static_cast<int64_t>(b)).narrow(1, 0, info[b].n_rows);
+    TGVKV_CHECK(at::isfinite(rows).all().item<bool>(), op, "'", name,
+                layer >= 0 ? "[" + std::to_string(layer) + "]" : std::string(),
+                "' has NaN or inf in a guidance row of sample ", b, " (rows t < ", info[b].n_rows,
+                " are used); the scores would not be defined");
+  }
+}
+
 std::tuple<Tensor, Tensor> score_text_vision_cpu(const Tensor& q, const Tensor& k,
                                                  const Tensor& q_pos, const Tensor& modality,
                                                  double scale) {
@@ -247,6 +262,7 @@ std::tuple<Tensor, Tensor> score_text_vision_cpu(const Tensor& q, const Tensor& 
   Tensor scores = at::empty({1, B, N}, k.options().dtype(at::kFloat));
   Tensor stats = at::empty({1, B, 2}, k.options().dtype(at::kFloat));
   std::vector<Tensor> qs{q.contiguous()};
+  check_finite_rows(qs[0], info, op, "q");
   score_all(qs, TensorList(&k, 1), q_pos_c, mod_c, info, scale, /*want_mi=*/true, scores, stats);
   return {scores.squeeze(0), stats.squeeze(0)};
 }
@@ -293,7 +309,9 @@ std::tuple<Tensor, Tensor> layer_budgets_cpu(const Tensor& stats, const Tensor& 
 // ------------------------------------------------------------------------------------------------
 // select_keep
 // ------------------------------------------------------------------------------------------------
-void check_finite_scores(const Tensor& scores_c, const Tensor& mod_c, const char* op) {
+// `what` names the inputs the scores came from (the ops that compute them say which).
+void check_finite_scores(const Tensor& scores_c, const Tensor& mod_c, const char* op,
+                         const char* what = "'scores' must be finite") {
   const int64_t L = scores_c.size(0), B = scores_c.size(1), N = scores_c.size(2);
   const float* sc = scores_c.data_ptr<float>();
   const int8_t* mod = mod_c.data_ptr<int8_t>();
@@ -302,8 +320,8 @@ void check_finite_scores(const Tensor& scores_c, const Tensor& mod_c, const char
       const float* s = sc + (l * B + b) * N;
       const int8_t* m = mod + b * N;
       for (int64_t j = 0; j < N; ++j)
-        TGVKV_CHECK(m[j] == kPad || std::isfinite(s[j]), op, "'scores' must be finite at ",
-                    "non-pad slots, got ", s[j], " at [", l, ", ", b, ", ", j, "]");
+        TGVKV_CHECK(m[j] == kPad || std::isfinite(s[j]), op, what, " at non-pad slots, got ",
+                    s[j], " at [", l, ", ", b, ", ", j, "]");
     }
 }
 
@@ -483,10 +501,15 @@ Tensor4 evict_cpu(TensorList k_cache, TensorList v_cache, TensorList queries, co
   if (any) {
     std::vector<Tensor> qs;
     qs.reserve(static_cast<size_t>(L));
-    for (int64_t l = 0; l < L; ++l) qs.push_back(queries[l].contiguous());
+    for (int64_t l = 0; l < L; ++l) {
+      qs.push_back(queries[l].contiguous());
+      check_finite_rows(qs.back(), info, op, "queries", l);
+    }
     score_all(qs, k_cache, q_pos_c, mod_c, info, scale, /*want_mi=*/mode == kBudgetMI, scores,
               stats);
-    check_finite_scores(scores, mod_c, op);
+    check_finite_scores(scores, mod_c, op,
+                        "the attention scores of 'queries' against 'k_cache' must be finite "
+                        "(NaN or inf in 'k_cache'?)");
   } else {
     scores.zero_();
     stats.zero_();
