@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -29,6 +28,7 @@ import torch
 import tgvkv  # noqa: F401  (registers torch.ops.tgvkv.*)
 from tgvkv import bench, torch_impl
 from tgvkv.bench.env import device_info, versions
+from tgvkv.bench.timing import time_fn
 
 OPS = torch.ops.tgvkv
 
@@ -57,33 +57,12 @@ def decode_state(shape: bench.Shape, batch: int, keep_ratio: float, dtype, devic
     return states, (q, n_seen, frac, n_prot), n_keep
 
 
-def _stats_us(times_s, L):
-    us = [1e6 * t / L for t in times_s]
-    return {"median_us": statistics.median(us), "min_us": min(us), "max_us": max(us),
-            "reps": len(us)}
-
-
-def _time_calls(fn, setup, device, reps):
-    """Seconds of ``fn`` per call (``setup`` outside the timed region), after two warm-ups."""
-    cuda = device.startswith("cuda")
-    out = []
-    for i in range(reps + 2):
-        setup()
-        if cuda:
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            t = a.elapsed_time(b) / 1e3
-        else:
-            t0 = time.perf_counter()
-            fn()
-            t = time.perf_counter() - t0
-        if i >= 2:
-            out.append(t)
-    return out
+def _stats_us(fn, setup, device, reps, L):
+    """Per-layer microseconds of ``fn`` (``setup`` outside the timed region), by the package's own
+    timer (CUDA events on the GPU, two warm-up calls)."""
+    t = time_fn(fn, device, setup=setup, warmup=2, reps=reps)
+    return {"median_us": 1e3 * t.median_ms / L, "min_us": 1e3 * t.min_ms / L,
+            "max_us": 1e3 * t.max_ms / L, "reps": t.reps}
 
 
 def measure_decode(shape, batch, keep_ratio, dtype, device, reps, scale=None):
@@ -115,8 +94,8 @@ def measure_decode(shape, batch, keep_ratio, dtype, device, reps, scale=None):
     row = {"shape": asdict(shape),
            "batch": batch, "keep_ratio": keep_ratio, "layers": L, "live_slots": n_keep + 2,
            "evicted_per_step": int((ev >= 0).sum()), "same_result_as_torch": same,
-           "eager_tgvkv": _stats_us(_time_calls(step_tgvkv, restore, device, reps), L),
-           "eager_torch": _stats_us(_time_calls(step_torch, restore, device, reps), L)}
+           "eager_tgvkv": _stats_us(step_tgvkv, restore, device, reps, L),
+           "eager_torch": _stats_us(step_torch, restore, device, reps, L)}
     row["eager_speedup"] = row["eager_torch"]["median_us"] / row["eager_tgvkv"]["median_us"]
     elt = torch.empty((), dtype=dtype).element_size()
     nbytes = batch * (n_keep + 2) * Hkv * D * elt + q.numel() * elt  # live K rows + q, per layer
@@ -153,11 +132,8 @@ def graph_check(states, init, restore, step, ev_eager, after_eager, device, reps
         torch.cuda.synchronize()
         identical = identical and bool(torch.equal(torch.stack(out), ev_eager))
 
-        def replay_times(gr):
-            return _time_calls(gr.replay, lambda: None, device, reps)
-
-        t_restore = statistics.median(replay_times(g_restore))
-        t_step = statistics.median(replay_times(g_step))
+        t_restore = time_fn(g_restore.replay, device, warmup=2, reps=reps).median_ms / 1e3
+        t_step = time_fn(g_step.replay, device, warmup=2, reps=reps).median_ms / 1e3
         return {"captured": True, "identical_to_eager": identical,
                 "us_per_layer": 1e6 * max(0.0, t_step - t_restore) / L,
                 "replay_step_us": 1e6 * t_step, "replay_restore_us": 1e6 * t_restore}
