@@ -2,16 +2,21 @@
 
 - The baseline (:mod:`tgvkv.torch_impl`) keeps exactly the slots the reference keeps, so
   that every speed ratio the CLI reports compares like with like.
-- The CLI, driven in a subprocess on tiny shapes: help text, exit codes, one-line errors without a
+- The CLI, driven in-process (one test runs the installed entry points in a fresh interpreter)
+  on tiny shapes: help text, exit codes, one-line errors without a
   traceback, the JSON schema, the plot.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import traceback
 
 import pytest
 import torch
@@ -33,15 +38,54 @@ def _have_ops() -> bool:
 needs_ops = pytest.mark.skipif(not _have_ops(), reason="tgvkv's compiled ops are not built")
 
 
-def cli(*args, timeout=300, env_extra=None, cwd=None):
-    """Run ``python -m tgvkv.bench ARGS`` (the installed tgvkv: the package is under src/)."""
-    env = dict(os.environ)
-    env["HF_HUB_OFFLINE"] = "1"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    if env_extra:
-        env.update(env_extra)
-    return subprocess.run([sys.executable, "-m", "tgvkv.bench", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+class _Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def cli(*args, env_extra=None):
+    """Run ``tgvkv-bench ARGS`` in this process (``tgvkv.bench.cli.main``, what the console
+    script calls), capturing stdout/stderr and the exit code: a fresh interpreter per command
+    line would cost an import of torch each. An unexpected exception becomes exit code 1 with
+    its traceback on stderr, as in a real run. ``test_console_script_in_a_fresh_interpreter``
+    runs the installed entry points for real."""
+    from tgvkv.bench import cli as bench_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        stack.enter_context(_environ({"HF_HUB_OFFLINE": "1", **(env_extra or {})}))
+        try:
+            rc = bench_cli.main([str(a) for a in args])
+        except SystemExit as e:  # argparse: --help, --version, usage errors
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        except Exception:  # noqa: BLE001 - reported like the interpreter would
+            traceback.print_exc(file=err)
+            rc = 1
+        finally:
+            torch.set_num_threads(threads)
+    return _Result(rc, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _environ(values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def cli_subprocess(*argv, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([*argv], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def assert_user_error(p, *needles):
@@ -194,12 +238,10 @@ def test_json_to_missing_directory(tmp_path):
     assert_user_error(cli("ops", "--json", tmp_path / "no" / "r.json"), "does not exist")
 
 
-def test_plot_without_matplotlib(tmp_path):
-    fake = tmp_path / "fake"
-    (fake / "matplotlib").mkdir(parents=True)
-    (fake / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
-    p = cli("ops", "--preset", "tiny", "--plot", tmp_path / "x.png",
-            env_extra={"PYTHONPATH": str(fake)})
+def test_plot_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    p = cli("ops", "--preset", "tiny", "--plot", tmp_path / "x.png")
     assert_user_error(p, "matplotlib", "pip install")
 
 
@@ -284,6 +326,20 @@ def test_version():
     assert p.returncode == 0
     v = json.loads(p.stdout)
     assert v["torch"] == torch.__version__
+
+
+def test_console_script_in_a_fresh_interpreter():
+    """The installed entry points, as a user runs them: ``python -m tgvkv.bench`` and the
+    ``tgvkv-bench`` console script (exit codes and output of a fresh process)."""
+    p = cli_subprocess(sys.executable, "-m", "tgvkv.bench", "--version")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["torch"] == torch.__version__
+    exe = shutil.which("tgvkv-bench", path=os.path.dirname(sys.executable)) or \
+        shutil.which("tgvkv-bench")
+    if exe is None:
+        pytest.fail("the tgvkv-bench console script is not installed next to this python")
+    p = cli_subprocess(exe, "ops", "--keep-ratio", "0")
+    assert_user_error(p, "keep ratio", "(0, 1]")
 
 
 def test_accuracy_json_rows(tmp_path):

@@ -1,6 +1,6 @@
 """The CUDA kernels' logic on a CPU-only machine: tools/cuda_emu compiles the torch-free kernel
 headers (csrc/include/tgvkv/cuda/*.cuh) with g++ against fake CUDA headers and runs every block
-as real threads with real barriers (see tools/cuda_emu/README.md). Each test writes random
+as fibers switched at every barrier (see tools/cuda_emu/README.md). Each test writes random
 inputs to a temporary directory, runs the emulated kernels with the launch configurations of
 csrc/cuda/*.cu, and compares with the CPU ops:
 

@@ -1,35 +1,29 @@
 // Host emulation of the CUDA runtime/device features the tgvkv kernels use (see ../README.md).
 //
-// A launch runs its blocks one after another; the blockDim.x threads of a block are real
-// std::threads (created once per launch and reused for every block), __syncthreads is a real
-// barrier, a warp's shuffles go through a per-warp exchange buffer between two warp barriers.
-// A barrier that is not reached by every thread (divergent __syncthreads / __syncwarp, an early
-// return before a barrier) is reported as a deadlock and aborts the process.
+// A launch runs its blocks one after another; the blockDim.x threads of a block are fibers
+// (ucontext coroutines with their own stacks) on the calling OS thread, switched at every barrier:
+// a thread runs until its next __syncthreads / __syncwarp / shuffle, then the next thread runs.
+// The run order alternates between passes (thread 0 first, then thread n-1 first), so a missing
+// barrier shows up as a wrong result deterministically wherever a later thread's write is read.
+// A warp's shuffles go through a per-warp exchange buffer between two warp barriers. A barrier
+// that is not reached by every thread (divergent __syncthreads / __syncwarp, an early return
+// before a barrier) is reported as a deadlock at once and aborts the process.
 //
 // C++17 (as the extension); no torch. Only what the kernels use is defined: a kernel using
 // something else fails to compile here, which is the cue to extend this file.
 #pragma once
 #include <atomic>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <new>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
 #include <stdlib.h>  // posix_memalign
-#ifdef __linux__
-#include <linux/futex.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#include <climits>
-#include <ctime>
-#endif
+#include <sys/mman.h>
+#include <ucontext.h>
 
 #define __global__
 #define __device__
@@ -72,69 +66,82 @@ inline cudaError_t cudaMemsetAsync(void* p, int value, size_t n, cudaStream_t) {
 
 namespace emu {
 
-// Seconds a thread may wait at a barrier before the emulator declares a deadlock.
-constexpr int kDeadlockSeconds = 60;
+class Barrier;
 
-// A reusable barrier of n threads. On Linux the waiters sleep on a futex of the generation word
-// (woken all at once, no mutex to re-acquire: 256 threads on 2 cores stay cheap); elsewhere a
-// mutex + condition variable.
+// One emulated CUDA thread of the running block.
+struct Fiber {
+  ucontext_t ctx;
+  unsigned t = 0;
+  int or_parity = 0;
+  const Barrier* waiting = nullptr;  // the barrier it waits at, and that barrier's generation
+  uint64_t wait_gen = 0;
+  bool done = false;
+  void* fake_stack = nullptr;  // AddressSanitizer's fiber bookkeeping
+};
+
+inline dim3 tIdx, bIdx, bDim, gDim;
+inline Fiber* cur = nullptr;      // the fiber running now (nullptr: the scheduler)
+inline ucontext_t sched_ctx;
+inline const void* sched_stack = nullptr;  // the scheduler's stack (for ASan's fiber switches)
+inline size_t sched_stack_size = 0;
+
+#if defined(__SANITIZE_ADDRESS__)
+}  // namespace emu
+extern "C" void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, size_t size);
+extern "C" void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old,
+                                                size_t* size_old);
+namespace emu {
+inline void asan_start(void** save, const void* bottom, size_t size) {
+  __sanitizer_start_switch_fiber(save, bottom, size);
+}
+inline void asan_finish(void* save, const void** bottom, size_t* size) {
+  __sanitizer_finish_switch_fiber(save, bottom, size);
+}
+#else
+inline void asan_start(void**, const void*, size_t) {}
+inline void asan_finish(void*, const void**, size_t*) {}
+#endif
+
+// From the running fiber back to the scheduler.
+inline void yield_to_scheduler() {
+  Fiber* f = cur;
+  asan_start(&f->fake_stack, sched_stack, sched_stack_size);
+  swapcontext(&f->ctx, &sched_ctx);
+  asan_finish(f->fake_stack, &sched_stack, &sched_stack_size);
+}
+
+// A reusable barrier of n threads: arriving records the arrival and yields; the scheduler resumes
+// the waiters once all n have arrived (the generation moved on).
 class Barrier {
  public:
   Barrier(int n, const char* what) : n_(n), left_(n), what_(what) {}
   void wait() {
-    const uint32_t gen = gen_.load(std::memory_order_acquire);  // read before arriving
-    if (left_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      left_.store(n_, std::memory_order_relaxed);
-      gen_.fetch_add(1, std::memory_order_release);
-      wake_all();
-      return;
+    if (cur == nullptr) std::abort();
+    cur->waiting = this;
+    cur->wait_gen = gen_;
+    if (--left_ == 0) {
+      left_ = n_;
+      ++gen_;
     }
-    const auto t0 = std::chrono::steady_clock::now();
-    while (gen_.load(std::memory_order_acquire) == gen) {
-      sleep_while(gen);
-      if (std::chrono::steady_clock::now() - t0 > std::chrono::seconds(kDeadlockSeconds)) {
-        std::fprintf(stderr, "emu: deadlock at a %s barrier (%d of %d threads arrived): a "
-                     "barrier not reached by every thread\n", what_, n_ - left_.load(), n_);
-        std::abort();
-      }
-    }
+    yield_to_scheduler();
   }
+  bool released(uint64_t gen) const { return gen_ != gen; }
+  int arrived() const { return n_ - left_; }
+  int size() const { return n_; }
+  const char* what() const { return what_; }
 
  private:
-#ifdef __linux__
-  void wake_all() {
-    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&gen_), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
-  }
-  void sleep_while(uint32_t gen) {
-    timespec ts{1, 0};
-    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&gen_), FUTEX_WAIT_PRIVATE, gen, &ts, nullptr, 0);
-  }
-#else
-  void wake_all() {
-    std::lock_guard<std::mutex> lk(mu_);
-    cv_.notify_all();
-  }
-  void sleep_while(uint32_t gen) {
-    std::unique_lock<std::mutex> lk(mu_);
-    cv_.wait_for(lk, std::chrono::seconds(1), [&] { return gen_.load() != gen; });
-  }
-  std::mutex mu_;
-  std::condition_variable cv_;
-#endif
-  static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex word");
   const int n_;
-  std::atomic<int> left_;
-  std::atomic<uint32_t> gen_{0};
+  int left_;
+  uint64_t gen_ = 0;
   const char* what_;
 };
 
-inline thread_local dim3 tIdx, bIdx;
-inline dim3 bDim, gDim;
 inline Barrier* block_bar = nullptr;
 inline std::vector<std::unique_ptr<Barrier>> warp_bars;
 inline uint64_t warp_buf[32][32];  // [warp][lane] shuffle exchange (<= 1024 threads)
 inline std::atomic<int> or_acc[2];
-inline thread_local int or_parity = 0;
+inline int or_parity = 0;          // the running fiber's (saved and restored at each switch)
 inline char* dyn_smem = nullptr;   // the launch's dynamic shared memory (128-byte aligned)
 
 inline void fail(const char* msg) {
@@ -217,6 +224,51 @@ inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v)
 
 namespace emu {
 
+// Per-thread stacks: 256 KiB each (WMMA fragments live on them) with a guard page below, mapped
+// once per launch without reserving memory up front.
+constexpr size_t kStack = size_t{256} << 10;
+constexpr size_t kGuard = 4096;
+
+struct Stacks {
+  char* base = nullptr;
+  size_t bytes = 0;
+  explicit Stacks(unsigned n) : bytes(size_t(n) * (kStack + kGuard)) {
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    if (p == MAP_FAILED) fail("cannot map the fibers' stacks");
+    base = static_cast<char*>(p);
+    for (unsigned i = 0; i < n; ++i) mprotect(base + i * (kStack + kGuard), kGuard, PROT_NONE);
+  }
+  ~Stacks() { munmap(base, bytes); }
+  char* stack(unsigned i) const { return base + i * (kStack + kGuard) + kGuard; }
+};
+
+inline void (*body_fn)(void*) = nullptr;
+inline void* body_arg = nullptr;
+
+inline void fiber_entry() {
+  Fiber* f = cur;
+  asan_finish(nullptr, &sched_stack, &sched_stack_size);
+  body_fn(body_arg);
+  f->done = true;
+  asan_start(nullptr, sched_stack, sched_stack_size);  // this fiber's stack is finished
+  swapcontext(&f->ctx, &sched_ctx);
+  fail("a finished fiber was resumed");
+}
+
+[[noreturn]] inline void report_deadlock(const std::vector<Fiber>& fibers) {
+  int done = 0;
+  const Barrier* b = nullptr;
+  for (const Fiber& f : fibers) {
+    if (f.done) ++done;
+    else if (b == nullptr) b = f.waiting;
+  }
+  std::fprintf(stderr, "emu: deadlock at a %s barrier (%d of %d threads arrived, %d of the block's "
+               "%zu threads returned): a barrier not reached by every thread\n",
+               b ? b->what() : "?", b ? b->arrived() : 0, b ? b->size() : 0, done, fibers.size());
+  std::abort();
+}
+
 // kernel<<<grid, block, smem>>>: runs body() for every block of the grid (x fastest), block.x
 // threads each (1-d blocks only). The dynamic shared memory is poisoned (0x7f bytes) before every
 // block, so reading it before writing gives garbage, not zeros.
@@ -225,6 +277,7 @@ void launch(dim3 grid, dim3 block, size_t smem, F body) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) fail("empty grid launched (a launch error on CUDA)");
   if (block.y != 1 || block.z != 1 || block.x == 0 || block.x > 1024) fail("unsupported block shape");
   if (grid.y > 65535 || grid.z > 65535) fail("grid.y / grid.z above 65535");
+  if (cur != nullptr) fail("a launch from inside a kernel");
   gDim = grid;
   bDim = block;
   const unsigned nt = block.x;
@@ -233,32 +286,55 @@ void launch(dim3 grid, dim3 block, size_t smem, F body) {
   if (posix_memalign(&mem, 128, smem_alloc) != 0) fail("out of memory");
   std::unique_ptr<char, void (*)(void*)> dyn(static_cast<char*>(mem), std::free);
   dyn_smem = dyn.get();
-  Barrier bar(int(nt), "__syncthreads"), edge(int(nt), "block-end");
+  Barrier bar(int(nt), "__syncthreads");
   block_bar = &bar;
   warp_bars.clear();
   for (unsigned w = 0; w < (nt + 31) / 32; ++w)
     warp_bars.emplace_back(new Barrier(int(std::min(32u, nt - 32 * w)), "warp"));
-  std::vector<std::thread> th;
-  th.reserve(nt);
-  for (unsigned t = 0; t < nt; ++t)
-    th.emplace_back([&, t] {
-      tIdx = dim3(t, 0, 0);
-      for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-          for (unsigned x = 0; x < grid.x; ++x) {
-            if (t == 0) {
-              std::memset(dyn_smem, 0x7f, smem_alloc);
-              or_acc[0] = 0;
-              or_acc[1] = 0;
-            }
-            edge.wait();  // the block's setup is done
-            bIdx = dim3(x, y, z);
-            or_parity = 0;
-            body();
-            edge.wait();  // every thread of the block has returned
+  Stacks stacks(nt);
+  std::vector<Fiber> fibers(nt);
+  body_fn = [](void* p) { (*static_cast<F*>(p))(); };
+  body_arg = &body;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        std::memset(dyn_smem, 0x7f, smem_alloc);
+        or_acc[0] = 0;
+        or_acc[1] = 0;
+        bIdx = dim3(x, y, z);
+        for (unsigned t = 0; t < nt; ++t) {
+          Fiber& f = fibers[t];
+          f = Fiber();
+          f.t = t;
+          if (getcontext(&f.ctx) != 0) fail("getcontext failed");
+          f.ctx.uc_stack.ss_sp = stacks.stack(t);
+          f.ctx.uc_stack.ss_size = kStack;
+          f.ctx.uc_link = nullptr;
+          makecontext(&f.ctx, fiber_entry, 0);
+        }
+        unsigned left = nt;
+        for (unsigned pass = 0; left > 0; ++pass) {
+          bool progressed = false;
+          for (unsigned k = 0; k < nt; ++k) {
+            Fiber& f = fibers[pass % 2 == 0 ? k : nt - 1 - k];
+            if (f.done || (f.waiting != nullptr && !f.waiting->released(f.wait_gen))) continue;
+            f.waiting = nullptr;
+            cur = &f;
+            tIdx = dim3(f.t, 0, 0);
+            or_parity = f.or_parity;
+            void* sched_fake = nullptr;
+            asan_start(&sched_fake, f.ctx.uc_stack.ss_sp, kStack);
+            swapcontext(&sched_ctx, &f.ctx);
+            asan_finish(sched_fake, nullptr, nullptr);
+            f.or_parity = or_parity;
+            cur = nullptr;
+            progressed = true;
+            if (f.done) --left;
           }
-    });
-  for (auto& t : th) t.join();
+          if (!progressed) report_deadlock(fibers);
+        }
+      }
+  block_bar = nullptr;
   dyn_smem = nullptr;
 }
 
