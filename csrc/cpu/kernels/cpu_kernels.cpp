@@ -142,17 +142,15 @@ inline bool softmax_accumulate(float* x, int64_t n, const float* bias, float sca
   return true;
 }
 
-// One work item: rows [t0, t1) of sample b, the g query heads of KV head hk. part: [Tmax, N]
-// partial head sum of (layer, b, hk) (rows t0..t1 written here).
+// Rows [t0, t1) of sample b, the g query heads of KV head hk, accumulated into part [Tmax, N].
 template <typename E>
-void score_item(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b, int64_t b,
+void score_head(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b, int64_t b,
                 int64_t hk, int64_t t0, int64_t t1, float* part, Scratch& qs, Scratch& ks,
                 Scratch& ts, Scratch& ls) {
   const int64_t N = sb.N, T = sb.T, D = ly.D;
   const int64_t* qp = sb.q_pos + b * T;
   const int64_t R = t1 - t0, g = ly.Hq / ly.Hkv, M = g * R;
   const int64_t nk = qp[t1 - 1] + 1;  // keys visible to the last row of the chunk
-  for (int64_t t = t0; t < t1; ++t) std::memset(part + t * N, 0, sizeof(float) * N);
   // queries of the group, rows t0..t1 of each head: [g * R, D] fp32
   float* qb = qs.get(M * D);
   const E* q = static_cast<const E*>(ly.q);
@@ -190,8 +188,30 @@ void score_item(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b,
                          part + (t0 + r) * N);
 }
 
+// KV heads per work item: the heads of a group are scored one after another into one partial
+// head sum, so a layer has at most kMaxGroups partial sums to write and add (not Hkv). A function
+// of Hkv only, never of the thread count (the grouping fixes the order of every addition).
+constexpr int64_t kMaxGroups = 8;
+inline int64_t heads_per_group(int64_t Hkv) { return (Hkv + kMaxGroups - 1) / kMaxGroups; }
+inline int64_t n_groups(int64_t Hkv) {
+  const int64_t hg = heads_per_group(Hkv);
+  return (Hkv + hg - 1) / hg;
+}
+
+// One work item: rows [t0, t1) of sample b, the query heads of KV heads [hk0, hk1) (in order).
+// part: [Tmax, N] partial head sum of (layer, b, group) (rows t0..t1 written here).
+template <typename E>
+void score_item(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b, int64_t b,
+                int64_t hk0, int64_t hk1, int64_t t0, int64_t t1, float* part, Scratch& qs,
+                Scratch& ks, Scratch& ts, Scratch& ls) {
+  const int64_t N = sb.N;
+  for (int64_t t = t0; t < t1; ++t) std::memset(part + t * N, 0, sizeof(float) * N);
+  for (int64_t hk = hk0; hk < hk1; ++hk)
+    score_head<E>(ly, sb, bias_b, b, hk, t0, t1, part, qs, ks, ts, ls);
+}
+
 struct Item {
-  int64_t l, b, hk, t0, t1;
+  int64_t l, b, grp, t0, t1;
 };
 
 void score_layers_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb) {
@@ -212,9 +232,10 @@ void score_layers_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb
     for (int64_t j = 0; j < N; ++j)
       if (sb.mod[b * N + j] == kPad) bias[b * Np + j] = kNegInf;
 
-  // Partial head sums [Hkv, Tmax, N] per (layer, sample), in waves of layers under ~64 MiB.
+  // Partial head sums [G, Tmax, N] per (layer, sample) (G = n_groups(Hkv) <= kMaxGroups), in
+  // waves of layers under ~64 MiB.
   std::vector<int64_t> per_layer(static_cast<size_t>(L));
-  for (int64_t l = 0; l < L; ++l) per_layer[l] = B * layers[l].Hkv * Tmax * N;
+  for (int64_t l = 0; l < L; ++l) per_layer[l] = B * n_groups(layers[l].Hkv) * Tmax * N;
   const int64_t budget = (int64_t{64} << 20) / 4;
   int64_t cap = 0, total = 0;
   for (int64_t l = 0; l < L; ++l) cap = std::max(cap, per_layer[l]), total += per_layer[l];
@@ -239,15 +260,15 @@ void score_layers_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb
     for (int64_t l = l0; l < l1; ++l) {
       off[l + 1 - l0] = off[l - l0] + per_layer[l];
       for (int64_t b = 0; b < B; ++b)
-        for (int64_t hk = 0; hk < layers[l].Hkv; ++hk)
+        for (int64_t grp = 0; grp < n_groups(layers[l].Hkv); ++grp)
           for (int64_t c = 0; c < nchunk[b]; ++c) {
             const int64_t t0 = c * rows_per[b];
             const int64_t t1 = std::min(sb.n_rows[b], t0 + rows_per[b]);
-            if (t1 > t0) items.push_back({l, b, hk, t0, t1});
+            if (t1 > t0) items.push_back({l, b, grp, t0, t1});
           }
     }
-    auto part_of = [&](int64_t l, int64_t b, int64_t hk) {
-      return buf + off[l - l0] + (b * layers[l].Hkv + hk) * Tmax * N;
+    auto part_of = [&](int64_t l, int64_t b, int64_t grp) {
+      return buf + off[l - l0] + (b * n_groups(layers[l].Hkv) + grp) * Tmax * N;
     };
     // At least two items when several threads exist, so that the GEMMs always run inside a
     // parallel region, where the BLAS runs single-threaded: their rounding then never depends on
@@ -259,43 +280,50 @@ void score_layers_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb
       for (int64_t i = begin; i < std::min(end, n_items); ++i) {
         const Item& it = items[i];
         const ScoreLayer& ly = layers[it.l];
-        float* part = part_of(it.l, it.b, it.hk);
+        const int64_t hg = heads_per_group(ly.Hkv);
+        const int64_t hk0 = it.grp * hg, hk1 = std::min(ly.Hkv, hk0 + hg);
+        float* part = part_of(it.l, it.b, it.grp);
         const float* bias_b = bias.data() + it.b * Np;
         switch (ly.dtype) {
           case DType::kF32:
-            score_item<float>(ly, sb, bias_b, it.b, it.hk, it.t0, it.t1, part, qs, ks, ts, ls);
+            score_item<float>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, qs, ks, ts, ls);
             break;
           case DType::kF16:
-            score_item<c10::Half>(ly, sb, bias_b, it.b, it.hk, it.t0, it.t1, part, qs, ks, ts, ls);
+            score_item<c10::Half>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, qs, ks, ts,
+                                  ls);
             break;
           default:
-            score_item<c10::BFloat16>(ly, sb, bias_b, it.b, it.hk, it.t0, it.t1, part, qs, ks,
+            score_item<c10::BFloat16>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, qs, ks,
                                       ts, ls);
         }
       }
     });
-    // KV heads' partial sums added in the fixed order 0..Hkv-1, then the second pass.
-    at::parallel_for(0, (l1 - l0) * B, 1, [&](int64_t begin, int64_t end) {
+    // The groups' partial sums added into group 0's in the fixed order 1..G-1, row by row, in
+    // parallel over (layer, sample, row): a per-layer call (B = 1) still uses every thread.
+    const int64_t n_pairs = (l1 - l0) * B;
+    at::parallel_for(0, n_pairs * Tmax, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t pair = r / Tmax, t = r % Tmax;
+        const int64_t l = l0 + pair / B, b = pair % B;
+        if (t >= sb.n_rows[b]) continue;
+        const int64_t G = n_groups(layers[l].Hkv);
+        const int64_t n = sb.q_pos[b * T + t] + 1;
+        float* a = part_of(l, b, 0) + t * N;
+        for (int64_t grp = 1; grp < G; ++grp) {
+          const float* p = part_of(l, b, grp) + t * N;
+          int64_t j = 0;
+          for (; j + kW <= n; j += kW) (Vec::loadu(a + j) + Vec::loadu(p + j)).store(a + j);
+          for (; j < n; ++j) a[j] = a[j] + p[j];
+        }
+      }
+    });
+    // The second pass (text weights, scores, statistics) of every (layer, sample).
+    at::parallel_for(0, n_pairs, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> colw(static_cast<size_t>(N)), cols(static_cast<size_t>(N));
       std::vector<double> w(static_cast<size_t>(Tmax));
       for (int64_t pair = begin; pair < end; ++pair) {
         const int64_t l = l0 + pair / B, b = pair % B;
-        const ScoreLayer& ly = layers[l];
-        const int64_t Tv = sb.n_rows[b];
-        const int64_t* qp = sb.q_pos + b * T;
-        float* A = part_of(l, b, 0);
-        for (int64_t hk = 1; hk < ly.Hkv; ++hk) {
-          const float* P = part_of(l, b, hk);
-          for (int64_t t = 0; t < Tv; ++t) {
-            const int64_t n = qp[t] + 1;
-            float* a = A + t * N;
-            const float* p = P + t * N;
-            int64_t j = 0;
-            for (; j + kW <= n; j += kW) (Vec::loadu(a + j) + Vec::loadu(p + j)).store(a + j);
-            for (; j < n; ++j) a[j] = a[j] + p[j];
-          }
-        }
-        finish_scores(ly, sb, b, A, colw.data(), cols.data(), w.data());
+        finish_scores(layers[l], sb, b, part_of(l, b, 0), colw.data(), cols.data(), w.data());
       }
     });
     l0 = l1;

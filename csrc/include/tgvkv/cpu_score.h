@@ -2,12 +2,13 @@
 // evict): the work description and the second pass.
 //
 // The first pass (csrc/cpu/kernels/cpu_kernels.cpp, compiled per CPU capability): per (layer,
-// sample, KV head, chunk of guidance rows) work item, K^T is transposed once (8x8 at::vec blocks)
-// and the logits of the rows of the group's query heads are one GEMM through ATen (MKL / oneDNN /
-// OpenBLAS), followed by a masked fp32 softmax per
-// row (at::vec) accumulated into that KV head's partial head sum, query heads in order; the KV
-// heads' partial sums are then added in the fixed order 0..Hkv-1 (deterministic whatever the
-// thread count: every row's value depends only on that row and the fixed chunking). The second
+// sample, group of KV heads, chunk of guidance rows) work item, for each KV head of the group in
+// order, K^T is transposed once (8x8 at::vec blocks) and the logits of the rows of its query
+// heads are one GEMM through ATen (MKL / oneDNN / OpenBLAS), followed by a masked fp32 softmax
+// per row (at::vec) accumulated into the group's partial head sum, query heads in order. The
+// groups (at most 8 per layer; a function of Hkv only) have their partial sums added in the
+// fixed order 0..G-1, in parallel over rows (deterministic whatever the thread count: every
+// row's value depends only on that row, the fixed grouping and the fixed chunking). The second
 // pass (finish_scores, below) divides by Hq and reduces A to the text weights, scores and
 // statistics with double accumulators, in the reference's order.
 #pragma once
