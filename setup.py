@@ -99,7 +99,7 @@ EXTRAS = {
     "eval": [TRANSFORMERS, "easy-vqa", "pillow"],       # tgvkv.eval: tiny VLM on easy-VQA
     "plot": ["matplotlib"],                             # tgvkv-bench --plot
 }
-EXTRAS["test"] = sorted(set(sum(EXTRAS.values(), [])) | {"pytest", "hypothesis"})
+EXTRAS["test"] = sorted(set(sum(EXTRAS.values(), [])) | {"pytest", "pytest-xdist", "hypothesis"})
 
 
 def _extension():

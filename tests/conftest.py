@@ -34,6 +34,12 @@ try:  # hypothesis is a test dependency; keep its example count bounded on share
 except ImportError:  # pragma: no cover
     pass
 
+# Under pytest-xdist (the README's test command runs ``-n auto``) each worker gets its share of
+# the cores for torch's intra-op threads, so that N workers do not run N x cores threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 PAD, TEXT, VISION = ref.PAD, ref.TEXT, ref.VISION
 HAS_CUDA = torch.cuda.is_available()
 CUDA_SKIP = pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available (CPU-only machine)")

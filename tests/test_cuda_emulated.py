@@ -30,6 +30,10 @@ import torch
 
 from conftest import OPS, assert_scores_close, assert_stats_close, make_modality, randn, ref
 
+# one xdist worker runs this module (its module/session fixture is built once)
+pytestmark = pytest.mark.xdist_group("cuda_emu")
+
+
 REPO = Path(__file__).resolve().parent.parent
 EMU_DIR = REPO / "tools" / "cuda_emu"
 DECODE_SPAN = 256  # kDecodeSpan of csrc/cuda/decode_evict.cu (the launch default)

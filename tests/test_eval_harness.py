@@ -6,6 +6,10 @@ import os
 import pytest
 import torch
 
+# one xdist worker runs this module (its module/session fixture is built once)
+pytestmark = pytest.mark.xdist_group("eval_harness")
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tgvkv.eval import (POLICIES, default_model_path, format_table, load_dataset, load_model,

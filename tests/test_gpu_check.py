@@ -26,7 +26,9 @@ STEPS = ["env", "build", "tests", "memcheck", "racecheck", "extra", "ops-llava-n
          "ops-qwen2.5-vl-7b", "generate", "generate-max-batch"]
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="bash + coreutils timeout")
+# one xdist worker runs this module (its module/session fixture is built once)
+pytestmark = [pytest.mark.xdist_group("gpu_check"),
+              pytest.mark.skipif(sys.platform != "linux", reason="bash + coreutils timeout")]
 
 
 def _run(args, timeout=300):
@@ -38,7 +40,7 @@ def _run(args, timeout=300):
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpucheck") / "out"
-    r = _run(["--dry-run", "--no-build", "--budget", "240", str(out)])
+    r = _run(["--dry-run", "--no-build", "--budget", "900", str(out)], timeout=1000)
     return r, out
 
 

@@ -7,6 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
+# one xdist worker runs this module (its module/session fixture is built once)
+pytestmark = pytest.mark.xdist_group("hf_errors")
+
+
 pytest.importorskip("transformers")
 
 import tgvkv.hf as hf  # noqa: E402

@@ -10,6 +10,10 @@ import os
 import pytest
 import torch
 
+# one xdist worker runs this module (its module/session fixture is built once)
+pytestmark = pytest.mark.xdist_group("train_tiny")
+
+
 easy_vqa = pytest.importorskip("easy_vqa")
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
