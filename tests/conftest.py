@@ -11,7 +11,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import traceback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -196,3 +199,51 @@ def assert_compacted(after, before, keep_idx_lb, n_kept_b):
         exp = before[b][:, idx].cpu()
         got = after[b][:, :n].cpu()
         assert torch.equal(got, exp), f"sample {b}: compacted rows differ from gather of kept slots"
+
+
+# ------------------------------------------------------------------------------------------
+# The command line, in-process
+# ------------------------------------------------------------------------------------------
+class _Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_cli(*args, env_extra=None):
+    """Run ``tgvkv-bench ARGS`` in this process (``tgvkv.bench.cli.main``, what the console
+    script calls), capturing stdout/stderr and the exit code: a fresh interpreter per command
+    line would cost an import of torch each. An unexpected exception becomes exit code 1 with
+    its traceback on stderr, as in a real run. ``test_cli.test_console_script_in_a_fresh_interpreter``
+    runs the installed entry points for real."""
+    from tgvkv.bench import cli as bench_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        stack.enter_context(_environ({"HF_HUB_OFFLINE": "1", **(env_extra or {})}))
+        try:
+            rc = bench_cli.main([str(a) for a in args])
+        except SystemExit as e:  # argparse: --help, --version, usage errors
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        except Exception:  # noqa: BLE001 - reported like the interpreter would
+            traceback.print_exc(file=err)
+            rc = 1
+        finally:
+            torch.set_num_threads(threads)
+    return _Result(rc, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _environ(values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -3,13 +3,11 @@ of the command line that cannot be written. Each gets a clear tgvkv error before
 for legal aliasing such as two halves of one buffer, the reference's answer)."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import OPS, ref
+from conftest import OPS, ref, run_cli
 from test_ops_errors import HKV, N, B, D, L, call, expect_error, good
 
 from tgvkv import TGVKV
@@ -135,9 +133,7 @@ def test_policy_n_sink_checked_at_construction(n_sink):
 # The command line refuses an output path it cannot write, before doing any work
 # ------------------------------------------------------------------------------------------
 def _cli(*args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "tgvkv.bench", *map(str, args)],
-                          capture_output=True, text=True, timeout=120, env=env)
+    return run_cli(*args)  # in-process tgvkv-bench (conftest.run_cli)
 
 
 @pytest.mark.parametrize("flag", ["--json", "--plot"])
