@@ -15,6 +15,7 @@ from conftest import OPS, ref
 from test_ops_errors import HKV, N, B, D, L, call, expect_error, good
 
 from tgvkv import TGVKV
+from tgvkv.presses import H2O, PyramidKV, RandomPolicy, SnapKV, StreamingLLM
 
 
 # ------------------------------------------------------------------------------------------
@@ -356,3 +357,54 @@ def test_wrappers_refuse_wrong_scalar_types():
         tgvkv.ops.layer_budgets(g["stats"], g["q_pos"], g["modality"], "0.2")
     with pytest.raises(TypeError, match=r"tgvkv::score_text_vision: scale must be a real"):
         tgvkv.ops.score_text_vision(g["q"], g["k"], g["q_pos"], g["modality"], None)
+
+
+# ------------------------------------------------------------------------------------------
+# Every policy field is validated when the policy is built
+# ------------------------------------------------------------------------------------------
+_BAD_FIELDS = [
+    (TGVKV, "keep_ratio", [0.0, -0.5, 1.5, float("nan"), float("inf"), True, "0.1", None]),
+    (TGVKV, "n_sink", [-1, 2**31, 2**70, 4.0, True, "4"]),
+    (TGVKV, "budget", ["MASS", "", 0, None]),
+    (TGVKV, "text_score", ["rows", 1, None]),
+    (TGVKV, "no_vision", [None, 0]),
+    (TGVKV, "redistribute", [1, "yes", None]),
+    (TGVKV, "decode_evict", [0, "no"]),
+    (TGVKV, "text_weighting", [1.0]),
+    (TGVKV, "text_priority", [0]),
+    (TGVKV, "uniform_budgets", ["False"]),
+    (RandomPolicy, "keep_ratio", [2, True]),
+    (RandomPolicy, "n_sink", [2**70]),
+    (RandomPolicy, "seed", [1.5, True, 2**64, -2**63 - 1]),
+    (StreamingLLM, "decode_evict", [1, None]),
+    (H2O, "recent_share", [-0.1, 1.1, float("nan"), True]),
+    (SnapKV, "window", [0, -3, 8.0, True]),
+    (SnapKV, "kernel", [0, 4, 5.0, True]),
+    (PyramidKV, "beta", [0.0, -1.0, float("inf"), float("nan"), True, "20"]),
+    (PyramidKV, "window", [0]),
+]
+
+
+@pytest.mark.parametrize("cls,name,value", [(c, n, v) for c, n, vs in _BAD_FIELDS for v in vs],
+                         ids=lambda x: x.__name__ if isinstance(x, type) else repr(x))
+def test_policy_fields_checked_at_construction(cls, name, value):
+    with pytest.raises(ValueError) as ei:
+        cls(**{"keep_ratio": 0.5, name: value})
+    msg = str(ei.value)
+    assert f"{cls.__name__}.{name} must be" in msg and repr(value) in msg, msg
+
+
+@pytest.mark.parametrize("text_score", ["guidance", "all_queries"])
+def test_both_text_score_strings_pass_validation(text_score):
+    # "all_queries" is a valid value; the model layer may not implement it (NotImplementedError)
+    try:
+        TGVKV(text_score=text_score)
+    except NotImplementedError:
+        assert text_score == "all_queries"
+
+
+def test_valid_policies_build():
+    for p in (TGVKV(keep_ratio=1), TGVKV(n_sink=2**31 - 1, budget="mi"), RandomPolicy(seed=-5),
+              H2O(keep_ratio=0.3, recent_share=0), SnapKV(window=1, kernel=1),
+              PyramidKV(beta=0.5), StreamingLLM(decode_evict=False)):
+        p.validate()
