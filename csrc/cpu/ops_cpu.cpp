@@ -215,6 +215,10 @@ void score_all(const std::vector<Tensor>& qs, TensorList ks, const Tensor& q_pos
                bool want_mi, Tensor& scores, Tensor& stats) {
   const int64_t L = static_cast<int64_t>(ks.size());
   const int64_t B = mod_c.size(0), N = mod_c.size(1), T = q_pos_c.size(1);
+  if (N == 0) {  // no slot to score; the kernel would memset 0 bytes at a null pointer (UBSan)
+    stats.zero_();
+    return;
+  }
   std::vector<int64_t> n_rows(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) n_rows[b] = info[b].n_rows;
   std::vector<cpu::ScoreLayer> layers;
