@@ -102,6 +102,14 @@ EXTRAS = {
 EXTRAS["test"] = sorted(set(sum(EXTRAS.values(), [])) | {"pytest", "pytest-xdist", "hypothesis"})
 
 
+# TGVKV_SANITIZE=address,undefined (any -fsanitize= list): build the C++ sources with those
+# sanitizers, frame pointers and debug info, at -O1 (README "Sanitizer build" says how to run).
+SANITIZE = os.environ.get("TGVKV_SANITIZE", "").strip()
+if SANITIZE and not all(re.fullmatch(r"[a-z][a-z0-9-]*", x) for x in SANITIZE.split(",")):
+    raise SystemExit(f"TGVKV_SANITIZE must be a comma-separated -fsanitize= list such as "
+                     f"'address,undefined', got {SANITIZE!r}")
+
+
 def _extension():
     cpp_sources = _rel_glob("csrc/*.cpp") + _rel_glob("csrc/cpu/*.cpp")
     cu_sources = _rel_glob("csrc/cuda/*.cu")
@@ -114,6 +122,13 @@ def _extension():
         ("TGVKV_CUDA_ARCHS", '"%s"' % archs_str),
     ]
     cxx = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden"]
+    link = ["-fopenmp"]
+    if SANITIZE:  # README "Sanitizer build": instrument the extension's own code
+        # -fno-wrapv: Python's CFLAGS (which extension builds inherit) carry -fwrapv, under which
+        # signed overflow is defined and UBSan does not instrument it; we want it reported.
+        san = ["-fsanitize=" + SANITIZE, "-fno-omit-frame-pointer", "-g", "-fno-wrapv"]
+        cxx = ["-O1" if c == "-O3" else c for c in cxx if c != "-g0"] + san
+        link += san
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     if with_cuda:
         macros.append(("TGVKV_WITH_CUDA", "1"))
@@ -122,10 +137,10 @@ def _extension():
         return CUDAExtension(
             "tgvkv._C", cpp_sources + cu_sources, include_dirs=include_dirs,
             define_macros=macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=["-fopenmp"])
+            extra_link_args=link)
     return CppExtension(
         "tgvkv._C", cpp_sources, include_dirs=include_dirs, define_macros=macros,
-        extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 class _BuildExt(BuildExtension):

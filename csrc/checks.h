@@ -178,6 +178,18 @@ inline void check_no_overlap(const at::Tensor& a, const at::Tensor& b, const cha
               "place but share memory; pass separate tensors");
 }
 
+// Every value of a 1-D int64 CPU tensor t [B] (any stride) is >= lo: the data-dependent range
+// check of the CPU ops (the CUDA ops do not read values back: a host sync).
+inline void check_values_at_least(const at::Tensor& t, int64_t lo, const char* op,
+                                  const char* name, const char* why) {
+  const int64_t* p = t.data_ptr<int64_t>();
+  for (int64_t i = 0; i < t.size(0); ++i) {
+    const int64_t x = p[i * t.stride(0)];
+    TGVKV_CHECK_VALUE(x >= lo, op, "'", name, "' values must be >= ", lo, " (", why, "), got ", x,
+                      " at [", i, "]");
+  }
+}
+
 inline void check_keep_ratio(double keep_ratio, const char* op) {
   TGVKV_CHECK_VALUE(keep_ratio > 0.0 && keep_ratio <= 1.0, op,
                     "keep_ratio must be in (0, 1], got ", keep_ratio);
@@ -192,8 +204,12 @@ inline int parse_budget(c10::string_view budget, const char* op) {
   return -1;
 }
 
+// The kernels compute in fp32: a finite double beyond FLT_MAX would become inf there (and the
+// double -> float conversion of such a value is undefined behaviour).
 inline void check_scale(double scale, const char* op) {
-  TGVKV_CHECK_VALUE(std::isfinite(scale), op, "scale must be finite, got ", scale);
+  TGVKV_CHECK_VALUE(std::isfinite(scale) && std::fabs(scale) <= 3.4028234663852886e38, op,
+                    "scale must be finite and representable in float32 (|scale| <= 3.4028235e38), "
+                    "got ", scale);
 }
 
 }  // namespace checks

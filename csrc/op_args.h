@@ -275,5 +275,14 @@ inline DecodeArgs check_decode_evict_args(const at::Tensor& k, const at::Tensor&
   return DecodeArgs{B, Hkv, S, D, q.size(1)};
 }
 
+// The integer inputs of decode_evict_ that have no meaning below 0 (CPU: reads the values; the
+// CUDA op cannot without a host sync and treats n_protected <= 0 as "nothing protected").
+// length's upper bound S is checked by the CPU op itself; n_protected > length protects all.
+inline void check_decode_evict_values(const at::Tensor& n_seen, const at::Tensor& n_protected,
+                                      const char* op) {
+  checks::check_values_at_least(n_seen, 0, op, "n_seen", "tokens seen so far");
+  checks::check_values_at_least(n_protected, 0, op, "n_protected", "a protected suffix length");
+}
+
 }  // namespace op_args
 }  // namespace tgvkv

@@ -250,6 +250,45 @@ def test_budgets_and_selection(emu, name):
     assert torch.equal(ev.get("keep_fraction", torch.float64, (L, B)), e[3])
 
 
+def test_select_keep_int64_extremes(emu):
+    """keep at INT64_MIN / -1 / above N_b / INT64_MAX: the reference's clamp, no wrapped
+    n_real - keep (issue 17)."""
+    mod, q_pos = _batch([40, 31], [6, 4], 2, "left", seed=5)
+    B, N = mod.shape
+    L = 4
+    scores, _, _ = _select_inputs(mod, L, seed=6)
+    keep = torch.tensor([[-2**63, 2**63 - 1], [-1, 10], [2**63 - 1, -2**63], [N + 5, 0]])
+    meta = dict(L=L, B=B, T=q_pos.shape[1], N=N, n_sink=4, keep_ratio=0.5, mode=0,
+                redistribute=0)
+    sel = emu("select", meta, scores=scores, keep=keep, q_pos=q_pos, modality=mod)
+    e_idx, e_np = ref.select_keep(scores, keep, q_pos, mod, 4)
+    assert torch.equal(sel.get("keep_idx", torch.int64, (L, B, N)), e_idx)
+    assert torch.equal(sel.get("n_protected", torch.int64, (L, B)), e_np)
+
+
+def test_decode_n_protected_extremes(emu):
+    """n_protected = INT64_MIN evicts as n_protected = 0 would (the CUDA op cannot refuse it
+    without a host sync; the CPU op raises), INT64_MAX protects everything: no wrapped
+    n - n_protected (issue 17)."""
+    B, Hq, Hkv, D, S = 4, 2, 1, 16, 24
+    k, v = randn((B, Hkv, S, D), torch.float32, 1), randn((B, Hkv, S, D), torch.float32, 2)
+    pos = torch.arange(S).repeat(B, 1)
+    length = torch.full((B,), 20)
+    q = randn((B, Hq, D), torch.float32, 3)
+    n_seen = torch.full((B,), 100)
+    frac = torch.full((B,), 0.1, dtype=torch.float64)
+    n_prot = torch.tensor([-2**63, 2**63 - 1, 0, 2**63 - 1])
+    out = emu("decode", dict(B=B, Hq=Hq, Hkv=Hkv, D=D, Dv=D, S=S, scale=0.25, n_sink=4, span=8,
+                             dtype=DTYPE_CODE[torch.float32]),
+              k=k, v=v, pos=pos, length=length, q=q, n_seen=n_seen, keep_fraction=frac,
+              n_protected=n_prot)
+    as_cpu = torch.tensor([0, 2**63 - 1, 0, 2**63 - 1])
+    ev_cpu = OPS.decode_evict_(k.clone(), v.clone(), pos.clone(), length.clone(), q, n_seen,
+                               frac, as_cpu, 0.25, 4)
+    ev = out.get("evicted", torch.int64, (B,))
+    assert torch.equal(ev, ev_cpu) and int(ev[0]) >= 0 and int(ev[1]) == -1, (ev, ev_cpu)
+
+
 # ------------------------------------------------------------------------------------------
 # compact_
 # ------------------------------------------------------------------------------------------

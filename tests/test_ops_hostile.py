@@ -7,10 +7,13 @@ import os
 import pytest
 import torch
 
+import tgvkv
+
 from conftest import OPS, ref, run_cli
 from test_ops_errors import HKV, N, B, D, L, call, expect_error, good
 
 from tgvkv import TGVKV
+from tgvkv.presses import H2O, PyramidKV, RandomPolicy, SnapKV, StreamingLLM
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,3 +240,167 @@ def test_inf_in_k_cache_names_k_cache():
         call("evict", g, k_cache=kc)
     msg = str(ei.value)
     assert "evict" in msg and "k_cache" in msg and "'scores' must" not in msg, msg
+
+
+# ------------------------------------------------------------------------------------------
+# Integer extremes in tensors: the reference's answer (never a wrapped difference) or an error
+# ------------------------------------------------------------------------------------------
+I64_MIN, I64_MAX = -2**63, 2**63 - 1
+
+
+@pytest.mark.parametrize("value", [I64_MIN, -1, 0, N + 1, I64_MAX])
+def test_select_keep_keep_extremes_match_the_reference(value):
+    g = good()
+    keep = torch.full((L, B), value, dtype=torch.int64)
+    keep[1, 0] = 7  # one ordinary entry beside the extreme ones
+    got = OPS.select_keep(g["scores"], keep, g["q_pos"], g["modality"], 4)
+    exp = ref.select_keep(g["scores"], keep, g["q_pos"], g["modality"], 4)
+    assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1])
+
+
+@pytest.mark.parametrize("arg,i", [("n_seen", 5), ("n_protected", 7)])
+@pytest.mark.parametrize("value", [-1, I64_MIN])
+def test_decode_negative_counts_are_errors(arg, i, value):
+    a = _decode_args()
+    a[i] = a[i].clone()
+    a[i][1] = value
+    before = [t.clone() for t in a[:4]]
+    expect_error(lambda: OPS.decode_evict_(*a, 0.25, 4), "decode_evict_", arg)
+    assert all(torch.equal(x, y) for x, y in zip(a[:4], before))  # refused before any write
+
+
+@pytest.mark.parametrize("arg,i", [("n_seen", 5), ("n_protected", 7), ("length", 3)])
+def test_decode_int64_max_counts(arg, i):
+    a = _decode_args()
+    a[i] = torch.full_like(a[i], I64_MAX)
+    if arg == "length":  # beyond S: refused (the reference would index past the cache)
+        expect_error(lambda: OPS.decode_evict_(*a, 0.25, 4), "decode_evict_", "length")
+        return
+    b = [t.clone() for t in a]
+    got = OPS.decode_evict_(*a, 0.25, 4)
+    exp = ref.decode_evict_(*b, 0.25, 4)
+    assert torch.equal(got, exp) and torch.equal(a[3], b[3])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf"), -1e308])
+def test_decode_non_finite_forget_count_names_keep_fraction(value):
+    a = _decode_args()
+    a[6] = torch.full_like(a[6], value)
+    expect_error(lambda: OPS.decode_evict_(*a, 0.25, 4), "decode_evict_", "keep_fraction")
+
+
+@pytest.mark.parametrize("value", [I64_MIN, I64_MAX, -2, N])
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_compact_keep_idx_extremes(value, where):
+    g = good()
+    idx = g["keep_idx"].clone()
+    idx[1, 0 if where == "first" else -1] = value
+    k, v = g["k"].clone(), g["v"].clone()
+    expect_error(lambda: OPS.compact_(k, v, idx), "compact_", "keep_idx")
+    assert torch.equal(k, g["k"]) and torch.equal(v, g["v"])  # refused before any write
+
+
+@pytest.mark.parametrize("kind", ["duplicate", "descending"])
+def test_compact_keep_idx_not_ascending(kind):
+    g = good()
+    idx = torch.full((B, N), -1, dtype=torch.int64)
+    idx[:, :3] = torch.tensor([2, 2, 5] if kind == "duplicate" else [5, 2, 7])
+    expect_error(lambda: OPS.compact_(g["k"].clone(), g["v"].clone(), idx), "compact_",
+                 "keep_idx")
+
+
+@pytest.mark.parametrize("name", ["score_text_vision", "layer_budgets", "select_keep",
+                                  "evict_from_scores", "evict"])
+@pytest.mark.parametrize("value", [I64_MIN, I64_MAX])
+def test_q_pos_int64_extremes(name, value):
+    g = good()
+    q_pos = g["q_pos"].clone()
+    q_pos[0, 1] = value
+    expect_error(lambda: call(name, g, q_pos=q_pos), name, "q_pos")
+
+
+# ------------------------------------------------------------------------------------------
+# Scalar arguments: float32 range of scale, the wrappers' int64 / type checks
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [1e300, -1e39, float("inf"), float("nan")])
+def test_scale_beyond_float32_is_an_error(scale):
+    g = good()
+    expect_error(lambda: OPS.score_text_vision(g["q"], g["k"], g["q_pos"], g["modality"], scale),
+                 "score_text_vision", "scale")
+    kc = [g["k"].clone() for _ in range(L)]
+    vc = [g["v"].clone() for _ in range(L)]
+    expect_error(lambda: OPS.evict(kc, vc, [g["q"]] * L, g["q_pos"], g["modality"], scale, 0.2),
+                 "evict", "scale")
+    expect_error(lambda: OPS.decode_evict_(*_decode_args(), scale, 4), "decode_evict_", "scale")
+
+
+@pytest.mark.parametrize("n_sink", [2**63, 2**70, -2**70])
+def test_wrappers_refuse_ints_beyond_int64(n_sink):
+    g = good()
+    with pytest.raises(ValueError, match=r"tgvkv::layer_budgets: n_sink must fit in int64"):
+        tgvkv.ops.layer_budgets(g["stats"], g["q_pos"], g["modality"], 0.2, "mass", False, n_sink)
+    with pytest.raises(ValueError, match=r"tgvkv::decode_evict_: n_sink"):
+        tgvkv.ops.decode_evict_(*_decode_args(), 0.25, n_sink)
+
+
+def test_wrappers_refuse_wrong_scalar_types():
+    g = good()
+    with pytest.raises(TypeError, match=r"tgvkv::select_keep: n_sink must be an int"):
+        tgvkv.ops.select_keep(g["scores"], g["keep"], g["q_pos"], g["modality"], True)
+    with pytest.raises(TypeError, match=r"tgvkv::select_keep: n_sink must be an int"):
+        tgvkv.ops.select_keep(g["scores"], g["keep"], g["q_pos"], g["modality"], 4.0)
+    with pytest.raises(TypeError, match=r"tgvkv::layer_budgets: keep_ratio must be a real"):
+        tgvkv.ops.layer_budgets(g["stats"], g["q_pos"], g["modality"], "0.2")
+    with pytest.raises(TypeError, match=r"tgvkv::score_text_vision: scale must be a real"):
+        tgvkv.ops.score_text_vision(g["q"], g["k"], g["q_pos"], g["modality"], None)
+
+
+# ------------------------------------------------------------------------------------------
+# Every policy field is validated when the policy is built
+# ------------------------------------------------------------------------------------------
+_BAD_FIELDS = [
+    (TGVKV, "keep_ratio", [0.0, -0.5, 1.5, float("nan"), float("inf"), True, "0.1", None]),
+    (TGVKV, "n_sink", [-1, 2**31, 2**70, 4.0, True, "4"]),
+    (TGVKV, "budget", ["MASS", "", 0, None]),
+    (TGVKV, "text_score", ["rows", 1, None]),
+    (TGVKV, "no_vision", [None, 0]),
+    (TGVKV, "redistribute", [1, "yes", None]),
+    (TGVKV, "decode_evict", [0, "no"]),
+    (TGVKV, "text_weighting", [1.0]),
+    (TGVKV, "text_priority", [0]),
+    (TGVKV, "uniform_budgets", ["False"]),
+    (RandomPolicy, "keep_ratio", [2, True]),
+    (RandomPolicy, "n_sink", [2**70]),
+    (RandomPolicy, "seed", [1.5, True, 2**64, -2**63 - 1]),
+    (StreamingLLM, "decode_evict", [1, None]),
+    (H2O, "recent_share", [-0.1, 1.1, float("nan"), True]),
+    (SnapKV, "window", [0, -3, 8.0, True]),
+    (SnapKV, "kernel", [0, 4, 5.0, True]),
+    (PyramidKV, "beta", [0.0, -1.0, float("inf"), float("nan"), True, "20"]),
+    (PyramidKV, "window", [0]),
+]
+
+
+@pytest.mark.parametrize("cls,name,value", [(c, n, v) for c, n, vs in _BAD_FIELDS for v in vs],
+                         ids=lambda x: x.__name__ if isinstance(x, type) else repr(x))
+def test_policy_fields_checked_at_construction(cls, name, value):
+    with pytest.raises(ValueError) as ei:
+        cls(**{"keep_ratio": 0.5, name: value})
+    msg = str(ei.value)
+    assert f"{cls.__name__}.{name} must be" in msg and repr(value) in msg, msg
+
+
+@pytest.mark.parametrize("text_score", ["guidance", "all_queries"])
+def test_both_text_score_strings_pass_validation(text_score):
+    # "all_queries" is a valid value; the model layer may not implement it (NotImplementedError)
+    try:
+        TGVKV(text_score=text_score)
+    except NotImplementedError:
+        assert text_score == "all_queries"
+
+
+def test_valid_policies_build():
+    for p in (TGVKV(keep_ratio=1), TGVKV(n_sink=2**31 - 1, budget="mi"), RandomPolicy(seed=-5),
+              H2O(keep_ratio=0.3, recent_share=0), SnapKV(window=1, kernel=1),
+              PyramidKV(beta=0.5), StreamingLLM(decode_evict=False)):
+        p.validate()

@@ -215,6 +215,10 @@ void score_all(const std::vector<Tensor>& qs, TensorList ks, const Tensor& q_pos
                bool want_mi, Tensor& scores, Tensor& stats) {
   const int64_t L = static_cast<int64_t>(ks.size());
   const int64_t B = mod_c.size(0), N = mod_c.size(1), T = q_pos_c.size(1);
+  if (N == 0) {  // no slot to score; the kernel would memset 0 bytes at a null pointer (UBSan)
+    stats.zero_();
+    return;
+  }
   std::vector<int64_t> n_rows(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) n_rows[b] = info[b].n_rows;
   std::vector<cpu::ScoreLayer> layers;
@@ -234,6 +238,9 @@ void score_all(const std::vector<Tensor>& qs, TensorList ks, const Tensor& q_pos
   sb.want_mi = want_mi;
   cpu::kernels().score_layers(layers.data(), L, sb);
 }
+
+void check_finite_scores(const Tensor& scores_c, const Tensor& mod_c, const char* op,
+                         const char* what);
 
 // The valid guidance rows of q [B, Hq, T, D] (rows t < n_rows of sample b) must be finite: a NaN
 // row would otherwise drop out of the softmax sums silently and finite statistics come back.
@@ -264,6 +271,9 @@ std::tuple<Tensor, Tensor> score_text_vision_cpu(const Tensor& q, const Tensor& 
   std::vector<Tensor> qs{q.contiguous()};
   check_finite_rows(qs[0], info, op, "q");
   score_all(qs, TensorList(&k, 1), q_pos_c, mod_c, info, scale, /*want_mi=*/true, scores, stats);
+  check_finite_scores(scores, mod_c, op,
+                      "the attention scores of 'q' against 'k' must be finite (NaN or inf in 'k', "
+                      "or a scale that overflows the logits?)");
   return {scores.squeeze(0), stats.squeeze(0)};
 }
 
@@ -311,7 +321,7 @@ std::tuple<Tensor, Tensor> layer_budgets_cpu(const Tensor& stats, const Tensor& 
 // ------------------------------------------------------------------------------------------------
 // `what` names the inputs the scores came from (the ops that compute them say which).
 void check_finite_scores(const Tensor& scores_c, const Tensor& mod_c, const char* op,
-                         const char* what = "'scores' must be finite") {
+                         const char* what) {
   const int64_t L = scores_c.size(0), B = scores_c.size(1), N = scores_c.size(2);
   const float* sc = scores_c.data_ptr<float>();
   const int8_t* mod = mod_c.data_ptr<int8_t>();
@@ -358,7 +368,7 @@ std::tuple<Tensor, Tensor> select_keep_cpu(const Tensor& scores, const Tensor& k
   const Tensor q_pos_c = q_pos.contiguous(), mod_c = modality.contiguous();
   const auto info = analyze_samples(q_pos_c, mod_c, op);
   const Tensor scores_c = scores.contiguous();
-  check_finite_scores(scores_c, mod_c, op);
+  check_finite_scores(scores_c, mod_c, op, "'scores' must be finite");
   const int64_t L = scores.size(0);
   Tensor keep_idx = at::empty({L, B, N}, modality.options().dtype(at::kLong));
   Tensor n_prot = at::empty({L, B}, modality.options().dtype(at::kLong));
@@ -473,7 +483,7 @@ Tensor4 evict_from_scores_cpu(TensorList k_cache, TensorList v_cache, const Tens
   const Tensor q_pos_c = q_pos.contiguous(), mod_c = modality.contiguous();
   const auto info = analyze_samples(q_pos_c, mod_c, op);
   const Tensor scores_c = scores.contiguous();
-  check_finite_scores(scores_c, mod_c, op);
+  check_finite_scores(scores_c, mod_c, op, "'scores' must be finite");
   return evict_tail(k_cache, v_cache, scores_c, stats.contiguous(), mod_c, info, keep_ratio, mode,
                     redistribute, n_sink, op);
 }
@@ -529,6 +539,7 @@ Tensor decode_evict_cpu(const Tensor& k, const Tensor& v, const Tensor& pos, con
   const op_args::DecodeArgs a = op_args::check_decode_evict_args(
       k, v, pos, length, q, n_seen, keep_fraction, n_protected, scale, n_sink, op);
   const int64_t B = a.B, Hkv = a.Hkv, S = a.S, D = a.D, Hq = a.Hq, g = Hq / Hkv;
+  op_args::check_decode_evict_values(n_seen, n_protected, op);
 
   // length / pos / n_protected accessed through strides (they are mutated in place)
   auto at1 = [](const Tensor& t, int64_t i) -> int64_t& {
@@ -549,7 +560,7 @@ Tensor decode_evict_cpu(const Tensor& k, const Tensor& v, const Tensor& pos, con
     TGVKV_CHECK(ok, op, "non-finite forget count for sample ", b, " (keep_fraction = ", f, ")");
     if (forget <= 0) continue;
     const int64_t np = at1(n_protected, b);
-    if (n[b] - np <= n_sink) continue;
+    if (!decode_has_candidates(n[b], np, n_sink)) continue;
     act[b] = 1;
     n_max = std::max(n_max, n[b]);
   }
@@ -576,6 +587,16 @@ Tensor decode_evict_cpu(const Tensor& k, const Tensor& v, const Tensor& pos, con
                         probs.data() + (b * Hq + hk * g) * n_max, n_max);
     }
   });
+
+  // NaN/inf in q or in a live key makes every attention of the sample NaN (no victim would be
+  // defined): refuse before anything is written.
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; act[b] && i < Hq * n[b]; ++i) {
+      const float x = probs[(b * Hq + i / n[b]) * n_max + i % n[b]];
+      TGVKV_CHECK(std::isfinite(x), op, "the attention of 'q' against 'k' must be finite (NaN or "
+                  "inf in 'q' or in a live slot of 'k', or a scale that overflows the logits?) "
+                  "for sample ", b);
+    }
 
   int64_t* ev = evicted.data_ptr<int64_t>();
   const int64_t ps = pos.stride(1);

@@ -1,7 +1,8 @@
 // CUDA implementation of tgvkv::decode_evict_ (kernels and launcher: csrc/include/tgvkv/cuda/decode.cuh).
-// Three launches, no host sync. Data-dependent checks of the CPU op (length in [0, S], finite
-// forget count) are not done on CUDA: length is clamped to [0, S] and a non-finite forget count
-// evicts nothing.
+// Three launches, no host sync. Data-dependent checks of the CPU op (length in [0, S], n_seen and
+// n_protected >= 0, finite forget count, finite attention) are not done on CUDA: length is clamped
+// to [0, S], n_protected <= 0 protects nothing, a non-finite forget count evicts nothing and NaN
+// attention picks an unspecified (in-bounds) candidate.
 #include <torch/library.h>
 
 #include "glue.cuh"

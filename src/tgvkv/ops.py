@@ -104,6 +104,30 @@ def guidance_positions(modality: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # Op wrappers
 # --------------------------------------------------------------------------------------------
+_INT64 = (-2**63, 2**63 - 1)
+
+
+def _int_arg(op: str, name: str, x) -> int:
+    """A Python integer scalar argument of op (not a bool), in the int64 range of the schema."""
+    if isinstance(x, bool) or not hasattr(x, "__index__"):
+        raise TypeError(f"tgvkv::{op}: {name} must be an int, got {type(x).__name__} {x!r}")
+    x = x.__index__()
+    if not _INT64[0] <= x <= _INT64[1]:
+        raise ValueError(f"tgvkv::{op}: {name} must fit in int64, got {x}")
+    return x
+
+
+def _float_arg(op: str, name: str, x) -> float:
+    """A real scalar argument of op (not a bool or a string); range checks are the op's."""
+    if isinstance(x, (bool, str, bytes)):
+        raise TypeError(f"tgvkv::{op}: {name} must be a real number, got {type(x).__name__} {x!r}")
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"tgvkv::{op}: {name} must be a real number, got {type(x).__name__} "
+                        f"{x!r}") from None
+
+
 def score_text_vision(q: Tensor, k: Tensor, q_pos: Tensor, modality: Tensor,
                       scale: float) -> tuple[Tensor, Tensor]:
     """Ranking scores and text-vision statistics of one layer, from the guidance rows only.
@@ -127,7 +151,8 @@ def score_text_vision(q: Tensor, k: Tensor, q_pos: Tensor, modality: Tensor,
     stats : Tensor
         ``[B, 2]`` fp32: text->vision attention mass ``S`` and its mutual information ``I``.
     """
-    return _ops.score_text_vision(q, k, q_pos, modality, float(scale))
+    return _ops.score_text_vision(q, k, q_pos, modality,
+                                  _float_arg("score_text_vision", "scale", scale))
 
 
 def layer_budgets(stats: Tensor, q_pos: Tensor, modality: Tensor, keep_ratio: float,
@@ -155,8 +180,9 @@ def layer_budgets(stats: Tensor, q_pos: Tensor, modality: Tensor, keep_ratio: fl
     keep_fraction : Tensor
         ``[L, B]`` float64 ``1 - r_l`` (1.0 for samples that are not evicted).
     """
-    return _ops.layer_budgets(stats, q_pos, modality, float(keep_ratio), budget,
-                              bool(redistribute), int(n_sink))
+    op = "layer_budgets"
+    return _ops.layer_budgets(stats, q_pos, modality, _float_arg(op, "keep_ratio", keep_ratio),
+                              budget, bool(redistribute), _int_arg(op, "n_sink", n_sink))
 
 
 def select_keep(scores: Tensor, keep: Tensor, q_pos: Tensor, modality: Tensor,
@@ -177,7 +203,8 @@ def select_keep(scores: Tensor, keep: Tensor, q_pos: Tensor, modality: Tensor,
     n_protected : Tensor
         ``[L, B]`` int64, kept slots at or after the first guidance slot (at least 1).
     """
-    return _ops.select_keep(scores, keep, q_pos, modality, int(n_sink))
+    return _ops.select_keep(scores, keep, q_pos, modality,
+                            _int_arg("select_keep", "n_sink", n_sink))
 
 
 def compact_(k: Tensor, v: Tensor, keep_idx: Tensor) -> Tensor:
@@ -217,8 +244,10 @@ def evict_from_scores(k_cache: Sequence[Tensor], v_cache: Sequence[Tensor], scor
     keep_idx : ``[L, B, N]`` int64. n_kept : ``[L, B]`` int64. n_protected : ``[L, B]`` int64.
     keep_fraction : ``[L, B]`` float64.
     """
+    op = "evict_from_scores"
     return _ops.evict_from_scores(list(k_cache), list(v_cache), scores, stats, q_pos, modality,
-                                  float(keep_ratio), budget, bool(redistribute), int(n_sink))
+                                  _float_arg(op, "keep_ratio", keep_ratio), budget,
+                                  bool(redistribute), _int_arg(op, "n_sink", n_sink))
 
 
 def evict(k_cache: Sequence[Tensor], v_cache: Sequence[Tensor], queries: Sequence[Tensor],
@@ -248,8 +277,10 @@ def evict(k_cache: Sequence[Tensor], v_cache: Sequence[Tensor], queries: Sequenc
     keep_idx : ``[L, B, N]`` int64. n_kept : ``[L, B]`` int64. n_protected : ``[L, B]`` int64.
     keep_fraction : ``[L, B]`` float64.
     """
+    op = "evict"
     return _ops.evict(list(k_cache), list(v_cache), list(queries), q_pos, modality,
-                      float(scale), float(keep_ratio), budget, bool(redistribute), int(n_sink))
+                      _float_arg(op, "scale", scale), _float_arg(op, "keep_ratio", keep_ratio),
+                      budget, bool(redistribute), _int_arg(op, "n_sink", n_sink))
 
 
 def decode_evict_(k: Tensor, v: Tensor, pos: Tensor, length: Tensor, q: Tensor, n_seen: Tensor,
@@ -276,8 +307,9 @@ def decode_evict_(k: Tensor, v: Tensor, pos: Tensor, length: Tensor, q: Tensor, 
         ``[B]`` int64: the evicted ``pos`` per sample, or ``-1``. The evicted slot is refilled
         with the last live slot (O(Hkv·D) bytes moved).
     """
+    op = "decode_evict_"
     return _ops.decode_evict_(k, v, pos, length, q, n_seen, keep_fraction, n_protected,
-                              float(scale), int(n_sink))
+                              _float_arg(op, "scale", scale), _int_arg(op, "n_sink", n_sink))
 
 
 # --------------------------------------------------------------------------------------------

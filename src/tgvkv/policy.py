@@ -44,13 +44,59 @@ import torch
 
 from . import ops as _default_ops
 from . import torch_impl
-from .constants import BUDGET_MODES, MAX_N_SINK, TEXT, VISION
+from .constants import BUDGET_MODES, MAX_N_SINK, TEXT, TEXT_SCORE_MODES, VISION
 
 __all__ = ["Policy", "TGVKV", "guidance_attention"]
 
 
 def _on(t: torch.Tensor, device) -> torch.Tensor:
     return t if t.device == device else t.to(device)
+
+
+# ---- field validation (shared by every policy, tgvkv.presses included) -----------------------
+# Each check raises a ValueError naming the class, the field, what is expected and the value:
+#   TGVKV.n_sink must be an int in [0, 2**31 - 1], got 1180591620717411303424
+# bool is refused where a number is expected (True is an int in Python, never a count here).
+def fail_field(obj, name: str, expected: str, value) -> None:
+    raise ValueError(f"{type(obj).__name__}.{name} must be {expected}, got {value!r}")
+
+
+def check_bool(obj, name: str) -> None:
+    """``obj.<name>`` is a bool (not 0/1, not a string)."""
+    value = getattr(obj, name)
+    if not isinstance(value, bool):
+        fail_field(obj, name, "a bool", value)
+
+
+def check_int(obj, name: str, lo: int | None = None, hi: int | None = None,
+              expected: str | None = None) -> None:
+    """``obj.<name>`` is an int (not a bool, not a float) in ``[lo, hi]`` (None: unbounded)."""
+    value = getattr(obj, name)
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
+    if not ok:
+        rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        fail_field(obj, name, expected or f"an int in {rng}", value)
+
+
+def check_number(obj, name: str, lo: float, hi: float, lo_open: bool = False,
+                 hi_open: bool = False) -> None:
+    """``obj.<name>`` is a real number (int or float, not a bool) in the interval; NaN fails."""
+    value = getattr(obj, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        x = float(value)
+        ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        fail_field(obj, name, f"a number in {rng}", value)
+
+
+def check_choice(obj, name: str, choices) -> None:
+    """``obj.<name>`` is one of the strings ``choices``."""
+    value = getattr(obj, name)
+    if not isinstance(value, str) or value not in choices:
+        fail_field(obj, name, "one of " + ", ".join(repr(c) for c in choices), value)
 
 
 class Policy:
@@ -83,12 +129,11 @@ class Policy:
 
     # ---- validation -------------------------------------------------------------------------
     def validate(self) -> None:
-        kr = self.keep_ratio
-        if isinstance(kr, bool) or not isinstance(kr, (int, float)) or not (0.0 < float(kr) <= 1.0):
-            raise ValueError(f"keep_ratio must be a number in (0, 1], got {kr!r}")
-        ns = self.n_sink
-        if isinstance(ns, bool) or not isinstance(ns, int) or not (0 <= ns <= MAX_N_SINK):
-            raise ValueError(f"n_sink must be an int in [0, 2**31 - 1], got {ns!r}")
+        """Check every field; a ValueError names the class, the field, the expectation and the
+        value. Subclasses extend it with their own fields (call ``super().validate()``)."""
+        check_number(self, "keep_ratio", 0.0, 1.0, lo_open=True)
+        check_int(self, "n_sink", 0, MAX_N_SINK, "an int in [0, 2**31 - 1]")
+        check_bool(self, "decode_evict")
 
     # ---- hooks --------------------------------------------------------------------------------
     def guidance(self, modality: torch.Tensor) -> torch.Tensor:
@@ -195,24 +240,21 @@ class TGVKV(Policy):
 
     def validate(self) -> None:
         super().validate()
-        if self.budget not in BUDGET_MODES:
-            raise ValueError(f"budget must be one of {BUDGET_MODES}, got {self.budget!r}")
+        check_choice(self, "budget", BUDGET_MODES)
+        check_choice(self, "text_score", TEXT_SCORE_MODES)
+        if not isinstance(self.no_vision, str):
+            fail_field(self, "no_vision", "'keep'", self.no_vision)
+        for name in ("redistribute", "text_weighting", "text_priority", "uniform_budgets"):
+            check_bool(self, name)
         if self.text_score == "all_queries":
             raise NotImplementedError(
                 "text_score='all_queries' (text scores summed over all N queries, the released "
                 "code's behaviour) needs the full N x N attention; the model layer only supports "
                 "text_score='guidance'. Use tgvkv.reference.policy_from_attention(..., "
                 "text_score='all_queries') with eager attention weights instead.")
-        if self.text_score != "guidance":
-            raise ValueError(f"text_score must be 'guidance' (or 'all_queries' in tgvkv.reference), "
-                             f"got {self.text_score!r}")
         if self.no_vision != "keep":
             raise NotImplementedError(f"no_vision={self.no_vision!r}: only 'keep' (no eviction for "
                                       "samples without vision tokens) is implemented")
-        for name in ("redistribute", "decode_evict", "text_weighting", "text_priority",
-                     "uniform_budgets"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     def replace(self, **changes) -> "TGVKV":
         return dataclasses.replace(self, **changes)

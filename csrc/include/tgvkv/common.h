@@ -266,6 +266,23 @@ TGVKV_HD inline int sample_layer_budgets(int64_t L, const float* stats, int64_t 
 }
 
 // ------------------------------------------------------------------------------------------------
+// Candidates select_keep drops in one (layer, sample): clamp(n_real - keep, 0, n_cand) as the
+// reference computes it with Python ints, for every int64 keep (INT64_MIN included: the plain
+// difference would overflow). n_real >= 0, 0 <= n_cand <= n_real.
+// ------------------------------------------------------------------------------------------------
+TGVKV_HD inline int64_t select_forget(int64_t n_real, int64_t keep, int64_t n_cand) {
+  if (keep >= n_real) return 0;
+  if (keep <= n_real - n_cand) return n_cand;
+  return n_real - keep;  // in (0, n_cand): keep in (n_real - n_cand, n_real), both >= 0
+}
+
+// Whether decode_evict_ has a candidate range [n_sink, n - n_protected) (reference: hi > lo),
+// written so that no int64 n_protected overflows (n in [0, S], n_sink in [0, 2^31 - 1]).
+TGVKV_HD inline bool decode_has_candidates(int64_t n, int64_t n_protected, int64_t n_sink) {
+  return n_protected < n - n_sink;
+}
+
+// ------------------------------------------------------------------------------------------------
 // Decode-time forget count (reference.decode_evict_): int(length - n_seen * keep_fraction),
 // truncated toward zero. Sets *ok = false when the value is not finite (the reference raises).
 // Only meaningful when keep_fraction < 1.

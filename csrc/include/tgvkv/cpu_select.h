@@ -40,9 +40,7 @@ inline int64_t select_keep_row(const float* scores, const int8_t* mod, int64_t N
     ++seen;
     if (!fixed) keys[n_cand++] = rank_key(mod[j] == kText, scores[j], j);
   }
-  int64_t forget = si.n_real - keep;
-  if (forget < 0) forget = 0;
-  if (forget > n_cand) forget = n_cand;
+  const int64_t forget = select_forget(si.n_real, keep, n_cand);  // any int64 keep
   uint64_t thr = 0;  // candidates with key <= thr are dropped
   if (forget > 0) {
     std::nth_element(keys, keys + (forget - 1), keys + n_cand);

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..constants import PAD
+from ..policy import check_number
 from ..torch_impl import decode_attention, evict_lowest_
 from .base import Baseline, constant_stats, real_rank_from_end, rows_attention
 
@@ -25,6 +26,10 @@ class H2O(Baseline):
 
     recent_share: float = 0.5
     _acc: dict = field(init=False, repr=False, compare=False, default_factory=dict)
+
+    def validate(self) -> None:
+        super().validate()
+        check_number(self, "recent_share", 0.0, 1.0)
 
     def layer_scores(self, layer_idx, q, k, q_pos, modality, scale):
         N = modality.shape[1]

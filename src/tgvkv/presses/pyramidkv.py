@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..constants import PAD
+from ..policy import check_number
 from .snapkv import SnapKV
 
 __all__ = ["PyramidKV"]
@@ -28,6 +30,10 @@ class PyramidKV(SnapKV):
     """
 
     beta: float = 20.0
+
+    def validate(self) -> None:
+        super().validate()
+        check_number(self, "beta", 0.0, math.inf, lo_open=True, hi_open=True)
 
     def budgets(self, stats, q_pos, modality):
         keep, frac = super().budgets(stats, q_pos, modality)  # uniform (handles no-evict)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..policy import check_int
 from ..torch_impl import evict_lowest_
 from .base import Baseline, constant_stats
 
@@ -22,6 +23,11 @@ class RandomPolicy(Baseline):
 
     seed: int = 0
     gen: torch.Generator = field(init=False, repr=False, compare=False)
+
+    def validate(self) -> None:
+        super().validate()
+        # the range torch.Generator.manual_seed accepts
+        check_int(self, "seed", -2**63, 2**64 - 1)
 
     def __post_init__(self):
         super().__post_init__()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..constants import PAD
+from ..policy import fail_field, check_int
 from .base import Baseline, constant_stats, rows_attention
 
 __all__ = ["SnapKV"]
@@ -30,9 +31,10 @@ class SnapKV(Baseline):
 
     def validate(self) -> None:
         super().validate()
-        kernel = self.kernel
-        if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"kernel must be an odd int >= 1, got {kernel!r}")
+        check_int(self, "window", 1, None, "an int >= 1")  # window 0 would be real[-0:], all slots
+        check_int(self, "kernel", 1, None, "an odd int >= 1")
+        if self.kernel % 2 == 0:
+            fail_field(self, "kernel", "an odd int >= 1", self.kernel)
 
     def layer_scores(self, layer_idx, q, k, q_pos, modality, scale):
         B, N = modality.shape

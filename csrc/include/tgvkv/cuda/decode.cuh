@@ -43,7 +43,7 @@ __device__ __forceinline__ bool wants_evict(const Params& P, int b, int64_t n) {
   bool ok = false;
   const int64_t forget = tgvkv::decode_forget(n, P.n_seen[b], f, &ok);
   // as the CPU op: no candidate range when the protected suffix reaches the sinks
-  return ok && forget > 0 && n - P.n_protected[b] > P.n_sink;
+  return ok && forget > 0 && tgvkv::decode_has_candidates(n, P.n_protected[b], P.n_sink);
 }
 
 __device__ __forceinline__ int64_t pos_at(const Params& P, int b, int64_t s) {

@@ -177,8 +177,7 @@ __global__ void __launch_bounds__(kThreads) select_kernel(const Params P) {
   __syncthreads();
   const int64_t n_real = info.n_real;
   const int64_t n_cand = n_real >= P.n_sink + 2 ? n_real - P.n_sink - 1 : 0;
-  int64_t forget = n_real - sh.keep_lb;
-  forget = forget < 0 ? 0 : (forget > n_cand ? n_cand : forget);
+  const int64_t forget = tgvkv::select_forget(n_real, sh.keep_lb, n_cand);  // any int64 keep
   const int64_t lo = info.sink_last, hi = info.last_real;  // candidates: lo < j < hi, real
   const int ib = bit_length(static_cast<uint64_t>(N > 1 ? N - 1 : 1));  // slot bits
   auto key_of = [&](int64_t j, int m) -> uint64_t {
