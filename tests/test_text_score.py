@@ -177,3 +177,25 @@ def test_text_score_errors_name_op_argument_and_expectation():
     with pytest.raises(ValueError, match="text_score"):
         TGVKV(text_score="rows")
     assert TGVKV().text_score == "all_queries"
+
+
+def test_bench_records_text_score_and_agrees_with_plain_pytorch():
+    from tgvkv.bench.cli import build_parser
+    from tgvkv.bench.ops import run_ops
+    from tgvkv.bench.shapes import PRESETS
+
+    import dataclasses
+
+    shape = dataclasses.replace(PRESETS["tiny"], layers=1, batch=1)
+    for ts in ("all_queries", "guidance"):
+        sec = run_ops(shape, None, "cpu", torch.float32, "float32", [0.1],
+                      stages=("score_text_vision", "evict"), warmup=0, reps=1, min_time=0.0,
+                      memory=False, progress=False, text_score=ts)
+        assert sec["text_score"] == ts and f"text_score={ts}" in __import__(
+            "tgvkv.bench.ops", fromlist=["ops_table"]).ops_table(sec)
+        ev = [r for r in sec["rows"] if r["op"] == "evict"][0]
+        assert ev["same_result"] is True  # op and plain PyTorch keep the same slots
+    a = build_parser().parse_args(["generate", "--preset", "llava-1.5-7b", "--layers", "2"])
+    assert a.layers == 2 and a.text_score == "all_queries"
+    a = build_parser().parse_args(["accuracy", "--text-score", "guidance"])
+    assert a.text_score == "guidance"
