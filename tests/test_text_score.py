@@ -179,11 +179,13 @@ def test_text_score_errors_name_op_argument_and_expectation():
     assert TGVKV().text_score == "all_queries"
 
 
-def test_bench_records_text_score_and_agrees_with_plain_pytorch():
+def test_bench_records_text_score_and_agrees_with_plain_pytorch(monkeypatch):
+    import tgvkv.bench.ops as bench_ops
     from tgvkv.bench.cli import build_parser
-    from tgvkv.bench.ops import run_ops
+    from tgvkv.bench.ops import ops_table, run_ops
     from tgvkv.bench.shapes import PRESETS
 
+    monkeypatch.setattr(bench_ops, "copy_bandwidth_gbs", lambda device: 1.0)  # (seconds)
     import dataclasses
 
     shape = dataclasses.replace(PRESETS["tiny"], layers=1, batch=1)
@@ -191,8 +193,7 @@ def test_bench_records_text_score_and_agrees_with_plain_pytorch():
         sec = run_ops(shape, None, "cpu", torch.float32, "float32", [0.1],
                       stages=("score_text_vision", "evict"), warmup=0, reps=1, min_time=0.0,
                       memory=False, progress=False, text_score=ts)
-        assert sec["text_score"] == ts and f"text_score={ts}" in __import__(
-            "tgvkv.bench.ops", fromlist=["ops_table"]).ops_table(sec)
+        assert sec["text_score"] == ts and f"text_score={ts}" in ops_table(sec)
         ev = [r for r in sec["rows"] if r["op"] == "evict"][0]
         assert ev["same_result"] is True  # op and plain PyTorch keep the same slots
     a = build_parser().parse_args(["generate", "--preset", "llava-1.5-7b", "--layers", "2"])
