@@ -187,7 +187,9 @@ def test_score_layer_alone_equals_batched(emu):
 # ------------------------------------------------------------------------------------------
 TEXT_MASS_CASES = {
     # name: (n_real, n_guid, n_images, pad, Hq, Hkv, D, dtype, L, flags)
-    "f32_gqa_left_2img": ([150, 97], [12, 20], 2, "left", 4, 2, 64, torch.float32, 2, {}),
+    "f32_gqa_left_2img": ([150, 97], [12, 20], 2, "left", 4, 2, 64, torch.float32, 1, {}),
+    # two layers in one launch group (layer index in the grid), small
+    "f32_2_layers": ([70], [6], 1, "right", 2, 1, 32, torch.float32, 2, {}),
     "bf16_strided_k_right": ([140, 70], [9, 3], [2, 1], "right", 4, 1, 40, torch.bfloat16, 1,
                              {"kt": 1}),
     "f16_scalar_loads_D30": ([130], [8], 2, "right", 2, 2, 30, torch.float16, 1, {"novec": 1}),
