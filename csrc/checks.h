@@ -204,6 +204,19 @@ inline int parse_budget(c10::string_view budget, const char* op) {
   return -1;
 }
 
+// text_score of score_text_vision / evict (SPEC §1.3): which query rows the text scores sum over.
+constexpr int kTextScoreGuidance = 0;    // the guidance rows only; q holds those rows [B, Hq, T, D]
+constexpr int kTextScoreAllQueries = 1;  // all N rows (the released code); q is [B, Hq, N, D]
+
+// Returns kTextScoreGuidance or kTextScoreAllQueries.
+inline int parse_text_score(c10::string_view text_score, const char* op) {
+  if (text_score == "guidance") return kTextScoreGuidance;
+  if (text_score == "all_queries") return kTextScoreAllQueries;
+  TGVKV_CHECK_VALUE(false, op, "text_score must be \"all_queries\" or \"guidance\", got \"",
+                    std::string(text_score.data(), text_score.size()), "\"");
+  return -1;
+}
+
 // The kernels compute in fp32: a finite double beyond FLT_MAX would become inf there (and the
 // double -> float conversion of such a value is undefined behaviour).
 inline void check_scale(double scale, const char* op) {

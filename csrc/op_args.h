@@ -31,10 +31,14 @@ inline Dims check_q_pos_modality(const at::Tensor& q_pos, const at::Tensor& moda
   return Dims{modality.size(0), modality.size(1), q_pos.size(1)};
 }
 
-// q [B, Hq, T, D] and k [B, Hkv, N, D] of one layer against q_pos / modality (sizes in d).
+// q and k [B, Hkv, N, D] of one layer against q_pos / modality (sizes in d). q is the guidance
+// rows [B, Hq, T, D] (text_mode kTextScoreGuidance) or the full query states [B, Hq, N, D]
+// (kTextScoreAllQueries: row i is the query of slot i).
 inline void check_layer_qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& modality,
-                           const Dims& d, const char* op, const char* qname, const char* kname) {
-  checks::check_dim(q, 4, op, qname, "[B, Hq, T, D]");
+                           const Dims& d, const char* op, const char* qname, const char* kname,
+                           int text_mode = checks::kTextScoreGuidance) {
+  const bool all = text_mode == checks::kTextScoreAllQueries;
+  checks::check_dim(q, 4, op, qname, all ? "[B, Hq, N, D]" : "[B, Hq, T, D]");
   checks::check_dim(k, 4, op, kname, "[B, Hkv, N, D]");
   checks::check_float_dtype(k, op, kname);
   checks::check_same_dtype(q, k, op, qname, kname);
@@ -43,7 +47,14 @@ inline void check_layer_qk(const at::Tensor& q, const at::Tensor& k, const at::T
   checks::check_size(k, 0, d.B, op, kname, "B (from modality)");
   checks::check_size(k, 2, d.N, op, kname, "N (from modality)");
   checks::check_size(q, 0, d.B, op, qname, "B (from modality)");
-  checks::check_size(q, 2, d.T, op, qname, "T (from q_pos)");
+  if (all) {
+    TGVKV_CHECK(q.size(2) == d.N, op, "'", qname, "' dim 2 must be N = ", d.N, " (from "
+                "modality): with text_score=\"all_queries\" it holds the full query states "
+                "[B, Hq, N, D] (pass text_score=\"guidance\" for guidance rows [B, Hq, T, D]), "
+                "got shape ", checks::shape_str(q));
+  } else {
+    checks::check_size(q, 2, d.T, op, qname, "T (from q_pos)");
+  }
   checks::check_size(q, 3, k.size(3), op, qname, "D (from k)");
   TGVKV_CHECK(k.size(1) > 0 && q.size(1) > 0 && q.size(1) % k.size(1) == 0, op, "'", qname,
               "' heads (", q.size(1), ") must be a positive multiple of '", kname, "' heads (",
@@ -123,19 +134,27 @@ inline void check_cache_lists(at::TensorList k_cache, at::TensorList v_cache, in
 // ------------------------------------------------------------------------------------------------
 // One function per op.
 // ------------------------------------------------------------------------------------------------
-inline Dims check_score_text_vision_args(const at::Tensor& q, const at::Tensor& k,
-                                         const at::Tensor& q_pos, const at::Tensor& modality,
-                                         double scale, const char* op) {
+struct ScoreArgs {
+  Dims d;
+  int text_mode;  // checks::kTextScoreGuidance / kTextScoreAllQueries
+};
+
+inline ScoreArgs check_score_text_vision_args(const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& q_pos, const at::Tensor& modality,
+                                              double scale, c10::string_view text_score,
+                                              const char* op) {
+  const int text_mode = checks::parse_text_score(text_score, op);
   const Dims d = check_q_pos_modality(q_pos, modality, op);
-  check_layer_qk(q, k, modality, d, op, "q", "k");
+  check_layer_qk(q, k, modality, d, op, "q", "k", text_mode);
   checks::check_scale(scale, op);
-  return d;
+  return ScoreArgs{d, text_mode};
 }
 
 struct BudgetArgs {
   Dims d;
   int64_t L;
-  int mode;  // kBudgetMass / kBudgetMI
+  int mode;           // kBudgetMass / kBudgetMI
+  int text_mode = 0;  // checks::kTextScoreGuidance / kTextScoreAllQueries (evict only)
 };
 
 inline BudgetArgs check_layer_budgets_args(const at::Tensor& stats, const at::Tensor& q_pos,
@@ -210,19 +229,22 @@ inline BudgetArgs check_evict_from_scores_args(at::TensorList k_cache, at::Tenso
 inline BudgetArgs check_evict_args(at::TensorList k_cache, at::TensorList v_cache,
                                    at::TensorList queries, const at::Tensor& q_pos,
                                    const at::Tensor& modality, double scale, double keep_ratio,
-                                   c10::string_view budget, int64_t n_sink, const char* op) {
+                                   c10::string_view budget, int64_t n_sink,
+                                   c10::string_view text_score, const char* op) {
+  const int text_mode = checks::parse_text_score(text_score, op);
   const Dims d = check_q_pos_modality(q_pos, modality, op);
   const int64_t L = static_cast<int64_t>(k_cache.size());
   TGVKV_CHECK(static_cast<int64_t>(queries.size()) == L, op, "'queries' must have one tensor per ",
               "layer of 'k_cache' (", L, "), got ", queries.size());
   check_cache_lists(k_cache, v_cache, L, modality, d, op);
   for (int64_t l = 0; l < L; ++l)
-    check_layer_qk(queries[l], k_cache[l], modality, d, op, "queries[l]", "k_cache[l]");
+    check_layer_qk(queries[l], k_cache[l], modality, d, op, "queries[l]", "k_cache[l]",
+                   text_mode);
   checks::check_scale(scale, op);
   checks::check_keep_ratio(keep_ratio, op);
   const int mode = checks::parse_budget(budget, op);
   checks::check_n_sink(n_sink, op);
-  return BudgetArgs{d, L, mode};
+  return BudgetArgs{d, L, mode, text_mode};
 }
 
 struct DecodeArgs {

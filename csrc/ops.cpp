@@ -6,9 +6,16 @@
 TORCH_LIBRARY(tgvkv, m) {
   // Guidance rows of the causal head-averaged fp32 softmax attention (never N×N) reduced to the
   // TWR ranking scores [B, N] f32 and the TVB statistics (S, I) [B, 2] f32 of one layer.
+  // k [B, Hkv, N, D]; q depends on text_score (SPEC §1.3):
+  //   "all_queries" (default, the released code): q is the full post-RoPE query states
+  //     [B, Hq, N, D] (row i = slot i); text slots score Σ_i A[i, p] over every non-pad row
+  //     i >= p (each row's softmax normaliser computed in the same pass, never N×N stored);
+  //   "guidance": q is the guidance rows [B, Hq, T, D] (row t = slot q_pos[b, t]); text slots
+  //     score the column sum over the guidance rows only.
+  // Vision scores and (S, I) come from the guidance rows in both modes (bit for bit the same).
   m.def(
-      "score_text_vision(Tensor q, Tensor k, Tensor q_pos, Tensor modality, float scale)"
-      " -> (Tensor scores, Tensor stats)");
+      "score_text_vision(Tensor q, Tensor k, Tensor q_pos, Tensor modality, float scale,"
+      " str text_score=\"all_queries\") -> (Tensor scores, Tensor stats)");
   // Per-layer keep counts [L, B] i64 and decode-time keep fractions [L, B] f64 from the
   // statistics of all layers [L, B, 2].
   m.def(
@@ -30,12 +37,14 @@ TORCH_LIBRARY(tgvkv, m) {
       " Tensor stats, Tensor q_pos, Tensor modality, float keep_ratio, str budget=\"mass\","
       " bool redistribute=False, int n_sink=4)"
       " -> (Tensor keep_idx, Tensor n_kept, Tensor n_protected, Tensor keep_fraction)");
-  // The whole prefill method: scores of every layer from its guidance queries, budgets,
-  // selection, and in-place compaction of k_cache / v_cache.
+  // The whole prefill method: scores of every layer from its queries, budgets, selection, and
+  // in-place compaction of k_cache / v_cache. queries[l] as q of score_text_vision:
+  // [B, Hq, N, D] full query states for text_score="all_queries" (default), [B, Hq, T, D]
+  // guidance rows for "guidance".
   m.def(
       "evict(Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor[] queries, Tensor q_pos,"
       " Tensor modality, float scale, float keep_ratio, str budget=\"mass\","
-      " bool redistribute=False, int n_sink=4)"
+      " bool redistribute=False, int n_sink=4, str text_score=\"all_queries\")"
       " -> (Tensor keep_idx, Tensor n_kept, Tensor n_protected, Tensor keep_fraction)");
   // One decode step of one layer: per sample, evict at most one slot (lowest head-averaged
   // attention of q among the candidates) by moving the last live slot into its place.

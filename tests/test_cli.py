@@ -96,9 +96,9 @@ def test_torch_composition_keeps_the_reference_slots(seed, kr, budget, redistrib
         # noise and so is its "mi" budget: no implementation can match noise
         pytest.skip("mutual information is rounding noise for a rank-1 text->vision block")
     kr_, vr_ = [x.clone() for x in k], [x.clone() for x in v]
-    exp = ref.evict(kr_, vr_, q, q_pos, mod, 8 ** -0.5, kr, budget, redistribute)
+    exp = ref.evict(kr_, vr_, q, q_pos, mod, 8 ** -0.5, kr, budget, redistribute, text_score="guidance")
     new_k, new_v, *got = torch_impl.evict(k, v, q, q_pos, mod, 8 ** -0.5, kr, budget,
-                                           redistribute)
+                                           redistribute, text_score="guidance")
     for name, e, g_ in zip(("keep_idx", "n_kept", "n_protected"), exp[:3], got[:3]):
         assert torch.equal(e, g_), (name, e, g_)
     torch.testing.assert_close(got[3], exp[3], rtol=1e-6, atol=1e-9)
@@ -112,8 +112,8 @@ def test_torch_composition_keeps_the_reference_slots(seed, kr, budget, redistrib
 def test_torch_composition_stages_match_reference():
     k, v, q, q_pos, mod = _random_case(3, 3, 4, 2, 30, 16, 2, torch.float32)
     for ql, kl in zip(q, k):
-        s_exp, st_exp = ref.score_text_vision(ql, kl, q_pos, mod, 0.25)
-        s_got, st_got = torch_impl.score_text_vision(ql, kl, q_pos, mod, 0.25)
+        s_exp, st_exp = ref.score_text_vision(ql, kl, q_pos, mod, 0.25, text_score="guidance")
+        s_got, st_got = torch_impl.score_text_vision(ql, kl, q_pos, mod, 0.25, text_score="guidance")
         torch.testing.assert_close(s_got, s_exp, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(st_got, st_exp, rtol=1e-5, atol=1e-6)
 

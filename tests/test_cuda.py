@@ -47,7 +47,7 @@ def _qk(B, Hq, Hkv, T, N, D, dtype, seed, transposed=False):
 
 
 def _scores_stats_cpu(qs, ks, q_pos, mod, scale):
-    out = [OPS.score_text_vision(q, k, q_pos, mod, scale) for q, k in zip(qs, ks)]
+    out = [OPS.score_text_vision(q, k, q_pos, mod, scale, text_score="guidance") for q, k in zip(qs, ks)]
     return torch.stack([s for s, _ in out]), torch.stack([t for _, t in out])
 
 
@@ -71,8 +71,8 @@ def test_score_text_vision_cpu_vs_cuda(dtype, B, Hq, Hkv, D, n_real, n_guid, n_i
     N, T = mod.shape[1], q_pos.shape[1]
     q, k = _qk(B, Hq, Hkv, T, N, D, dtype, seed=D)
     scale = 1.0 / math.sqrt(D)
-    s_cpu, t_cpu = OPS.score_text_vision(q, k, q_pos, mod, scale)
-    s_gpu, t_gpu = OPS.score_text_vision(q.to(DEV), k.to(DEV), q_pos.to(DEV), mod.to(DEV), scale)
+    s_cpu, t_cpu = OPS.score_text_vision(q, k, q_pos, mod, scale, text_score="guidance")
+    s_gpu, t_gpu = OPS.score_text_vision(q.to(DEV), k.to(DEV), q_pos.to(DEV), mod.to(DEV), scale, text_score="guidance")
     assert s_gpu.dtype == torch.float32 and s_gpu.shape == (B, N) and t_gpu.shape == (B, 2)
     assert bool(torch.isfinite(s_gpu).all()) and bool(torch.isfinite(t_gpu).all())
     assert bool((s_gpu.cpu()[mod == PAD] == 0).all()), "pad slots must score 0"
@@ -85,14 +85,14 @@ def test_score_text_vision_noncontiguous(dtype):
     mod, q_pos = _batch([200, 150], [10, 6], 2, "left", seed=3)
     B, N, T = 2, mod.shape[1], q_pos.shape[1]
     q, k = _qk(B, 8, 4, T, N, 64, dtype, seed=11, transposed=True)  # HF layout views
-    s_cpu, t_cpu = OPS.score_text_vision(q.contiguous(), k.contiguous(), q_pos, mod, 0.125)
-    s_gpu, t_gpu = OPS.score_text_vision(q.to(DEV), k.to(DEV), q_pos.to(DEV), mod.to(DEV), 0.125)
+    s_cpu, t_cpu = OPS.score_text_vision(q.contiguous(), k.contiguous(), q_pos, mod, 0.125, text_score="guidance")
+    s_gpu, t_gpu = OPS.score_text_vision(q.to(DEV), k.to(DEV), q_pos.to(DEV), mod.to(DEV), 0.125, text_score="guidance")
     assert_scores_close(s_gpu, s_cpu, mod, rtol=2e-4)
     assert_stats_close(t_gpu, t_cpu, rtol=2e-4)
     # a strided head dim takes the scalar load path: same values as the contiguous inputs
     kd = torch.empty(B, 4, N, 128, dtype=dtype, device=DEV)[..., ::2]
     kd.copy_(k.to(DEV))
-    s2, t2 = OPS.score_text_vision(q.to(DEV), kd, q_pos.to(DEV), mod.to(DEV), 0.125)
+    s2, t2 = OPS.score_text_vision(q.to(DEV), kd, q_pos.to(DEV), mod.to(DEV), 0.125, text_score="guidance")
     assert torch.equal(s2, s_gpu) and torch.equal(t2, t_gpu)
 
 
@@ -110,7 +110,7 @@ def test_score_text_vision_deterministic_and_batch_invariant():
     m1 = mod[1:2, :n1]
     qp1 = ref.guidance_positions(m1)
     s_one, t_one = OPS.score_text_vision(q[1:2, :, :qp1.shape[1]].to(DEV), k[1:2, :, :n1].to(DEV),
-                                         qp1.to(DEV), m1.to(DEV), 0.088)
+                                         qp1.to(DEV), m1.to(DEV), 0.088, text_score="guidance")
     assert torch.equal(s_one[0], s1[1, :n1]) and torch.equal(t_one[0], t1[1])
 
 
@@ -120,8 +120,8 @@ def test_score_text_vision_degenerate():
     q_pos = ref.guidance_positions(mod)
     N, T = mod.shape[1], q_pos.shape[1]
     q, k = _qk(2, 4, 2, T, N, 64, torch.float32, seed=2)
-    s_cpu, t_cpu = OPS.score_text_vision(q, k, q_pos, mod, 0.125)
-    s_gpu, t_gpu = OPS.score_text_vision(q.to(DEV), k.to(DEV), q_pos.to(DEV), mod.to(DEV), 0.125)
+    s_cpu, t_cpu = OPS.score_text_vision(q, k, q_pos, mod, 0.125, text_score="guidance")
+    s_gpu, t_gpu = OPS.score_text_vision(q.to(DEV), k.to(DEV), q_pos.to(DEV), mod.to(DEV), 0.125, text_score="guidance")
     assert bool((s_gpu == 0).all()) and bool((t_gpu == 0).all())
     assert torch.equal(s_gpu.cpu(), s_cpu) and torch.equal(t_gpu.cpu(), t_cpu)
 
@@ -267,11 +267,11 @@ def test_evict_matches_cpu_selection_of_cuda_scores(dtype, L):
     qs = [randn((B, Hq, T, D), dtype, 500 + l, DEV) for l in range(L)]
     kc, vc = _cache(L, B, Hkv, N, D, dtype, seed=7)
     kg, vg = [t.clone().to(DEV) for t in kc], [t.clone().to(DEV) for t in vc]
-    sc = [OPS.score_text_vision(q, k, q_pos.to(DEV), mod.to(DEV), 0.125) for q, k in zip(qs, kg)]
+    sc = [OPS.score_text_vision(q, k, q_pos.to(DEV), mod.to(DEV), 0.125, text_score="guidance") for q, k in zip(qs, kg)]
     scores = torch.stack([s for s, _ in sc]).cpu()
     stats = torch.stack([t for _, t in sc]).cpu()
     exp = OPS.evict_from_scores(kc, vc, scores, stats, q_pos, mod, 0.1, "mass", False, 4)
-    got = OPS.evict(kg, vg, qs, q_pos.to(DEV), mod.to(DEV), 0.125, 0.1, "mass", False, 4)
+    got = OPS.evict(kg, vg, qs, q_pos.to(DEV), mod.to(DEV), 0.125, 0.1, "mass", False, 4, text_score="guidance")
     _assert_same_evict(got, exp, kg, vg, kc, vc)
     # and the CUDA scores agree with the CPU kernel's within fp32 rounding
     s_cpu, t_cpu = _scores_stats_cpu([q.cpu() for q in qs], [k for k in _cache(L, B, Hkv, N, D,
@@ -300,7 +300,7 @@ def test_evict_cuda_graph_capture():
         return qs, ks, vs
 
     def run():
-        return OPS.evict(static_k, static_v, static_q, qp_d, mod_d, 0.125, 0.1, "mass", False, 4)
+        return OPS.evict(static_k, static_v, static_q, qp_d, mod_d, 0.125, 0.1, "mass", False, 4, text_score="guidance")
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -317,7 +317,7 @@ def test_evict_cuda_graph_capture():
         graph.replay()
         torch.cuda.synchronize()
         exp = OPS.evict([k.clone() for k in ks], [v.clone() for v in vs], qs, qp_d, mod_d, 0.125,
-                        0.1, "mass", False, 4)
+                        0.1, "mass", False, 4, text_score="guidance")
         for g, e in zip(out, exp):
             assert torch.equal(g, e)
         for l in range(L):

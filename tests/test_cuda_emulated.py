@@ -162,7 +162,7 @@ def test_score_text_vision(emu, name):
     stats = out.get("stats", torch.float32, (L, B, 2))
     for l in range(L):
         k_view = (ks[l].transpose(1, 2).contiguous().transpose(1, 2) if flags.get("kt") else ks[l])
-        es, et = OPS.score_text_vision(qs[l], k_view, q_pos, mod, scale)
+        es, et = OPS.score_text_vision(qs[l], k_view, q_pos, mod, scale, "guidance")
         assert_scores_close(scores[l], es, mod, rtol=RTOL)
         assert_stats_close(stats[l], et, rtol=RTOL)
         assert torch.equal(scores[l][mod == 0], torch.zeros_like(scores[l][mod == 0]))
@@ -181,9 +181,55 @@ def test_score_layer_alone_equals_batched(emu):
     assert torch.equal(_bits(one.get("scores", torch.float32, (1, B, N))[0]), _bits(s_all[1]))
     assert torch.equal(_bits(one.get("stats", torch.float32, (1, B, 2))[0]), _bits(t_all[1]))
     for l in range(L):
-        es, et = OPS.score_text_vision(qs[l], ks[l], q_pos, mod, 0.125)
+        es, et = OPS.score_text_vision(qs[l], ks[l], q_pos, mod, 0.125, "guidance")
         assert_scores_close(s_all[l], es, mod, rtol=RTOL)
         assert_stats_close(t_all[l], et, rtol=RTOL)
+
+
+# ------------------------------------------------------------------------------------------
+# text_score="all_queries": the text slots' mass over all query rows (text_mass.cuh)
+# ------------------------------------------------------------------------------------------
+TEXT_MASS_CASES = {
+    # name: (n_real, n_guid, n_images, pad, Hq, Hkv, D, dtype, L, flags)
+    "f32_gqa_left_2img": ([150, 97], [12, 20], 2, "left", 4, 2, 64, torch.float32, 1, {}),
+    # two layers in one launch group (layer index in the grid), small
+    "f32_2_layers": ([70], [6], 1, "right", 2, 1, 32, torch.float32, 2, {}),
+    "bf16_strided_k_right": ([140, 70], [9, 3], [2, 1], "right", 4, 1, 40, torch.bfloat16, 1,
+                             {"kt": 1}),
+    "f16_scalar_loads_D30": ([130], [8], 2, "right", 2, 2, 30, torch.float16, 1, {"novec": 1}),
+}
+
+
+@pytest.mark.parametrize("name", list(TEXT_MASS_CASES))
+def test_text_mass_all_queries(emu, name):
+    """The emulated all-query text mass equals the CPU op's text scores (text_score="all_queries");
+    the other slots are left as they were; the kept slots then equal the CPU op's."""
+    n_real, n_guid, n_images, pad, Hq, Hkv, D, dtype, L, flags = TEXT_MASS_CASES[name]
+    mod, q_pos = _batch(n_real, n_guid, n_images, pad, seed=5)
+    B, N = mod.shape
+    qs = [randn((B, Hq, N, D), dtype, 30 + l) for l in range(L)]
+    ks = [randn((B, Hkv, N, D), dtype, 60 + l) for l in range(L)]
+    scale = float(torch.tensor(1 / math.sqrt(D), dtype=torch.float32))
+    sentinel = torch.full((L, B, N), -7.0)
+    meta = dict(L=L, B=B, Hq=Hq, Hkv=Hkv, D=D, N=N, scale=scale, dtype=DTYPE_CODE[dtype], **flags)
+    out = emu("textmass", meta, q=torch.stack(qs), k=_k_storage(ks, flags.get("kt", 0)),
+              modality=mod, scores=sentinel)
+    got = out.get("scores", torch.float32, (L, B, N))
+    txt = mod == 1
+    assert torch.equal(got[:, ~txt], sentinel[:, ~txt]), "non-text slots were written"
+    exp = torch.stack([OPS.score_text_vision(qs[l], ks[l], q_pos, mod, scale, "all_queries")[0]
+                       for l in range(L)])
+    for l in range(L):
+        assert_scores_close(torch.where(txt, got[l], exp[l]), exp[l], mod, rtol=RTOL)
+    # text really ranks differently from the guidance-only sums (the test is not vacuous)
+    rows = torch.stack([qs[0][b][:, q_pos[b].clamp(min=0)] for b in range(B)])
+    guid = OPS.score_text_vision(rows, ks[0], q_pos, mod, scale, "guidance")[0]
+    assert (guid[txt] - exp[0][txt]).abs().max() > 1e-2
+    emu_scores = torch.where(txt, got, exp)
+    keep = torch.tensor([[max(6, int(nt) // 2) for nt in txt.sum(1)]] * L)  # text is evicted
+    e_idx, _ = OPS.select_keep(exp, keep, q_pos, mod)
+    g_idx, _ = OPS.select_keep(emu_scores, keep, q_pos, mod)
+    assert torch.equal(e_idx, g_idx)
 
 
 # ------------------------------------------------------------------------------------------
@@ -376,7 +422,7 @@ def test_evict_pipeline(emu, case):
     stats = out.get("stats", torch.float32, (L, B, 2))
     if kr < 1.0:
         for l in range(L):
-            es, et = OPS.score_text_vision(qs[l], ks[l], q_pos, mod, scale)
+            es, et = OPS.score_text_vision(qs[l], ks[l], q_pos, mod, scale, "guidance")
             assert_scores_close(scores[l], es, mod, rtol=RTOL)
             assert_stats_close(stats[l], et, rtol=RTOL)
     else:

@@ -34,8 +34,8 @@ def test_bad_keep_ratio(kr):
 def test_bad_options():
     with pytest.raises(ValueError, match="budget"):
         TGVKV(budget="entropy")
-    with pytest.raises(NotImplementedError, match="tgvkv.reference"):
-        TGVKV(text_score="all_queries")
+    assert TGVKV().text_score == "all_queries"  # the fused default now (SPEC §1.3)
+    assert TGVKV(text_score="guidance").text_score == "guidance"
     with pytest.raises(ValueError, match="text_score"):
         TGVKV(text_score="rows")
     with pytest.raises(ValueError, match="n_sink"):

@@ -23,11 +23,17 @@ def _case(B=2, Hq=4, Hkv=2, N=40, D=8, seed=0):
 
 def test_layer_scores_match_reference():
     q, k, mod, q_pos = _case()
+    # default text_score="all_queries": the hook hands the full queries to the op
     scores, stats = TGVKV(keep_ratio=0.2).layer_scores(0, q, k, q_pos, mod, 0.35)
-    rows = torch.stack([q[b, :, q_pos[b].clamp(min=0)] for b in range(q.shape[0])])
-    rs, rst = reference.score_text_vision(rows, k, q_pos, mod, 0.35)
+    rs, rst = reference.score_text_vision(q, k, q_pos, mod, 0.35, text_score="all_queries")
     assert torch.allclose(scores, rs, atol=1e-5)
     assert torch.allclose(stats, rst, atol=1e-5, rtol=1e-4)
+    gs, gst = TGVKV(keep_ratio=0.2, text_score="guidance").layer_scores(0, q, k, q_pos, mod, 0.35)
+    rows = torch.stack([q[b, :, q_pos[b].clamp(min=0)] for b in range(q.shape[0])])
+    rs, rst = reference.score_text_vision(rows, k, q_pos, mod, 0.35, text_score="guidance")
+    assert torch.allclose(gs, rs, atol=1e-5)
+    assert torch.allclose(gst, rst, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(gs, scores, atol=1e-3)  # text before the images ranks differently
 
 
 def test_text_weighting_off_uses_plain_column_sums():

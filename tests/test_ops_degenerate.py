@@ -21,7 +21,7 @@ def _evict(device, mod, L=3, Hq=4, Hkv=2, D=64, keep_ratio=KAPPA, n_sink=4, seed
     vc = [randn((B, Hkv, N, D), dtype, seed + 20 + l, device) for l in range(L)]
     kc0, vc0 = [t.clone() for t in kc], [t.clone() for t in vc]
     out = OPS.evict(kc, vc, qs, q_pos.to(device), mod.to(device), 1 / math.sqrt(D), keep_ratio,
-                    "mass", False, n_sink)
+                    "mass", False, n_sink, text_score="guidance")
     return [o.cpu() for o in out], kc, vc, kc0, vc0, q_pos
 
 
@@ -103,7 +103,7 @@ def test_keep_ratio_one_untouched(device, dtype, pad):
     if pad == "none":
         q_pos = ref.guidance_positions(mod)
         qs = [randn((2, 4, q_pos.shape[1], 64), dtype, 5, device) for _ in range(3)]
-        out2 = OPS.evict(kc, vc, qs, q_pos.to(device), mod.to(device), 0.125, 1.0)
+        out2 = OPS.evict(kc, vc, qs, q_pos.to(device), mod.to(device), 0.125, 1.0, text_score="guidance")
         assert all(torch.equal(a, b) for a, b in zip(kc + vc, kc0 + vc0))
         assert torch.equal(out2[0].cpu(), out[0]) and torch.equal(out2[1].cpu(), out[1])
 
@@ -140,7 +140,7 @@ def test_empty_guidance_no_eviction(device):
     # score_text_vision with T = 0: zero scores and stats
     s, t = OPS.score_text_vision(randn((2, 4, 0, 64), device=device),
                                  randn((2, 2, 30, 64), device=device), q_pos0.to(device),
-                                 mod0.to(device), 0.125)
+                                 mod0.to(device), 0.125, text_score="guidance")
     assert s.shape == (2, 30) and t.shape == (2, 2)
     assert bool((s == 0).all()) and bool((t == 0).all())
 

@@ -40,7 +40,7 @@ def call(name, g, **over):
     kr = over.get("keep_ratio", 0.2)
     bud = over.get("budget", "mass")
     if name == "score_text_vision":
-        return OPS.score_text_vision(a["q"], a["k"], a["q_pos"], a["modality"], 0.125)
+        return OPS.score_text_vision(a["q"], a["k"], a["q_pos"], a["modality"], 0.125, text_score="guidance")
     if name == "layer_budgets":
         return OPS.layer_budgets(a["stats"], a["q_pos"], a["modality"], kr, bud)
     if name == "select_keep":
@@ -51,7 +51,7 @@ def call(name, g, **over):
         return OPS.evict_from_scores(kc, vc, a["scores"], a["stats"], a["q_pos"], a["modality"],
                                      kr, bud)
     if name == "evict":
-        return OPS.evict(kc, vc, qs, a["q_pos"], a["modality"], 0.125, kr, bud)
+        return OPS.evict(kc, vc, qs, a["q_pos"], a["modality"], 0.125, kr, bud, text_score="guidance")
     raise KeyError(name)
 
 
@@ -182,7 +182,7 @@ def test_v_dtype_differs_from_k_is_rejected(device):
     expect_error(lambda: OPS.compact_(g["k"].clone(), g["v"].half(), idx.to(device)),
                  "compact_", "v")
     kc, vc = [g["k"].clone() for _ in range(L)], [g["v"].half() for _ in range(L)]
-    expect_error(lambda: OPS.evict(kc, vc, [g["q"]] * L, g["q_pos"], g["modality"], 0.125, 0.2),
+    expect_error(lambda: OPS.evict(kc, vc, [g["q"]] * L, g["q_pos"], g["modality"], 0.125, 0.2, text_score="guidance"),
                  "evict", "v_cache[l]")
 
 
@@ -285,10 +285,10 @@ def test_empty_T(device):
     q_pos = torch.empty(2, 0, dtype=torch.int64, device=device)
     q = randn((2, 4, 0, D), device=device)
     k = randn((2, 2, 20, D), device=device)
-    s, t = OPS.score_text_vision(q, k, q_pos, mod, 0.125)
+    s, t = OPS.score_text_vision(q, k, q_pos, mod, 0.125, text_score="guidance")
     assert s.shape == (2, 20) and bool((s == 0).all()) and bool((t == 0).all())
     kc, vc = [k.clone()], [k.clone() + 1]
-    out = OPS.evict(kc, vc, [q], q_pos, mod, 0.125, 0.1)
+    out = OPS.evict(kc, vc, [q], q_pos, mod, 0.125, 0.1, text_score="guidance")
     assert out[1].cpu().tolist() == [[20, 15]]
 
 
@@ -306,11 +306,11 @@ def test_empty_batch(device):
     mod = torch.empty(0, 10, dtype=torch.int8, device=device)
     q_pos = torch.empty(0, 3, dtype=torch.int64, device=device)
     q, k = randn((0, 4, 3, D), device=device), randn((0, 2, 10, D), device=device)
-    _empty_ok_or_clear(lambda: OPS.score_text_vision(q, k, q_pos, mod, 0.125),
+    _empty_ok_or_clear(lambda: OPS.score_text_vision(q, k, q_pos, mod, 0.125, text_score="guidance"),
                        "score_text_vision",
                        lambda o: (o[0].shape == (0, 10) and o[1].shape == (0, 2)) or
                        pytest.fail(f"bad shapes {o[0].shape} {o[1].shape}"))
-    _empty_ok_or_clear(lambda: OPS.evict([k.clone()], [k.clone()], [q], q_pos, mod, 0.125, 0.1),
+    _empty_ok_or_clear(lambda: OPS.evict([k.clone()], [k.clone()], [q], q_pos, mod, 0.125, 0.1, text_score="guidance"),
                        "evict", lambda o: o[0].shape == (1, 0, 10) or pytest.fail(str(o[0].shape)))
     _empty_ok_or_clear(lambda: OPS.layer_budgets(torch.empty(2, 0, 2, device=device), q_pos,
                                                  mod, 0.1), "layer_budgets",
@@ -330,11 +330,11 @@ def test_empty_sequence(device):
     mod = torch.empty(2, 0, dtype=torch.int8, device=device)
     q_pos = torch.empty(2, 0, dtype=torch.int64, device=device)
     q, k = randn((2, 4, 0, D), device=device), randn((2, 2, 0, D), device=device)
-    _empty_ok_or_clear(lambda: OPS.score_text_vision(q, k, q_pos, mod, 0.125),
+    _empty_ok_or_clear(lambda: OPS.score_text_vision(q, k, q_pos, mod, 0.125, text_score="guidance"),
                        "score_text_vision",
                        lambda o: (o[0].shape == (2, 0) and bool((o[1] == 0).all())) or
                        pytest.fail(str(o)))
-    _empty_ok_or_clear(lambda: OPS.evict([k.clone()], [k.clone()], [q], q_pos, mod, 0.125, 0.1),
+    _empty_ok_or_clear(lambda: OPS.evict([k.clone()], [k.clone()], [q], q_pos, mod, 0.125, 0.1, text_score="guidance"),
                        "evict",
                        lambda o: (o[0].shape == (1, 2, 0) and o[1].cpu().tolist() == [[0, 0]])
                        or pytest.fail(str(o)))
@@ -347,7 +347,7 @@ def test_empty_sequence(device):
 def test_empty_layer_list(device):
     """L = 0 (no layers): empty outputs or a clear error, never a crash."""
     g = good(device)
-    _empty_ok_or_clear(lambda: OPS.evict([], [], [], g["q_pos"], g["modality"], 0.125, 0.1),
+    _empty_ok_or_clear(lambda: OPS.evict([], [], [], g["q_pos"], g["modality"], 0.125, 0.1, text_score="guidance"),
                        "evict", lambda o: o[0].shape == (0, B, N) or pytest.fail(str(o[0].shape)))
 
 

@@ -23,7 +23,7 @@ def test_evict_two_heads_n8_by_hand(device, dtype):
         q[0, h, p - 6, : len(ws)] = torch.tensor(ws, dtype=torch.float32).log()
     k = torch.eye(8).view(1, 1, 8, 8)
     q, k = q.to(dtype).to(device), k.to(dtype).to(device)
-    scores, stats = OPS.score_text_vision(q, k, q_pos.to(device), mod.to(device), 1.0)
+    scores, stats = OPS.score_text_vision(q, k, q_pos.to(device), mod.to(device), 1.0, text_score="guidance")
     exp = torch.tensor([4 / 24, 4 / 24, 37 / 576, 30 / 576, 26.5 / 576, 39 / 576, 7 / 24, 8 / 24])
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # log-weights rounded to fp16/bf16
     torch.testing.assert_close(scores[0].cpu(), exp, rtol=tol, atol=1e-7)
@@ -33,7 +33,7 @@ def test_evict_two_heads_n8_by_hand(device, dtype):
         kc = [k.clone().contiguous()]
         vc = [(k * 2).contiguous()]
         idx, n_kept, n_prot, frac = OPS.evict(kc, vc, [q], q_pos.to(device), mod.to(device), 1.0,
-                                              kappa, "mass", False, 2)
+                                              kappa, "mass", False, 2, text_score="guidance")
         assert idx[0, 0, : len(kept)].cpu().tolist() == kept, kappa
         assert bool((idx[0, 0, len(kept):] == -1).all())
         assert n_kept.cpu().tolist() == [[len(kept)]]

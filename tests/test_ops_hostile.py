@@ -112,7 +112,7 @@ def test_n_sink_extremes_in_the_ops(n_sink):
     kc = [g["k"].clone() for _ in range(L)]
     vc = [g["v"].clone() for _ in range(L)]
     expect_error(lambda: OPS.evict(kc, vc, [g["q"]] * L, g["q_pos"], g["modality"], 0.125, 0.2,
-                                   "mass", False, n_sink), "evict", "n_sink")
+                                   "mass", False, n_sink, text_score="guidance"), "evict", "n_sink")
     expect_error(lambda: OPS.decode_evict_(*_decode_args(), 0.25, n_sink), "decode_evict_",
                  "n_sink")
 

@@ -25,8 +25,13 @@ def s_score(device):
             ([16, 30, 9], [2, 7, 1], [1, 2, 0], "mixed", 8, 1, torch.bfloat16)]:
         q_pos, mod = _meta(n_real, n_guid, imgs, pad, 1, device)
         B, N, T = mod.shape[0], mod.shape[1], q_pos.shape[1]
-        out.append(((randn((B, Hq, T, 64), dt, 1, device), randn((B, Hkv, N, 64), dt, 2, device),
-                     q_pos, mod, 0.125), {}))
+        k = randn((B, Hkv, N, 64), dt, 2, device)
+        # text_score="guidance": q holds the guidance rows [B, Hq, T, D]
+        out.append(((randn((B, Hq, T, 64), dt, 1, device), k, q_pos, mod, 0.125),
+                    {"text_score": "guidance"}))
+        # text_score="all_queries" (the default, given explicitly once): q is [B, Hq, N, D]
+        out.append(((randn((B, Hq, N, 64), dt, 3, device), k, q_pos, mod, 0.125),
+                    {"text_score": "all_queries"} if dt == torch.float16 else {}))
     return out
 
 
@@ -96,7 +101,12 @@ def s_evict(device):
         kc = [randn((B, Hkv, N, 64), dt, l, device) for l in range(L)]
         vc = [randn((B, Hkv, N, 64), dt, 9 + l, device) for l in range(L)]
         qs = [randn((B, Hq, T, 64), dt, 20 + l, device) for l in range(L)]
-        out.append(((kc, vc, qs, q_pos, mod, 0.125, 0.2), kw))
+        out.append(((kc, vc, qs, q_pos, mod, 0.125, 0.2), {**kw, "text_score": "guidance"}))
+        if dt == torch.bfloat16:
+            continue  # two all_queries samples are enough (time)
+        qa = [randn((B, Hq, N, 64), dt, 40 + l, device) for l in range(L)]  # all query states
+        out.append(((kc, vc, qa, q_pos, mod, 0.125, 0.2),
+                    {**kw, "text_score": "all_queries"} if dt == torch.float16 else kw))
     return out
 
 
@@ -164,8 +174,10 @@ def test_schemas_annotate_mutation(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compile_fullgraph_evict(device, backend):
+@pytest.mark.parametrize("backend,text_score", [("aot_eager", "guidance"),
+                                                ("inductor", "guidance"),
+                                                ("aot_eager", "all_queries")])
+def test_compile_fullgraph_evict(device, backend, text_score):
     """torch.compile(fullgraph=True) of evict (and its follow-up use of the outputs) == eager."""
     torch._dynamo.reset()
     L, Hq, Hkv, D = 2, 8, 2, 64
@@ -175,11 +187,13 @@ def test_compile_fullgraph_evict(device, backend):
     B, N, T = mod.shape[0], mod.shape[1], q_pos.shape[1]
     kc = [randn((B, Hkv, N, D), torch.float32, l, device) for l in range(L)]
     vc = [randn((B, Hkv, N, D), torch.float32, 9 + l, device) for l in range(L)]
-    qs = [randn((B, Hq, T, D), torch.float32, 20 + l, device) for l in range(L)]
+    R = T if text_score == "guidance" else N  # guidance rows, or every slot's query
+    qs = [randn((B, Hq, R, D), torch.float32, 20 + l, device) for l in range(L)]
 
     def f(kc, vc, qs, q_pos, mod):
         keep_idx, n_kept, n_prot, frac = torch.ops.tgvkv.evict(kc, vc, qs, q_pos, mod,
-                                                               1 / math.sqrt(D), 0.2)
+                                                               1 / math.sqrt(D), 0.2,
+                                                               text_score=text_score)
         return keep_idx, n_kept, n_prot, frac, n_kept.sum(1) + 1
 
     ke, ve = [t.clone() for t in kc], [t.clone() for t in vc]
@@ -204,8 +218,24 @@ def test_compile_fullgraph_decode_and_scores(device):
     assert torch.equal(e, c)
     for a, b in zip(eager[:4], comp[:4]):
         assert torch.equal(a, b)
-    sargs = s_score(device)[1][0]
-    se = torch.ops.tgvkv.score_text_vision(*sargs)
-    sc = torch.compile(lambda *a: torch.ops.tgvkv.score_text_vision(*a), fullgraph=True,
-                       backend="aot_eager")(*sargs)
-    assert torch.equal(se[0], sc[0]) and torch.equal(se[1], sc[1])
+    for sargs, skw in s_score(device)[2:4]:  # guidance, then all_queries
+        se = torch.ops.tgvkv.score_text_vision(*sargs, **skw)
+        sc = torch.compile(lambda *a: torch.ops.tgvkv.score_text_vision(*a, **skw),
+                           fullgraph=True, backend="aot_eager")(*sargs)
+        assert torch.equal(se[0], sc[0]) and torch.equal(se[1], sc[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fake_kernels_check_text_score(device):
+    """The fake kernels refuse what the ops refuse: an unknown text_score, or q of the other
+    mode's shape (guidance rows where all query states are expected and vice versa)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    (q, k, q_pos, mod, scale), _ = s_score(device)[2]  # guidance rows [B, Hq, T, D]
+    for mode in (None, FakeTensorMode(allow_non_fake_inputs=True)):
+        ctx = mode if mode is not None else torch.no_grad()
+        with ctx:
+            with pytest.raises((RuntimeError, ValueError), match="text_score"):
+                torch.ops.tgvkv.score_text_vision(q, k, q_pos, mod, scale, text_score="rows")
+            with pytest.raises(RuntimeError, match="score_text_vision.*'q'"):
+                torch.ops.tgvkv.score_text_vision(q, k, q_pos, mod, scale)  # all_queries: N rows

@@ -113,7 +113,7 @@ def test_evict_keep_ratio_one_is_identity_and_idempotent(mod, seed, Hkv, g):
     kc = [randn((B, Hkv, N, 16), seed=seed + 5 + l) for l in range(L)]
     vc = [randn((B, Hkv, N, 16), seed=seed + 7 + l) for l in range(L)]
     kc0 = [t.clone() for t in kc]
-    out = OPS.evict(kc, vc, qs, q_pos, mod, 0.25, 1.0)
+    out = OPS.evict(kc, vc, qs, q_pos, mod, 0.25, 1.0, text_score="guidance")
     for b in range(B):
         real = real_slots(mod[b])
         assert out[1][:, b].tolist() == [len(real)] * L
@@ -128,7 +128,7 @@ def test_evict_keep_ratio_one_is_identity_and_idempotent(mod, seed, Hkv, g):
         mod2[b, :n] = mod[b][mod[b] != PAD]
     q2 = ref.guidance_positions(mod2)
     qs2 = [randn((B, Hkv * g, q2.shape[1], 16), seed=seed + 11 + l) for l in range(L)]
-    out2 = OPS.evict(kc, vc, qs2, q2, mod2, 0.25, 1.0)
+    out2 = OPS.evict(kc, vc, qs2, q2, mod2, 0.25, 1.0, text_score="guidance")
     assert torch.equal(out2[1], out[1])
     for l in range(L):
         for b in range(B):
@@ -148,10 +148,10 @@ def test_evict_invariants_random(mod, seed, kappa, g):
     qs = [randn((B, Hkv * g, T, 16), torch.bfloat16, seed + l) for l in range(L)]
     kc = [randn((B, Hkv, N, 16), torch.bfloat16, seed + 5 + l) for l in range(L)]
     vc = [randn((B, Hkv, N, 16), torch.bfloat16, seed + 7 + l) for l in range(L)]
-    sc = [OPS.score_text_vision(q, k, q_pos, mod, 0.25) for q, k in zip(qs, kc)]
+    sc = [OPS.score_text_vision(q, k, q_pos, mod, 0.25, text_score="guidance") for q, k in zip(qs, kc)]
     scores = torch.stack([s for s, _ in sc])
     stats = torch.stack([t for _, t in sc])
     keep, _ = ref.layer_budgets(stats, q_pos, mod, kappa)
-    out = OPS.evict(kc, vc, qs, q_pos, mod, 0.25, kappa)
+    out = OPS.evict(kc, vc, qs, q_pos, mod, 0.25, kappa, text_score="guidance")
     assert torch.equal(out[1], keep)
     _check_invariants(out[0], out[1], out[2], keep, mod, scores, q_pos, 4)

@@ -35,8 +35,8 @@ def _run(device, dtype, B, Hq, Hkv, D, n_real, n_guid, n_images, pad, seed=0,
     q = randn((B, Hq, T, D), dtype, seed + 1, device, transposed)
     k = randn((B, Hkv, N, D), dtype, seed + 2, device, transposed)
     scale = 1.0 / math.sqrt(D)
-    exp_s, exp_t = ref.score_text_vision(q.cpu(), k.cpu(), q_pos, mod, scale)
-    got_s, got_t = OPS.score_text_vision(q, k, q_pos.to(device), mod.to(device), scale)
+    exp_s, exp_t = ref.score_text_vision(q.cpu(), k.cpu(), q_pos, mod, scale, text_score="guidance")
+    got_s, got_t = OPS.score_text_vision(q, k, q_pos.to(device), mod.to(device), scale, text_score="guidance")
     assert got_s.dtype == torch.float32 and got_t.dtype == torch.float32
     assert got_s.shape == (B, N) and got_t.shape == (B, 2)
     assert got_s.device.type == device and got_t.device.type == device
@@ -88,7 +88,7 @@ def test_score_text_vision_padding_invariance(device):
     q_pos1 = ref.guidance_positions(mod1)
     q = randn((1, 4, q_pos1.shape[1], 64), torch.float32, 12, device)
     k = randn((1, 2, n, 64), torch.float32, 13, device)
-    s1, t1 = OPS.score_text_vision(q, k, q_pos1.to(device), mod1.to(device), 0.125)
+    s1, t1 = OPS.score_text_vision(q, k, q_pos1.to(device), mod1.to(device), 0.125, text_score="guidance")
     for pad, off in (("right", 0), ("left", 7)):
         N = n + 7
         mod = torch.zeros(1, N, dtype=torch.int8)
@@ -96,7 +96,7 @@ def test_score_text_vision_padding_invariance(device):
         kk = randn((1, 2, N, 64), torch.float32, 99, device)  # garbage in pad slots
         kk[:, :, off:off + n] = k
         q_pos = ref.guidance_positions(mod)
-        s, t = OPS.score_text_vision(q, kk, q_pos.to(device), mod.to(device), 0.125)
+        s, t = OPS.score_text_vision(q, kk, q_pos.to(device), mod.to(device), 0.125, text_score="guidance")
         assert_scores_close(s[:, off:off + n], s1, mod1, 1e-5)
         assert_stats_close(t, t1, 1e-5)
         assert bool((s.cpu()[mod == 0] == 0).all()), pad

@@ -247,7 +247,7 @@ def _evict_vs_reference(device, dtype, L, Hq, Hkv, D, n_real, n_guid, n_images, 
     kc, vc = _cache(L, B, Hkv, N, D, dtype, device, seed=seed + 200)
     kc0, vc0 = [t.clone() for t in kc], [t.clone() for t in vc]
     # the op's own scores (checked against the reference in test_ops_scores)
-    sc = [OPS.score_text_vision(q, k, q_pos.to(device), mod.to(device), scale)
+    sc = [OPS.score_text_vision(q, k, q_pos.to(device), mod.to(device), scale, text_score="guidance")
           for q, k in zip(qs, kc)]
     scores = torch.stack([s for s, _ in sc]).cpu()
     stats = torch.stack([t for _, t in sc]).cpu()
@@ -255,7 +255,7 @@ def _evict_vs_reference(device, dtype, L, Hq, Hkv, D, n_real, n_guid, n_images, 
                                 scores, stats, q_pos, mod, keep_ratio, budget, redistribute,
                                 n_sink)
     got = OPS.evict(kc, vc, qs, q_pos.to(device), mod.to(device), scale, keep_ratio, budget,
-                    redistribute, n_sink)
+                    redistribute, n_sink, text_score="guidance")
     # exact unless evict's fused scoring differs from score_text_vision in the last ulp at a
     # near-tie (then the differing slots must be near-ties)
     _check_outputs(got, exp, kc, vc, kc0, vc0, L, B, N, scores, mod, rel=1e-5)
@@ -284,10 +284,10 @@ def test_evict_end_to_end_reference_scores(device):
     kc, vc = _cache(L, B, Hkv, N, D, torch.float32, device, seed=300)
     kc0, vc0 = [t.clone() for t in kc], [t.clone() for t in vc]
     kr, vr = [t.cpu().clone() for t in kc], [t.cpu().clone() for t in vc]
-    exp = ref.evict(kr, vr, [q.cpu() for q in qs], q_pos, mod, 0.125, 0.1)
-    sc = [ref.score_text_vision(q.cpu(), k.cpu(), q_pos, mod, 0.125) for q, k in zip(qs, kc0)]
+    exp = ref.evict(kr, vr, [q.cpu() for q in qs], q_pos, mod, 0.125, 0.1, text_score="guidance")
+    sc = [ref.score_text_vision(q.cpu(), k.cpu(), q_pos, mod, 0.125, text_score="guidance") for q, k in zip(qs, kc0)]
     scores = torch.stack([s for s, _ in sc])
-    got = OPS.evict(kc, vc, qs, q_pos.to(device), mod.to(device), 0.125, 0.1)
+    got = OPS.evict(kc, vc, qs, q_pos.to(device), mod.to(device), 0.125, 0.1, text_score="guidance")
     # stats from reference vs op kernels differ in the last fp32 bits: so does keep_fraction
     _check_outputs(got, exp, kc, vc, kc0, vc0, L, B, N, scores, mod, rel=1e-4, frac_rtol=1e-5)
 
@@ -310,11 +310,11 @@ def test_evict_noncontiguous_queries(device):
               for l in range(2)]
         kc, vc = _cache(2, B, 2, N, 64, torch.float32, device, seed=9)
         kc0, vc0 = [t.clone() for t in kc], [t.clone() for t in vc]
-        sc = [ref.score_text_vision(q.cpu(), k.cpu(), q_pos, mod, 0.125) for q, k in zip(qs, kc)]
+        sc = [ref.score_text_vision(q.cpu(), k.cpu(), q_pos, mod, 0.125, text_score="guidance") for q, k in zip(qs, kc)]
         scores = torch.stack([s for s, _ in sc])
         exp = ref.evict_from_scores([t.cpu().clone() for t in kc], [t.cpu().clone() for t in vc],
                                     scores, torch.stack([t for _, t in sc]), q_pos, mod, 0.1)
-        got = OPS.evict(kc, vc, qs, q_pos.to(device), mod.to(device), 0.125, 0.1)
+        got = OPS.evict(kc, vc, qs, q_pos.to(device), mod.to(device), 0.125, 0.1, text_score="guidance")
     except (RuntimeError, ValueError) as e:
         assert "evict" in str(e) and "contiguous" in str(e).lower(), str(e)
         return
@@ -334,8 +334,8 @@ def test_evict_unused_query_rows(device):
             for l, q in enumerate(qs)]
     kc, vc = _cache(L, B, Hkv, N, D, torch.float32, device, seed=400)
     kc2, vc2 = [t.clone() for t in kc], [t.clone() for t in vc]
-    a = OPS.evict(kc, vc, qs, q_pos.to(device), mod.to(device), 0.125, 0.15)
-    b = OPS.evict(kc2, vc2, qs_x, extra.to(device), mod.to(device), 0.125, 0.15)
+    a = OPS.evict(kc, vc, qs, q_pos.to(device), mod.to(device), 0.125, 0.15, text_score="guidance")
+    b = OPS.evict(kc2, vc2, qs_x, extra.to(device), mod.to(device), 0.125, 0.15, text_score="guidance")
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     assert all(torch.equal(x, y) for x, y in zip(kc + vc, kc2 + vc2))
@@ -355,8 +355,8 @@ def test_evict_deterministic_across_threads():
         for threads in (1, 2, 4, 1):
             torch.set_num_threads(threads)
             kc, vc = [t.clone() for t in base[0]], [t.clone() for t in base[1]]
-            s = [OPS.score_text_vision(q, k, q_pos, mod, 0.125) for q, k in zip(qs, kc)]
-            out = OPS.evict(kc, vc, qs, q_pos, mod, 0.125, 0.1)
+            s = [OPS.score_text_vision(q, k, q_pos, mod, 0.125, text_score="guidance") for q, k in zip(qs, kc)]
+            out = OPS.evict(kc, vc, qs, q_pos, mod, 0.125, 0.1, text_score="guidance")
             results.append((s, out, kc, vc))
     finally:
         torch.set_num_threads(old)
@@ -383,11 +383,11 @@ def test_evict_noncontiguous_cache(device):
     kc0, vc0 = [t.clone() for t in kc], [t.clone() for t in vc]
     exp_k, exp_v = [t.clone().contiguous() for t in kc], [t.clone().contiguous() for t in vc]
     try:
-        got = OPS.evict(kc, vc, qs, q_pos.to(device), mod.to(device), 0.125, 0.2)
+        got = OPS.evict(kc, vc, qs, q_pos.to(device), mod.to(device), 0.125, 0.2, text_score="guidance")
     except (RuntimeError, ValueError) as e:
         assert "evict" in str(e) and "contiguous" in str(e).lower(), str(e)
         return
-    exp = OPS.evict(exp_k, exp_v, qs, q_pos.to(device), mod.to(device), 0.125, 0.2)
+    exp = OPS.evict(exp_k, exp_v, qs, q_pos.to(device), mod.to(device), 0.125, 0.2, text_score="guidance")
     for x, y in zip(got, exp):
         assert torch.equal(x, y)
     for l in range(L):

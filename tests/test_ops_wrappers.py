@@ -96,7 +96,7 @@ def test_compile_fullgraph_wrapper_evict(device):
     qs = [randn((B, Hq, T, D), torch.bfloat16, 20 + l, device) for l in range(L)]
 
     def f(kc, vc, qs):
-        return tops.evict(kc, vc, qs, q_pos, mod, 1 / math.sqrt(D), 0.25, "mi", True, 4)
+        return tops.evict(kc, vc, qs, q_pos, mod, 1 / math.sqrt(D), 0.25, "mi", True, 4, text_score="guidance")
 
     ke, ve = _clone(kc), _clone(vc)
     exp = f(ke, ve, qs)

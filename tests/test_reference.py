@@ -227,7 +227,7 @@ def test_evict_two_heads_n8_by_hand():
     for (h, p), ws in w.items():
         q[0, h, p - 6, : len(ws)] = torch.tensor(ws, dtype=torch.float32).log()
     k = torch.eye(8).view(1, 1, 8, 8)
-    scores, stats = ref.score_text_vision(q, k, q_pos, mod, 1.0)
+    scores, stats = ref.score_text_vision(q, k, q_pos, mod, 1.0, text_score="guidance")
     exp = torch.tensor([4 / 24, 4 / 24, 37 / 576, 30 / 576, 26.5 / 576, 39 / 576, 7 / 24, 8 / 24])
     torch.testing.assert_close(scores[0], exp, rtol=1e-5, atol=1e-7)
     assert abs(float(stats[0, 0]) - 25 / 24) < 1e-5
@@ -236,7 +236,7 @@ def test_evict_two_heads_n8_by_hand():
                         (0.5, [0, 1, 6, 7]),             # forget 4: all vision, text survives
                         (1.0, list(range(8)))]:
         kc, vc = [k.clone().expand(1, 1, 8, 8).contiguous()], [k.clone() * 2]
-        idx, n_kept, n_prot, frac = ref.evict(kc, vc, [q], q_pos, mod, 1.0, kappa, n_sink=2)
+        idx, n_kept, n_prot, frac = ref.evict(kc, vc, [q], q_pos, mod, 1.0, kappa, n_sink=2, text_score="guidance")
         assert idx[0, 0, : len(kept)].tolist() == kept, kappa
         assert n_kept.tolist() == [[len(kept)]]
         assert int(n_prot[0, 0]) == 2

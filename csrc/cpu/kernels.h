@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "tgvkv/cpu_score.h"
+#include "tgvkv/cpu_text_mass.h"
 
 namespace tgvkv {
 namespace cpu {
@@ -24,6 +25,9 @@ struct Kernels {
   void (*decode_probs)(const void* q, const void* k, DType dt, int64_t sn, int64_t sd, int64_t n,
                        int64_t D, int64_t g, float scale, float* scratch, float* probs,
                        int64_t ldp);
+  // text_score="all_queries": overwrites the text slots of every layer's scores [B, N] with
+  // their attention mass over all query rows (cpu_text_mass.h), parallel inside, deterministic.
+  void (*text_column_mass)(const TextMassLayer* layers, int64_t L, const TextMassBatch& tb);
 };
 
 // The kernel table in use (chosen once, on first use).

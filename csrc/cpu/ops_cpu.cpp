@@ -28,6 +28,7 @@
 #include "checks.h"
 #include "cpu/kernels.h"
 #include "op_args.h"
+#include "query_rows.h"
 #include "tgvkv/common.h"
 #include "tgvkv/cpu_score.h"
 #include "tgvkv/cpu_select.h"
@@ -256,21 +257,78 @@ void check_finite_rows(const Tensor& q, const std::vector<SampleInfo>& info, con
   }
 }
 
+// text_score="all_queries": every non-pad row of the full query states q [B, Hq, N, D] is used.
+void check_finite_real_rows(const Tensor& q, const Tensor& mod_c, const char* op,
+                            const char* name, int64_t layer = -1) {
+  const int64_t B = mod_c.size(0), N = mod_c.size(1);
+  const int8_t* mod = mod_c.data_ptr<int8_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const Tensor fin = at::isfinite(q.select(0, b)).all(2).all(0).contiguous();  // [N]
+    const bool* f = fin.data_ptr<bool>();
+    for (int64_t j = 0; j < N; ++j)
+      TGVKV_CHECK(f[j] || mod[b * N + j] == kPad, op, "'", name,
+                  layer >= 0 ? "[" + std::to_string(layer) + "]" : std::string(),
+                  "' has NaN or inf in the query row of slot ", j, " of sample ", b,
+                  " (text_score=\"all_queries\" uses every non-pad row); the scores would not "
+                  "be defined");
+  }
+}
+
+// text_score="all_queries": overwrites the text slots of scores [L, B, N] with their attention
+// mass over all query rows, from the full query states qs[l] [B, Hq, N, D] (any strides).
+void text_mass_all(TensorList qs, TensorList ks, const Tensor& mod_c, double scale,
+                   Tensor& scores) {
+  const int64_t L = static_cast<int64_t>(ks.size());
+  const int64_t B = mod_c.size(0), N = mod_c.size(1);
+  std::vector<cpu::TextMassLayer> layers(static_cast<size_t>(L));
+  float* sc = scores.data_ptr<float>();
+  for (int64_t l = 0; l < L; ++l) {
+    const Tensor& q = qs[l];
+    const Tensor& k = ks[l];
+    cpu::TextMassLayer& ly = layers[l];
+    ly.q = q.data_ptr();
+    ly.k = k.data_ptr();
+    ly.dtype = to_dtype(k);
+    ly.Hq = q.size(1);
+    ly.Hkv = k.size(1);
+    ly.D = k.size(3);
+    ly.q_sb = q.stride(0);
+    ly.q_sh = q.stride(1);
+    ly.q_sn = q.stride(2);
+    ly.q_sd = q.stride(3);
+    ly.k_sb = k.stride(0);
+    ly.k_sh = k.stride(1);
+    ly.k_sn = k.stride(2);
+    ly.k_sd = k.stride(3);
+    ly.scores = sc + l * B * N;
+  }
+  cpu::TextMassBatch tb;
+  tb.mod = mod_c.data_ptr<int8_t>();
+  tb.B = B;
+  tb.N = N;
+  tb.scale = static_cast<float>(scale);
+  cpu::kernels().text_column_mass(layers.data(), L, tb);
+}
+
 std::tuple<Tensor, Tensor> score_text_vision_cpu(const Tensor& q, const Tensor& k,
                                                  const Tensor& q_pos, const Tensor& modality,
-                                                 double scale) {
+                                                 double scale, c10::string_view text_score) {
   const char* op = "score_text_vision";
   check_cpu(modality, op, "modality");
   check_cpu(k, op, "k");
-  const op_args::Dims d = op_args::check_score_text_vision_args(q, k, q_pos, modality, scale, op);
-  const int64_t B = d.B, N = d.N;
+  const op_args::ScoreArgs a =
+      op_args::check_score_text_vision_args(q, k, q_pos, modality, scale, text_score, op);
+  const bool all = a.text_mode == checks::kTextScoreAllQueries;
+  const int64_t B = a.d.B, N = a.d.N;
   const Tensor q_pos_c = q_pos.contiguous(), mod_c = modality.contiguous();
   const auto info = analyze_samples(q_pos_c, mod_c, op);
   Tensor scores = at::empty({1, B, N}, k.options().dtype(at::kFloat));
   Tensor stats = at::empty({1, B, 2}, k.options().dtype(at::kFloat));
-  std::vector<Tensor> qs{q.contiguous()};
+  std::vector<Tensor> qs{all ? guidance_rows(q, q_pos_c) : q.contiguous()};
   check_finite_rows(qs[0], info, op, "q");
+  if (all) check_finite_real_rows(q, mod_c, op, "q");
   score_all(qs, TensorList(&k, 1), q_pos_c, mod_c, info, scale, /*want_mi=*/true, scores, stats);
+  if (all) text_mass_all(TensorList(&q, 1), TensorList(&k, 1), mod_c, scale, scores);
   check_finite_scores(scores, mod_c, op,
                       "the attention scores of 'q' against 'k' must be finite (NaN or inf in 'k', "
                       "or a scale that overflows the logits?)");
@@ -490,12 +548,15 @@ Tensor4 evict_from_scores_cpu(TensorList k_cache, TensorList v_cache, const Tens
 
 Tensor4 evict_cpu(TensorList k_cache, TensorList v_cache, TensorList queries, const Tensor& q_pos,
                   const Tensor& modality, double scale, double keep_ratio,
-                  c10::string_view budget, bool redistribute, int64_t n_sink) {
+                  c10::string_view budget, bool redistribute, int64_t n_sink,
+                  c10::string_view text_score) {
   const char* op = "evict";
   check_cpu(modality, op, "modality");
   check_cpu(k_cache, op, "k_cache[l]");
   const op_args::BudgetArgs a = op_args::check_evict_args(
-      k_cache, v_cache, queries, q_pos, modality, scale, keep_ratio, budget, n_sink, op);
+      k_cache, v_cache, queries, q_pos, modality, scale, keep_ratio, budget, n_sink, text_score,
+      op);
+  const bool all = a.text_mode == checks::kTextScoreAllQueries;
   const int64_t B = a.d.B, N = a.d.N, L = a.L;
   const int mode = a.mode;
   const Tensor q_pos_c = q_pos.contiguous(), mod_c = modality.contiguous();
@@ -512,11 +573,13 @@ Tensor4 evict_cpu(TensorList k_cache, TensorList v_cache, TensorList queries, co
     std::vector<Tensor> qs;
     qs.reserve(static_cast<size_t>(L));
     for (int64_t l = 0; l < L; ++l) {
-      qs.push_back(queries[l].contiguous());
+      qs.push_back(all ? guidance_rows(queries[l], q_pos_c) : queries[l].contiguous());
       check_finite_rows(qs.back(), info, op, "queries", l);
+      if (all) check_finite_real_rows(queries[l], mod_c, op, "queries", l);
     }
     score_all(qs, k_cache, q_pos_c, mod_c, info, scale, /*want_mi=*/mode == kBudgetMI, scores,
               stats);
+    if (all) text_mass_all(queries, k_cache, mod_c, scale, scores);
     check_finite_scores(scores, mod_c, op,
                         "the attention scores of 'queries' against 'k_cache' must be finite "
                         "(NaN or inf in 'k_cache'?)");

@@ -130,12 +130,15 @@ Tensor4 evict_from_scores_cuda(TensorList k_cache, TensorList v_cache, const Ten
 
 Tensor4 evict_cuda(TensorList k_cache, TensorList v_cache, TensorList queries, const Tensor& q_pos,
                    const Tensor& modality, double scale, double keep_ratio,
-                   c10::string_view budget, bool redistribute, int64_t n_sink) {
+                   c10::string_view budget, bool redistribute, int64_t n_sink,
+                   c10::string_view text_score) {
   const char* op = "evict";
   check_devices(modality, k_cache, v_cache, op);
   check_cuda(queries, op, "queries[l]");
   const op_args::BudgetArgs a = op_args::check_evict_args(
-      k_cache, v_cache, queries, q_pos, modality, scale, keep_ratio, budget, n_sink, op);
+      k_cache, v_cache, queries, q_pos, modality, scale, keep_ratio, budget, n_sink, text_score,
+      op);
+  const bool all = a.text_mode == checks::kTextScoreAllQueries;
   check_limits(k_cache, v_cache, a, op);
   for (int64_t l = 0; l < a.L; ++l) {
     check_head_dim(k_cache[l], op);
@@ -169,12 +172,16 @@ Tensor4 evict_cuda(TensorList k_cache, TensorList v_cache, TensorList queries, c
       Tensor ws = at::empty({int64_t(bytes)}, mod.options().dtype(at::kByte));
       const int es = int(k_cache[0].element_size());
       const DType dt = dtype_of(k_cache[0]);
+      // all_queries: the guidance rows [B, Hq, T, D] of the full query states for launch_score
+      std::vector<Tensor> qg;
+      if (all)
+        for (int64_t l = 0; l < L; ++l) qg.push_back(guidance_rows(queries[l], qp));
       for (int64_t l0 = 0; l0 < L; l0 += kMaxLayers) {
         p.L = int(std::min<int64_t>(kMaxLayers, L - l0));
         score::plan(p, ws.data_ptr());
         p.vec_q = p.vec_k = true;
         for (int i = 0; i < p.L; ++i) {
-          p.q[i] = view4(queries[l0 + i]);
+          p.q[i] = view4(all ? qg[l0 + i] : queries[l0 + i]);
           p.k[i] = view4(k_cache[l0 + i]);
           p.vec_q = p.vec_q && vec16_ok(p.q[i], p.D, es);
           p.vec_k = p.vec_k && vec16_ok(p.k[i], p.D, es);
@@ -184,6 +191,7 @@ Tensor4 evict_cuda(TensorList k_cache, TensorList v_cache, TensorList queries, c
         // stream-ordered: the next group may reuse the workspace
         C10_CUDA_CHECK(launch_score(p, dt, st));
       }
+      if (all) run_text_mass(queries, k_cache, mod, scale, scores.data_ptr<float>());
     }
   }
   return evict_tail(k_cache, v_cache, scores, stats, qp, mod, keep_ratio, mode, redistribute,

@@ -1,11 +1,13 @@
-// CUDA implementation of tgvkv::score_text_vision. Kernels and their launcher (which evict.cu
-// reuses): csrc/include/tgvkv/cuda/score.cuh; this is the one translation unit that includes it.
+// CUDA implementation of tgvkv::score_text_vision. Kernels and their launchers (which evict.cu
+// reuses): csrc/include/tgvkv/cuda/score.cuh and text_mass.cuh (text_score="all_queries"); this
+// is the one translation unit that includes them.
 #include <torch/library.h>
 
 #include <tuple>
 
 #include "glue.cuh"
 #include "tgvkv/cuda/score.cuh"
+#include "tgvkv/cuda/text_mass.cuh"
 
 namespace tgvkv {
 namespace cuda {
@@ -15,13 +17,16 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> score_text_vision_cuda(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& q_pos,
                                                           const at::Tensor& modality,
-                                                          double scale) {
+                                                          double scale,
+                                                          c10::string_view text_score) {
   const char* op = "score_text_vision";
   check_cuda(modality, op, "modality");
   check_cuda(q, op, "q");
   check_cuda(k, op, "k");
-  const op_args::Dims d = op_args::check_score_text_vision_args(q, k, q_pos, modality, scale, op);
-  const int64_t B = d.B, N = d.N, T = d.T;
+  const op_args::ScoreArgs a =
+      op_args::check_score_text_vision_args(q, k, q_pos, modality, scale, text_score, op);
+  const bool all = a.text_mode == checks::kTextScoreAllQueries;
+  const int64_t B = a.d.B, N = a.d.N, T = a.d.T;
   check_head_dim(k, op);
   check_batch(B, op);
   checks::check_slot_count(N, op);
@@ -38,7 +43,8 @@ std::tuple<at::Tensor, at::Tensor> score_text_vision_cuda(const at::Tensor& q, c
   p.D = int(k.size(3));
   p.N = N;
   p.scale = float(scale);
-  p.q[0] = view4(q);
+  const at::Tensor qg = all ? guidance_rows(q, qp) : q;  // the guidance rows [B, Hq, T, D]
+  p.q[0] = view4(qg);
   p.k[0] = view4(k);
   const int es = int(k.element_size());
   p.vec_q = vec16_ok(p.q[0], p.D, es);
@@ -51,6 +57,8 @@ std::tuple<at::Tensor, at::Tensor> score_text_vision_cuda(const at::Tensor& q, c
   at::Tensor ws = at::empty({int64_t(bytes)}, k.options().dtype(at::kByte));
   score::plan(p, ws.data_ptr());
   C10_CUDA_CHECK(launch_score(p, dtype_of(k), current_stream()));
+  if (all) run_text_mass(at::TensorList(&q, 1), at::TensorList(&k, 1), mod, scale,
+                         scores.data_ptr<float>());
   return {scores, stats};
 }
 

@@ -128,31 +128,39 @@ def _float_arg(op: str, name: str, x) -> float:
                         f"{x!r}") from None
 
 
-def score_text_vision(q: Tensor, k: Tensor, q_pos: Tensor, modality: Tensor,
-                      scale: float) -> tuple[Tensor, Tensor]:
-    """Ranking scores and text-vision statistics of one layer, from the guidance rows only.
+def score_text_vision(q: Tensor, k: Tensor, q_pos: Tensor, modality: Tensor, scale: float,
+                      text_score: str = "all_queries") -> tuple[Tensor, Tensor]:
+    """Ranking scores and text-vision statistics of one layer (never N×N in memory).
 
     Parameters
     ----------
     q : Tensor
-        ``[B, Hq, T, D]`` fp32/fp16/bf16 post-RoPE guidance queries (row ``t`` is slot
-        ``q_pos[b, t]``).
+        fp32/fp16/bf16 post-RoPE queries; what it holds depends on ``text_score``:
+        ``"all_queries"`` (default): ``[B, Hq, N, D]``, the query states of every slot (row ``i``
+        is slot ``i``; pad rows are ignored); ``"guidance"``: ``[B, Hq, T, D]``, the guidance rows
+        only (row ``t`` is slot ``q_pos[b, t]``).
     k : Tensor
         ``[B, Hkv, N, D]`` post-RoPE keys, same dtype as ``q``, ``Hq % Hkv == 0``.
     q_pos : Tensor
         ``[B, T]`` int64. modality : ``[B, N]`` int8.
     scale : float
         Softmax scale (usually ``D ** -0.5``).
+    text_score : {"all_queries", "guidance"}
+        Rows the text scores sum over (SPEC §1.3): all non-pad query rows ``i >= p`` (the
+        released code; costs about ``N²·D/2`` multiply-adds per query head more) or the guidance
+        rows only (cheaper; equal for text after the last vision slot).
 
     Returns
     -------
     scores : Tensor
-        ``[B, N]`` fp32: vision slots get ``Σ_t w_t A[t, v]``, text slots ``Σ_t A[t, p]``, pad 0.
+        ``[B, N]`` fp32: vision slots get ``Σ_t w_t A[t, v]`` (guidance rows), text slots
+        ``Σ_i A[i, p]`` over the rows ``text_score`` names, pad 0.
     stats : Tensor
-        ``[B, 2]`` fp32: text->vision attention mass ``S`` and its mutual information ``I``.
+        ``[B, 2]`` fp32: text->vision attention mass ``S`` and its mutual information ``I``
+        (guidance rows, the same in both modes).
     """
     return _ops.score_text_vision(q, k, q_pos, modality,
-                                  _float_arg("score_text_vision", "scale", scale))
+                                  _float_arg("score_text_vision", "scale", scale), text_score)
 
 
 def layer_budgets(stats: Tensor, q_pos: Tensor, modality: Tensor, keep_ratio: float,
@@ -252,8 +260,8 @@ def evict_from_scores(k_cache: Sequence[Tensor], v_cache: Sequence[Tensor], scor
 
 def evict(k_cache: Sequence[Tensor], v_cache: Sequence[Tensor], queries: Sequence[Tensor],
           q_pos: Tensor, modality: Tensor, scale: float, keep_ratio: float,
-          budget: str = "mass", redistribute: bool = False,
-          n_sink: int = 4) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+          budget: str = "mass", redistribute: bool = False, n_sink: int = 4,
+          text_score: str = "all_queries") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The whole TGV-KV prefill eviction of a cache of ``L`` layers, **in place**.
 
     A sample is not evicted (keeps all real slots) when it has no vision slot, no guidance text
@@ -264,13 +272,17 @@ def evict(k_cache: Sequence[Tensor], v_cache: Sequence[Tensor], queries: Sequenc
     k_cache, v_cache : sequence of Tensor
         ``L`` tensors ``[B, Hkv, N, D]``, compacted in place (kept slots first, ascending).
     queries : sequence of Tensor
-        ``L`` tensors ``[B, Hq, T, D]``, the post-RoPE guidance queries of each layer.
+        ``L`` tensors, the post-RoPE queries of each layer: ``[B, Hq, N, D]`` (every slot) for
+        ``text_score="all_queries"`` (default), ``[B, Hq, T, D]`` (guidance rows) for
+        ``"guidance"`` (see :func:`score_text_vision`).
     q_pos : Tensor
         ``[B, T]`` int64. modality : ``[B, N]`` int8.
     scale : float
         Softmax scale. keep_ratio : κ in ``(0, 1]``. budget : ``"mass"`` or ``"mi"``.
     redistribute : bool
         See :func:`layer_budgets`. n_sink : int, sink count.
+    text_score : {"all_queries", "guidance"}
+        See :func:`score_text_vision`.
 
     Returns
     -------
@@ -280,7 +292,7 @@ def evict(k_cache: Sequence[Tensor], v_cache: Sequence[Tensor], queries: Sequenc
     op = "evict"
     return _ops.evict(list(k_cache), list(v_cache), list(queries), q_pos, modality,
                       _float_arg(op, "scale", scale), _float_arg(op, "keep_ratio", keep_ratio),
-                      budget, bool(redistribute), _int_arg(op, "n_sink", n_sink))
+                      budget, bool(redistribute), _int_arg(op, "n_sink", n_sink), text_score)
 
 
 def decode_evict_(k: Tensor, v: Tensor, pos: Tensor, length: Tensor, q: Tensor, n_seen: Tensor,
@@ -371,7 +383,14 @@ class _FakeCheck:
         self(modality, "modality", "B N", (torch.int8,))
         self(q_pos, "q_pos", "B T", (torch.int64,))
 
-    def cache(self, k_cache, v_cache, queries=None):
+    def text_score(self, text_score) -> str:
+        """Validates ``text_score``; returns the query layout it implies ("B Hq N D" / "B Hq T D")."""
+        if text_score not in ("all_queries", "guidance"):
+            raise ValueError(f"tgvkv::{self.op}: text_score must be \"all_queries\" or "
+                             f"\"guidance\", got {text_score!r}")
+        return "B Hq N D" if text_score == "all_queries" else "B Hq T D"
+
+    def cache(self, k_cache, v_cache, queries=None, q_layout="B Hq T D"):
         if len(k_cache) != len(v_cache):
             raise RuntimeError(f"tgvkv::{self.op}: 'k_cache' and 'v_cache' must have the same "
                                f"number of layers, got {len(k_cache)} and {len(v_cache)}")
@@ -381,16 +400,17 @@ class _FakeCheck:
             self(v, f"v_cache[{l}]", "B Hkv N Dv", scope=layer)
             self.same_dtype(v, k, f"v_cache[{l}]", f"k_cache[{l}]")
             if queries is not None:
-                self(queries[l], f"queries[{l}]", "B Hq T D", scope=layer)
+                self(queries[l], f"queries[{l}]", q_layout, scope=layer)
                 self.same_dtype(queries[l], k, f"queries[{l}]", f"k_cache[{l}]")
 
 
 @torch.library.register_fake("tgvkv::score_text_vision")
-def _score_text_vision_fake(q, k, q_pos, modality, scale):
+def _score_text_vision_fake(q, k, q_pos, modality, scale, text_score="all_queries"):
     c = _FakeCheck("score_text_vision")
+    q_layout = c.text_score(text_score)
     c.small(q_pos, modality)
     c(k, "k", "B Hkv N D", _FLOAT)
-    c(q, "q", "B Hq T D")
+    c(q, "q", q_layout)
     c.same_dtype(q, k, "q", "k")
     B, N = k.shape[0], k.shape[2]
     return (k.new_empty((B, N), dtype=torch.float32), k.new_empty((B, 2), dtype=torch.float32))
@@ -452,13 +472,14 @@ def _evict_from_scores_fake(k_cache, v_cache, scores, stats, q_pos, modality, ke
 
 @torch.library.register_fake("tgvkv::evict")
 def _evict_fake(k_cache, v_cache, queries, q_pos, modality, scale, keep_ratio, budget="mass",
-                redistribute=False, n_sink=4):
+                redistribute=False, n_sink=4, text_score="all_queries"):
     c = _FakeCheck("evict")
+    q_layout = c.text_score(text_score)
     c.small(q_pos, modality)
     if len(queries) != len(k_cache):
         raise RuntimeError(f"tgvkv::evict: 'queries' must have one tensor per layer of 'k_cache' "
                            f"({len(k_cache)}), got {len(queries)}")
-    c.cache(k_cache, v_cache, queries)
+    c.cache(k_cache, v_cache, queries, q_layout)
     return _evict_outputs(len(k_cache), modality)
 
 

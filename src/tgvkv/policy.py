@@ -211,9 +211,12 @@ class TGVKV(Policy):
     redistribute : hand the excess of layers clamped at N to the other layers (off: released).
     n_sink : the first ``n_sink`` real positions (and the last prompt position) are never evicted.
     decode_evict : keep evicting one token per layer per decode step (SPEC §4).
-    text_score : "guidance" (fast path: text scores are column sums over the guidance queries).
-        "all_queries" (the released code: sums over all N queries) needs full N×N attention and is
-        only available in :func:`tgvkv.reference.policy_from_attention`; asking for it here raises.
+    text_score : "all_queries" (default, the released code, SPEC §1.3): a text slot's score is
+        its attention column sum over all N query rows, computed by the fused op from the layer's
+        full queries (each row's softmax normaliser in the same pass, never N×N in memory; about
+        ``N²·D/2`` more multiply-adds per query head). "guidance": the column sum over the
+        guidance rows only (cheaper; identical for text after the last vision slot, different
+        for text before it).
     no_vision : "keep": a sample without vision tokens (or without guidance text after the last
         vision token) is not evicted at all (SPEC §5). Only "keep" is implemented.
     text_weighting : TWR ablation switch. False: vision scores are plain column sums over the
@@ -228,7 +231,7 @@ class TGVKV(Policy):
     redistribute: bool = False
     n_sink: int = 4
     decode_evict: bool = True
-    text_score: str = "guidance"
+    text_score: str = "all_queries"
     no_vision: str = "keep"
     text_weighting: bool = True
     text_priority: bool = True
@@ -246,12 +249,6 @@ class TGVKV(Policy):
             fail_field(self, "no_vision", "'keep'", self.no_vision)
         for name in ("redistribute", "text_weighting", "text_priority", "uniform_budgets"):
             check_bool(self, name)
-        if self.text_score == "all_queries":
-            raise NotImplementedError(
-                "text_score='all_queries' (text scores summed over all N queries, the released "
-                "code's behaviour) needs the full N x N attention; the model layer only supports "
-                "text_score='guidance'. Use tgvkv.reference.policy_from_attention(..., "
-                "text_score='all_queries') with eager attention weights instead.")
         if self.no_vision != "keep":
             raise NotImplementedError(f"no_vision={self.no_vision!r}: only 'keep' (no eviction for "
                                       "samples without vision tokens) is implemented")
@@ -266,8 +263,14 @@ class TGVKV(Policy):
 
     def layer_scores(self, layer_idx, q, k, q_pos, modality, scale):
         q_pos_d, mod_d = _on(q_pos, k.device), _on(modality, k.device)
-        rows = gather_rows(q, q_pos_d)
-        scores, stats = self.ops.score_text_vision(rows, k, q_pos_d, mod_d, float(scale))
+        rows = gather_rows(q, q_pos_d) if (self.text_score == "guidance"
+                                           or not self.text_weighting) else None
+        if self.text_score == "all_queries":  # the op reads every row of q (and gathers T itself)
+            scores, stats = self.ops.score_text_vision(q, k, q_pos_d, mod_d, float(scale),
+                                                       "all_queries")
+        else:
+            scores, stats = self.ops.score_text_vision(rows, k, q_pos_d, mod_d, float(scale),
+                                                       "guidance")
         scores, stats = _on(scores, k.device), _on(stats, k.device)
         if not self.text_weighting:
             colsum = guidance_attention(rows, k, q_pos_d, mod_d, float(scale)).sum(1)

@@ -177,10 +177,52 @@ def scores_from_attention(A: torch.Tensor, q_pos: torch.Tensor, modality: torch.
     return scores, stats
 
 
-def score_text_vision(q, k, q_pos, modality, scale):
-    """Reference of ``tgvkv::score_text_vision``: returns (scores [B, N] fp32, stats [B, 2] fp32)."""
-    A = text_attention(q, k, q_pos, modality, scale)
-    return scores_from_attention(A, q_pos, modality)
+def all_query_text_scores(q, k, modality, scale):
+    """Column sums of the full head-averaged causal attention over every non-pad query row.
+
+    The released code's text score (``text_score="all_queries"``), computed the slow obvious way:
+    the whole N×N softmax of every head in float64.
+
+    Parameters
+    ----------
+    q : [B, Hq, N, D] post-RoPE query states of every slot. k : [B, Hkv, N, D].
+    modality : [B, N] int8. scale : softmax scale.
+
+    Returns
+    -------
+    [B, N] fp32: ``Σ_{i not pad} A[i, j]`` (0 at pad columns; rows of pad slots count nothing).
+    """
+    B, Hq, N, D = q.shape
+    g = Hq // k.shape[1]
+    out = torch.zeros(B, N, dtype=torch.float32)
+    for b in range(B):
+        real = torch.tensor([int(modality[b, j]) != PAD for j in range(N)])
+        allowed = torch.tril(torch.ones(N, N, dtype=torch.bool)) & real[None, :]
+        acc = torch.zeros(N, N, dtype=torch.float64)
+        for h in range(Hq):
+            logits = (q[b, h].double().cpu() @ k[b, h // g].double().cpu().T) * scale
+            P = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+            acc += torch.where(real[:, None], P, torch.zeros_like(P))  # pad rows: nothing
+        out[b] = (acc / Hq).sum(0).float()
+    return out
+
+
+def score_text_vision(q, k, q_pos, modality, scale, text_score="all_queries"):
+    """Reference of ``tgvkv::score_text_vision``: returns (scores [B, N] fp32, stats [B, 2] fp32).
+
+    ``text_score="all_queries"`` (default): ``q`` is ``[B, Hq, N, D]``, every slot's query; text
+    slots score their column sum over all query rows (:func:`all_query_text_scores`); vision
+    scores and stats use the guidance rows ``q[:, :, q_pos]``. ``"guidance"``: ``q`` is the
+    guidance rows ``[B, Hq, T, D]`` and text slots score the guidance-row column sums.
+    """
+    if text_score not in TEXT_SCORE_MODES:
+        raise ValueError(f"text_score must be one of {TEXT_SCORE_MODES}, got {text_score!r}")
+    if text_score == "guidance":
+        return scores_from_attention(text_attention(q, k, q_pos, modality, scale), q_pos, modality)
+    rows = torch.stack([q[b][:, q_pos[b].clamp(min=0).to(q.device)] for b in range(q.shape[0])])
+    A = text_attention(rows, k, q_pos, modality, scale)
+    return scores_from_attention(A, q_pos, modality,
+                                 all_query_text_scores(q, k, modality, scale))
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,13 +371,14 @@ def evict_from_scores(k_cache, v_cache, scores, stats, q_pos, modality, keep_rat
 
 
 def evict(k_cache, v_cache, queries, q_pos, modality, scale, keep_ratio, budget="mass",
-          redistribute=False, n_sink=4):
+          redistribute=False, n_sink=4, text_score="all_queries"):
     """Reference of ``tgvkv::evict``: the whole method for a cache of L layers.
 
     Parameters
     ----------
     k_cache, v_cache : L tensors [B, Hkv, N, D], compacted in place.
-    queries : L tensors [B, Hq, T, D], the post-RoPE guidance queries of each layer.
+    queries : L tensors, the post-RoPE queries of each layer: [B, Hq, N, D] (every slot) for
+        ``text_score="all_queries"`` (default), [B, Hq, T, D] (guidance rows) for "guidance".
     q_pos : [B, T] int64. modality : [B, N] int8. scale, keep_ratio, budget, redistribute, n_sink:
         as in the stages.
 
@@ -344,7 +387,8 @@ def evict(k_cache, v_cache, queries, q_pos, modality, scale, keep_ratio, budget=
     keep_idx [L, B, N] int64, n_kept [L, B] int64, n_protected [L, B] int64,
     keep_fraction [L, B] float64.
     """
-    sc = [score_text_vision(q, k, q_pos, modality, scale) for q, k in zip(queries, k_cache)]
+    sc = [score_text_vision(q, k, q_pos, modality, scale, text_score)
+          for q, k in zip(queries, k_cache)]
     scores = torch.stack([s for s, _ in sc])
     stats = torch.stack([s for _, s in sc])
     return evict_from_scores(k_cache, v_cache, scores, stats, q_pos, modality, keep_ratio,
@@ -408,7 +452,7 @@ def decode_evict_(k, v, pos, length, q, n_seen, keep_fraction, n_protected, scal
 # The whole prefill policy from eager attention weights (oracle of the model layer)
 # --------------------------------------------------------------------------------------------
 def policy_from_attention(attentions: Sequence[torch.Tensor], modality: torch.Tensor,
-                          keep_ratio: float, text_score: str = "guidance", budget: str = "mass",
+                          keep_ratio: float, text_score: str = "all_queries", budget: str = "mass",
                           redistribute: bool = False, n_sink: int = 4):
     """Kept slots of every layer from the model's full eager attention weights.
 
@@ -416,8 +460,8 @@ def policy_from_attention(attentions: Sequence[torch.Tensor], modality: torch.Te
     ----------
     attentions : L tensors [B, Hq, N, N] (``output_attentions=True`` of an eager model).
     modality : [B, N] int8. keep_ratio, budget, redistribute, n_sink : as above.
-    text_score : "guidance" (tgvkv's fast path: column sums over the guidance rows) or
-        "all_queries" (the released code: column sums over all N query rows).
+    text_score : "all_queries" (default, the released code: column sums over all N query rows)
+        or "guidance" (column sums over the guidance rows only).
 
     Returns
     -------
@@ -452,6 +496,6 @@ def policy_from_attention(attentions: Sequence[torch.Tensor], modality: torch.Te
 
 __all__ = [
     "PAD", "TEXT", "VISION", "modality_map", "guidance_positions", "text_attention",
-    "scores_from_attention", "score_text_vision", "layer_budgets", "select_keep", "compact_",
+    "scores_from_attention", "all_query_text_scores", "score_text_vision", "layer_budgets", "select_keep", "compact_",
     "evict_from_scores", "evict", "decode_evict_", "policy_from_attention",
 ]

@@ -144,11 +144,41 @@ def scores_from_attention(A: torch.Tensor, m: GuidanceMasks, need_mi: bool = Tru
     return scores, stats.to(torch.float32)
 
 
+def gather_rows(q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, N, D], q_pos [B, T] (-1 = unused) -> [B, Hq, T, D] (unused rows: row 0)."""
+    B, Hq, _, D = q.shape
+    idx = q_pos.to(q.device).clamp(min=0)[:, None, :, None].expand(B, Hq, q_pos.shape[1], D)
+    return torch.gather(q, 2, idx)
+
+
+def text_column_mass(q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """``text_score="all_queries"``: ``[B, N]`` fp32 column sums of the head-averaged causal
+    attention over **all** non-pad query rows (the released code's H2O-style text score).
+
+    q : ``[B, Hq, N, D]`` full query states; k : ``[B, Hkv, N, D]``. One batched matmul of all rows
+    (the N×N attention is materialised here: this is the plain-PyTorch baseline).
+    """
+    N = modality.shape[1]
+    real = modality != PAD
+    allowed = causal_allowed(torch.arange(N, device=modality.device), modality)
+    allowed = allowed | ~real.unsqueeze(-1)  # pad rows attend anything (finite), zeroed below
+    A = head_averaged_attention(q, k, bias_from_allowed(allowed), scale)  # [B, N, N]
+    return A.mul_(real.unsqueeze(-1)).sum(1)
+
+
 def score_text_vision(q, k, q_pos, modality, scale, masks: GuidanceMasks | None = None,
-                            need_mi: bool = True):
-    """Plain-PyTorch ``score_text_vision``: (scores [B, N] fp32, stats [B, 2] fp32)."""
+                            need_mi: bool = True, text_score: str = "all_queries"):
+    """Plain-PyTorch ``score_text_vision``: (scores [B, N] fp32, stats [B, 2] fp32).
+
+    ``q`` is ``[B, Hq, N, D]`` (all query states) for ``text_score="all_queries"``, the guidance
+    rows ``[B, Hq, T, D]`` for ``"guidance"`` (as the op)."""
     m = masks if masks is not None else guidance_masks(q_pos, modality)
-    return scores_from_attention(text_attention(q, k, m, scale), m, need_mi)
+    rows = gather_rows(q, q_pos) if text_score == "all_queries" else q
+    scores, stats = scores_from_attention(text_attention(rows, k, m, scale), m, need_mi)
+    if text_score == "all_queries":
+        scores = torch.where(m.text, text_column_mass(q, k, modality, scale), scores)
+    return scores, stats
 
 
 def sample_facts(q_pos, modality, n_sink):
@@ -262,8 +292,11 @@ def evict_from_scores(k_cache, v_cache, scores, stats, q_pos, modality, keep_rat
 
 
 def evict(k_cache, v_cache, queries, q_pos, modality, scale, keep_ratio, budget="mass",
-                redistribute=False, n_sink=4):
+                redistribute=False, n_sink=4, text_score="all_queries"):
     """The fastest plain-PyTorch composition of ``tgvkv::evict`` (not in place).
+
+    ``queries[l]``: ``[B, Hq, N, D]`` for ``text_score="all_queries"`` (default), the guidance
+    rows ``[B, Hq, T, D]`` for ``"guidance"`` (as the op).
 
     Returns
     -------
@@ -277,7 +310,7 @@ def evict(k_cache, v_cache, queries, q_pos, modality, scale, keep_ratio, budget=
         return [], [], e.unsqueeze(-1), e, e, e.to(torch.float64)
     m = guidance_masks(q_pos, modality)
     need_mi = budget == "mi"
-    sc = [score_text_vision(q, k, q_pos, modality, scale, m, need_mi)
+    sc = [score_text_vision(q, k, q_pos, modality, scale, m, need_mi, text_score)
           for q, k in zip(queries, k_cache)]
     scores = torch.stack([s for s, _ in sc])
     stats = torch.stack([s for _, s in sc])
@@ -372,6 +405,7 @@ def decode_evict_(k, v, pos, length, q, n_seen, keep_fraction, n_protected, scal
 __all__ = [
     "GuidanceMasks", "guidance_masks", "causal_allowed", "bias_from_allowed",
     "head_averaged_attention", "text_attention", "scores_from_attention", "score_text_vision",
+    "gather_rows", "text_column_mass",
     "sample_facts", "layer_budgets", "select_keep", "compact", "evict_from_scores", "evict",
     "decode_attention", "evict_lowest_", "decode_evict_",
 ]

@@ -1,7 +1,7 @@
 // Host driver of the tgvkv CUDA kernels (csrc/include/tgvkv/cuda/*.cuh) under the emulator in
 // fake/ (see README.md). One process runs one op on the files of a case directory:
 //
-//   emu <op> <dir>     op: score | budgets | select | evict | compact | decode
+//   emu <op> <dir>     op: score | textmass | budgets | select | evict | compact | decode
 //
 // <dir>/meta.txt holds "key value" lines (sizes, flags, scalars); inputs are raw little-endian
 // arrays <name>.bin (C order, the dtype the op expects); outputs are written as <name>.out.
@@ -21,6 +21,7 @@
 #include "tgvkv/cuda/decode.cuh"
 #include "tgvkv/cuda/score.cuh"
 #include "tgvkv/cuda/select.cuh"
+#include "tgvkv/cuda/text_mass.cuh"
 
 using namespace tgvkv::cuda;
 
@@ -149,6 +150,60 @@ void op_score(const Case& c) {
   run_scores(c, in, scores.data(), stats.data());
   c.write("scores", scores.data(), scores.size() * 4);
   c.write("stats", stats.data(), stats.size() * 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// text_score="all_queries": launch_text_mass as run_text_mass (csrc/cuda/glue.cuh) runs it after
+// launch_score. q: L layers of [B, Hq, N, D] full query states; k as for "score" (kt, novec);
+// scores.bin [L, B, N]: the scores it starts from (only the text slots are overwritten).
+// ---------------------------------------------------------------------------------------------
+void op_textmass(const Case& c) {
+  const int64_t L = c.i64("L"), B = c.i64("B"), Hq = c.i64("Hq"), Hkv = c.i64("Hkv"),
+                D = c.i64("D"), N = c.i64("N");
+  const int es = dtype_size(dtype_of(c));
+  const bool kt = c.i64("kt", 0) != 0, novec = c.i64("novec", 0) != 0;
+  const Buf q = c.read("q", size_t(L * B * Hq * N * D) * es);
+  const Buf k = c.read("k", size_t(L * B * Hkv * N * D) * es);
+  const Buf modality = c.read("modality", size_t(B * N));
+  const Buf s_in = c.read("scores", size_t(L * B * N) * 4);
+  std::vector<float> scores(size_t(L * B * N));
+  std::memcpy(scores.data(), s_in.data(), s_in.n);
+  // text slots ascending then -1 (the glue's text_slots())
+  std::vector<int64_t> ts(size_t(B * N), -1);
+  const int8_t* mod = modality.as<int8_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t n = 0;
+    for (int64_t j = 0; j < N; ++j)
+      if (mod[b * N + j] == tgvkv::kText) ts[size_t(b * N + n++)] = j;
+  }
+  textmass::Params p{};
+  p.B = int(B);
+  p.Hq = int(Hq);
+  p.Hkv = int(Hkv);
+  p.D = int(D);
+  p.N = N;
+  p.scale = float(c.num("scale"));
+  p.modality = mod;
+  p.text_slots = ts.data();
+  p.L = int(std::min<int64_t>(kMaxLayers, L));
+  Buf ws(textmass::plan(p, nullptr), 0x7f);  // poisoned: every entry read is written first
+  const int64_t qn = B * Hq * N * D, kn = B * Hkv * N * D;
+  for (int64_t l0 = 0; l0 < L; l0 += kMaxLayers) {
+    p.L = int(std::min<int64_t>(kMaxLayers, L - l0));
+    textmass::plan(p, ws.data());
+    p.vec_q = p.vec_k = !novec;
+    for (int i = 0; i < p.L; ++i) {
+      const char* qb = q.data() + size_t(l0 + i) * qn * es;
+      const char* kb = k.data() + size_t(l0 + i) * kn * es;
+      p.q[i] = View4{qb, Hq * N * D, N * D, D, 1};
+      p.k[i] = kt ? View4{kb, N * Hkv * D, D, Hkv * D, 1} : View4{kb, Hkv * N * D, N * D, D, 1};
+      p.vec_q = p.vec_q && vec16_ok(p.q[i], p.D, es);
+      p.vec_k = p.vec_k && vec16_ok(p.k[i], p.D, es);
+    }
+    p.scores = scores.data() + l0 * B * N;
+    check(launch_text_mass(p, dtype_of(c), nullptr));
+  }
+  c.write("scores", scores.data(), scores.size() * 4);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -373,13 +428,14 @@ void op_decode(const Case& c) {
 
 int main(int argc, char** argv) {
   if (argc != 3) {
-    std::fprintf(stderr, "usage: %s score|budgets|select|evict|compact|decode <case dir>\n", argv[0]);
+    std::fprintf(stderr, "usage: %s score|textmass|budgets|select|evict|compact|decode <case dir>\n", argv[0]);
     return 2;
   }
   const std::string op = argv[1];
   try {
     const Case c(argv[2]);
     if (op == "score") op_score(c);
+    else if (op == "textmass") op_textmass(c);
     else if (op == "budgets") op_budgets(c);
     else if (op == "select") op_select(c);
     else if (op == "evict") op_evict(c);

@@ -399,7 +399,170 @@ void decode_probs_impl(const void* q, const void* k, DType dt, int64_t sn, int64
   }
 }
 
-const Kernels kTable{TGVKV_STR(CPU_CAPABILITY), &score_layers_impl, &decode_probs_impl};
+// ------------------------------------------------------------------------------------------------
+// text_score="all_queries": the mass every text column receives from ALL query rows
+// (cpu_text_mass.h). Separate from score_item / score_layers_impl on purpose: it runs after them
+// and overwrites the text slots of the scores they wrote.
+// ------------------------------------------------------------------------------------------------
+// GEMM rows per work item: g query heads x R rows with R = max(8, kMassRows / g): a function of
+// the head shape only, never of the thread count, so every row's logits come from the same GEMM
+// call (and every partial sum from the same work item) whatever the threads.
+constexpr int64_t kMassRows = 64;
+
+struct MassItem {
+  int64_t l, b, hk, r0, r1;  // rows [r0, r1) of sample b, the g query heads of KV head hk
+  int64_t off;               // offset of its partial text masses [ntext_b] in the buffer
+};
+
+// One item: part[c] = Σ_{g heads} Σ_{rows i in [r0, r1), not pad, i >= txt[c]} P_h[i, txt[c]].
+template <typename E>
+void text_mass_item(const TextMassLayer& ly, const TextMassBatch& tb, const float* bias_b,
+                    const int64_t* txt, int64_t ntxt, const MassItem& it, float* part,
+                    Scratch& qs, Scratch& ks, Scratch& ts, Scratch& ls) {
+  const int64_t D = ly.D, g = ly.Hq / ly.Hkv, R = it.r1 - it.r0, M = g * R;
+  const int64_t nk = it.r1;  // keys visible to the last row of the tile
+  const int8_t* mod = tb.mod + it.b * tb.N;
+  std::memset(part, 0, sizeof(float) * static_cast<size_t>(ntxt));
+  // queries of the group, rows r0..r1 of each head: [g * R, D] fp32
+  float* qb = qs.get(M * D);
+  const E* qbase = static_cast<const E*>(ly.q) + it.b * ly.q_sb;
+  for (int64_t gi = 0; gi < g; ++gi)
+    for (int64_t r = 0; r < R; ++r)
+      strided_to_f32(qbase + (it.hk * g + gi) * ly.q_sh + (it.r0 + r) * ly.q_sn, ly.q_sd,
+                     qb + (gi * R + r) * D, D);
+  // keys [0, nk) as fp32 rows, then K^T [D, nk] in 8x8 blocks (see score_item)
+  const E* kbh = static_cast<const E*>(ly.k) + it.b * ly.k_sb + it.hk * ly.k_sh;
+  const float* kp;
+  int64_t ldk;
+  if (std::is_same_v<E, float> && ly.k_sd == 1 && ly.k_sn >= D) {
+    kp = reinterpret_cast<const float*>(kbh);
+    ldk = ly.k_sn;
+  } else {
+    float* kb = ks.get(nk * D);
+    for (int64_t j = 0; j < nk; ++j) strided_to_f32(kbh + j * ly.k_sn, ly.k_sd, kb + j * D, D);
+    kp = kb;
+    ldk = D;
+  }
+  const int64_t ldl = round_up(nk, 16);
+  float* kt = ts.get(D * ldl);
+  const int64_t nk8 = nk / 8 * 8, D8 = D / 8 * 8;
+  for (int64_t j0 = 0; j0 < nk8; j0 += 8)
+    for (int64_t d0 = 0; d0 < D8; d0 += 8)
+      at::vec::transpose_mxn<float, 8, 8>(kp + j0 * ldk + d0, ldk, kt + d0 * ldl + j0, ldl);
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t d = j < nk8 ? D8 : 0; d < D; ++d) kt[d * ldl + j] = kp[j * ldk + d];
+  float* lg = ls.get(M * ldl);
+  gemm_nn_f32(M, nk, D, qb, D, kt, ldl, lg, ldl);
+  const float scale = tb.scale;
+  const Vec vs(scale), ninf(kNegInf);
+  for (int64_t gi = 0; gi < g; ++gi)
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t i = it.r0 + r;
+      if (mod[i] == kPad || txt[0] > i) continue;  // pad rows neither score nor count
+      const float* x = lg + (gi * R + r) * ldl;
+      const int64_t n = i + 1;
+      // the row's logsumexp over its keys [0, i] (pad keys masked by the bias): max, sum of exp
+      Vec vmax = ninf;
+      int64_t j = 0;
+      for (; j + kW <= n; j += kW)
+        vmax = at::vec::maximum(vmax, at::vec::fmadd(Vec::loadu(x + j), vs, Vec::loadu(bias_b + j)));
+      const int64_t rem = n - j;
+      if (rem > 0) {
+        const Vec v = at::vec::fmadd(Vec::loadu(x + j, rem), vs, Vec::loadu(bias_b + j, rem));
+        vmax = at::vec::maximum(vmax, Vec::set(ninf, v, rem));
+      }
+      const float mx = lanes_max(vmax);
+      if (!(mx > kNegInf)) continue;
+      const Vec vm(mx);
+      Vec vsum(0.0f);
+      for (j = 0; j + kW <= n; j += kW)
+        vsum = vsum + (at::vec::fmadd(Vec::loadu(x + j), vs, Vec::loadu(bias_b + j)) - vm).exp_u20();
+      if (rem > 0) {
+        const Vec v = at::vec::fmadd(Vec::loadu(x + j, rem), vs, Vec::loadu(bias_b + j, rem));
+        vsum = vsum + Vec::set(Vec(0.0f), (Vec::set(ninf, v, rem) - vm).exp_u20(), rem);
+      }
+      const float inv = 1.0f / lanes_sum(vsum);
+      // only the text columns p <= i are kept (txt ascending; text slots are never pad)
+      for (int64_t c = 0; c < ntxt && txt[c] <= i; ++c)
+        part[c] += std::exp(x[txt[c]] * scale - mx) * inv;
+    }
+}
+
+void text_column_mass_impl(const TextMassLayer* layers, int64_t L, const TextMassBatch& tb) {
+  const int64_t B = tb.B, N = tb.N;
+  if (L == 0 || B == 0 || N == 0) return;
+  const int64_t Np = round_up(N, kW);
+  std::vector<float> bias(static_cast<size_t>(B * Np), 0.0f);
+  std::vector<std::vector<int64_t>> txt(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < N; ++j) {
+      const int8_t m = tb.mod[b * N + j];
+      if (m == kPad) bias[b * Np + j] = kNegInf;
+      if (m == kText) txt[b].push_back(j);
+    }
+  // items in a fixed order: layer, sample, KV head, row tile (rows from the first text slot on)
+  std::vector<MassItem> items;
+  int64_t total = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t g = layers[l].Hq / layers[l].Hkv;
+    const int64_t R = std::max<int64_t>(8, kMassRows / g);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t nt = static_cast<int64_t>(txt[b].size());
+      if (nt == 0) continue;
+      for (int64_t hk = 0; hk < layers[l].Hkv; ++hk)
+        for (int64_t r0 = txt[b][0]; r0 < N; r0 += R) {
+          items.push_back({l, b, hk, r0, std::min(N, r0 + R), total});
+          total += nt;
+        }
+    }
+  }
+  std::vector<float> part(static_cast<size_t>(std::max<int64_t>(total, 1)));
+  // >= 2 items with several threads: the GEMMs then always run single-threaded inside the
+  // parallel region (thread-count independent rounding; see score_layers_impl)
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int64_t n_launch = at::get_num_threads() > 1 ? std::max<int64_t>(n_items, 2) : n_items;
+  at::parallel_for(0, n_launch, 1, [&](int64_t begin, int64_t end) {
+    Scratch qs, ks, ts, ls;
+    for (int64_t i = begin; i < std::min(end, n_items); ++i) {
+      const MassItem& it = items[i];
+      const TextMassLayer& ly = layers[it.l];
+      const std::vector<int64_t>& tx = txt[it.b];
+      const int64_t nt = static_cast<int64_t>(tx.size());
+      const float* bias_b = bias.data() + it.b * Np;
+      float* pp = part.data() + it.off;
+      switch (ly.dtype) {
+        case DType::kF32:
+          text_mass_item<float>(ly, tb, bias_b, tx.data(), nt, it, pp, qs, ks, ts, ls);
+          break;
+        case DType::kF16:
+          text_mass_item<c10::Half>(ly, tb, bias_b, tx.data(), nt, it, pp, qs, ks, ts, ls);
+          break;
+        default:
+          text_mass_item<c10::BFloat16>(ly, tb, bias_b, tx.data(), nt, it, pp, qs, ks, ts, ls);
+      }
+    }
+  });
+  // the items of each (layer, sample) summed in their fixed order, in double, then / Hq
+  std::vector<double> acc;
+  int64_t i = 0;
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t b = 0; b < B; ++b) {
+      const std::vector<int64_t>& tx = txt[b];
+      const int64_t nt = static_cast<int64_t>(tx.size());
+      if (nt == 0) continue;
+      acc.assign(static_cast<size_t>(nt), 0.0);
+      for (; i < n_items && items[i].l == l && items[i].b == b; ++i) {
+        const float* pp = part.data() + items[i].off;
+        for (int64_t c = 0; c < nt; ++c) acc[c] += static_cast<double>(pp[c]);
+      }
+      float* sc = layers[l].scores + b * N;
+      const double hq = static_cast<double>(layers[l].Hq);
+      for (int64_t c = 0; c < nt; ++c) sc[tx[c]] = static_cast<float>(acc[c] / hq);
+    }
+}
+
+const Kernels kTable{TGVKV_STR(CPU_CAPABILITY), &score_layers_impl, &decode_probs_impl,
+                     &text_column_mass_impl};
 
 }  // namespace
 

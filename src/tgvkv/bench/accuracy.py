@@ -10,7 +10,7 @@ QUICK_ACCURACY = {"policies": ["tgvkv"], "keep_ratios": [1.0, 0.2, 0.05], "limit
 
 def run_accuracy(model=None, dataset="easy-vqa", policies=None, keep_ratios=None, limit=None,
                  max_new_tokens=32, device="cpu", quick=False, progress=True,
-                 error=ValueError) -> dict:
+                 error=ValueError, text_score="all_queries") -> dict:
     """The eval harness (:func:`tgvkv.eval.run`) plus a flat ``rows`` list and its table.
 
     ``quick``: the subset of the argument-less run (:data:`QUICK_ACCURACY`), unless overridden.
@@ -35,7 +35,8 @@ def run_accuracy(model=None, dataset="easy-vqa", policies=None, keep_ratios=None
     try:
         res = tgvkv_eval.run(model=model, dataset=dataset, policies=policies,
                              keep_ratios=keep_ratios, limit=limit, device=device,
-                             progress=progress, max_new_tokens=max_new_tokens)
+                             progress=progress, max_new_tokens=max_new_tokens,
+                             text_score=text_score)
     except ImportError as e:
         raise error(f"the accuracy harness needs the eval extra: {e}")
     except (ValueError, OSError, FileNotFoundError) as e:

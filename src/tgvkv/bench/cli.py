@@ -123,6 +123,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _text_score_arg(g) -> None:
+    g.add_argument("--text-score", choices=("all_queries", "guidance"), default="all_queries",
+                   help="text ranking (SPEC 1.3): all_queries = column sums over every query row "
+                        "(the released code, default); guidance = over the guidance rows only")
+
+
 def _ops_args(p: argparse.ArgumentParser, default_reps: int = 20) -> None:
     g = p.add_argument_group("op shapes (a preset, or any field overridden)")
     g.add_argument("--preset", default=None,
@@ -138,6 +144,7 @@ def _ops_args(p: argparse.ArgumentParser, default_reps: int = 20) -> None:
                    help="keep ratio(s) kappa in (0, 1] (default 0.1)")
     g.add_argument("--budget", choices=("mass", "mi"), default="mass")
     g.add_argument("--redistribute", action="store_true")
+    _text_score_arg(g)
     g.add_argument("--op", choices=OP_STAGES + ("all",), nargs="+", default=["all"],
                    help="which ops to time (default all)")
     g.add_argument("--warmup", type=_nonneg_int, default=2, help="untimed calls first (default 2)")
@@ -163,6 +170,10 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reps", type=_pos_int, default=3, help="timed generate() calls (default 3)")
     g.add_argument("--max-batch", action="store_true",
                    help="CUDA: search the largest batch that fits with and without eviction")
+    g.add_argument("--layers", type=_pos_int, default=None,
+                   help="--preset only: build the architecture with this many decoder layers "
+                        "(e.g. a full-width model with 2 layers on CPU)")
+    _text_score_arg(g)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--max-new-tokens", type=_pos_int, default=32)
     ga.add_argument("--quick", action="store_true",
                     help="the small subset of the default run (tgvkv policy, 24 samples)")
+    _text_score_arg(ga)
     _common(pa)
     pd = sub.add_parser("all", help="the default run (what no command does)")
     pd.add_argument("--skip", choices=("ops", "generate", "accuracy"), nargs="+", default=[])
@@ -249,6 +261,7 @@ def run_generate_section(args, device, dtype, dtype_name, progress=True, keep_ra
         new_tokens=new_tokens or getattr(args, "new_tokens", 32),
         reps=reps or getattr(args, "reps", 3), seed=args.seed, progress=progress,
         max_batch=getattr(args, "max_batch", False), error=UserError,
+        text_score=getattr(args, "text_score", "all_queries"), layers=getattr(args, "layers", None),
         progress_factory=(lambda n, d: progress_bar(n, d, not progress)))
 
 
@@ -260,7 +273,7 @@ def run_accuracy_section(args, device, progress=True, quick=False) -> dict:
         policies=getattr(args, "policy", None), keep_ratios=getattr(args, "keep_ratio", None),
         limit=getattr(args, "limit", None), max_new_tokens=getattr(args, "max_new_tokens", 32),
         device=device, quick=quick or getattr(args, "quick", False), progress=progress,
-        error=UserError)
+        error=UserError, text_score=getattr(args, "text_score", "all_queries"))
 
 
 def _command_line(argv) -> str:
@@ -278,7 +291,7 @@ def _run_command(cmd, args, report, device, dtype, dtype_name, progress) -> list
         report["ops"] = run_ops(shape, args.preset, device, dtype, dtype_name,
                                 args.keep_ratio or [0.1], args.budget, args.redistribute, stages,
                                 args.warmup, args.reps, args.min_time, not args.no_memory,
-                                args.seed, progress)
+                                args.seed, progress, text_score=args.text_score)
         return [ops_table(report["ops"])]
     if cmd == "generate":
         if args.model is not None and args.preset is not None:

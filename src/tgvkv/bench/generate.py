@@ -26,8 +26,23 @@ def _available_bytes(device: str) -> int | None:
         return None
 
 
-def load_model(model_path, preset, device, dtype, seed, error):
-    """(model, name, kind): a local checkpoint or an architecture with random weights."""
+def _preset_config(tiny, name, layers):
+    """The preset's config, with ``layers`` decoder layers when given (full width, fewer layers:
+    a full-size layer's cost on a CPU)."""
+    cfg = tiny.config(name)
+    if layers is not None:
+        tc = cfg.get_text_config()
+        tc.num_hidden_layers = int(layers)
+        if getattr(tc, "layer_types", None):
+            tc.layer_types = list(tc.layer_types)[: int(layers)]
+    return cfg
+
+
+def load_model(model_path, preset, device, dtype, seed, error, layers=None):
+    """(model, name, kind): a local checkpoint or an architecture with random weights
+    (``layers``: presets only, that many decoder layers)."""
+    if layers is not None and model_path is not None:
+        raise error("--layers applies to --preset models only (not to --model checkpoints)")
     if model_path is not None:  # checked before the (slow) transformers import
         if not os.path.isdir(model_path):
             raise error(f"--model {model_path}: not a directory (expected a local Hugging Face "
@@ -63,15 +78,28 @@ def load_model(model_path, preset, device, dtype, seed, error):
                     f"{', '.join(names)})")
     if name == "tiny-llama":
         raise error("tiny-llama is a text-only model: nothing to evict; pick a VLM preset")
+    cfg = _preset_config(tiny, name, layers)
     with torch.device("meta"):
-        meta = tiny.MODEL_CLASSES[tiny.config(name).model_type](tiny.config(name))
+        meta = tiny.MODEL_CLASSES[cfg.model_type](cfg)
     need = sum(p.numel() for p in meta.parameters()) * torch.empty((), dtype=dtype).element_size()
     del meta
     avail = _available_bytes(device)
     if avail is not None and need > 0.8 * avail:
         raise error(f"preset {name}: its weights need {need / 2**30:.1f} GiB of {dtype} but only "
                     f"{avail / 2**30:.1f} GiB is free on {device}; use a tiny-* preset (or a GPU)")
-    return tiny.build(name, seed=seed, dtype=dtype, device=device), name, "random weights"
+    if layers is None:
+        return tiny.build(name, seed=seed, dtype=dtype, device=device), name, "random weights"
+    cfg._attn_implementation = "sdpa"  # as tiny.build, from the modified config
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = tiny.MODEL_CLASSES[cfg.model_type](cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.generation_config.pad_token_id = 0
+    return model.eval(), f"{name} ({layers} layers)", "random weights"
 
 
 def _prompt(model, b: int, kind: str) -> list:
@@ -154,7 +182,7 @@ def _generate_once(model, inputs, new_tokens, device, policy, tgvkv_apply):
 def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32,
                  dtype_name="float32", keep_ratios=(1.0, 0.5, 0.2, 0.1, 0.05), batches=(1,),
                  new_tokens=32, reps=3, seed=0, progress=True, max_batch=False, error=ValueError,
-                 progress_factory=None) -> dict:
+                 progress_factory=None, text_score="all_queries", layers=None) -> dict:
     """End-to-end generate() at several keep ratios and batch sizes (plus the unpatched model).
 
     Metrics (median over ``reps`` calls after one warm-up call per configuration):
@@ -167,7 +195,7 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
     """
     if new_tokens < 2:
         raise error("--new-tokens must be >= 2 (decode speed needs at least one decode step)")
-    model, name, kind = load_model(model_path, preset, device, dtype, seed, error)
+    model, name, kind = load_model(model_path, preset, device, dtype, seed, error, layers)
     from .. import testing as tiny
     from ..hf import apply as tgvkv_apply
     from ..policy import TGVKV
@@ -183,7 +211,7 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
         prompt_tokens = int(inputs["input_ids"].shape[1])
         full_bytes = None
         for kr in configs:
-            policy = TGVKV(keep_ratio=kr) if kr is not None else None
+            policy = TGVKV(keep_ratio=kr, text_score=text_score) if kr is not None else None
             _generate_once(model, inputs, 2, device, policy, tgvkv_apply)  # warm-up
             res = [_generate_once(model, inputs, new_tokens, device, policy, tgvkv_apply)
                    for _ in range(reps)]
@@ -214,7 +242,8 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
         r["decode_speedup_vs_unpatched"] = r["decode_tok_s"] / b["decode_tok_s"] if b else None
         r["ttft_ratio_vs_unpatched"] = r["ttft_ms"] / b["ttft_ms"] if b else None
     sec = {"model": name, "model_kind": kind, "dtype": dtype_name, "new_tokens": new_tokens,
-           "prompt_tokens": prompt_tokens, "backend": backend, "reps": reps, "rows": rows,
+           "prompt_tokens": prompt_tokens, "backend": backend, "reps": reps,
+           "text_score": text_score, "rows": rows,
            "prompt": "random text tokens + one random image (tgvkv.testing.make_inputs); batch "
                      "samples differ in question length (left padding)"}
     if max_batch:
@@ -223,7 +252,8 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
         sec["max_batch"] = {
             "unpatched": _max_batch(model, None, new_tokens, device, tgvkv_apply, seed, name),
             f"keep_ratio={min(keep_ratios):g}": _max_batch(
-                model, TGVKV(keep_ratio=float(min(keep_ratios))), new_tokens, device, tgvkv_apply,
+                model, TGVKV(keep_ratio=float(min(keep_ratios)), text_score=text_score),
+                new_tokens, device, tgvkv_apply,
                 seed, name)}
     return sec
 
@@ -261,7 +291,7 @@ def _max_batch(model, policy, new_tokens, device, tgvkv_apply, seed, name, cap=4
 def generate_table(sec: dict) -> str:
     title = (f"generate: {sec['model']} ({sec['model_kind']}, {sec['dtype']}), prompt "
              f"{sec['prompt_tokens']} tokens, {sec['new_tokens']} new tokens, ops backend "
-             f"{sec['backend']}")
+             f"{sec['backend']}, text_score {sec.get('text_score', 'guidance')}")
     hdr = ["keep", "batch", "TTFT ms", "prefill ms", "decode ms/step", "decode tok/s",
            "vs unpatched", "kept", "KV cache", "peak extra"]
     out = []

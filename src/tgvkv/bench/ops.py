@@ -58,8 +58,23 @@ class _Case:
     in-place ops (restored outside timed regions) and, per keep ratio, the shared intermediates
     (scores, budgets, selection: from the op itself) and the decode state."""
 
-    def __init__(self, shape, device, dtype, seed, ops, budget, redistribute, n_sink):
+    def __init__(self, shape, device, dtype, seed, ops, budget, redistribute, n_sink,
+                 text_score="all_queries"):
         self.k0, self.v0, self.qs, self.q_pos, self.mod = make_inputs(shape, dtype, device, seed)
+        self.text_score = text_score
+        # what score_text_vision / evict read: the guidance rows (qs), or for all_queries the
+        # full query states [B, Hq, N, D] whose guidance rows are qs (same vision scores)
+        self.q_in = self.qs
+        if text_score == "all_queries":
+            g = torch.Generator().manual_seed(seed + 7)
+            B, Hq, N, D = shape.batch, shape.heads, shape.tokens, shape.head_dim
+            rows = self.q_pos[0].cpu()
+            self.q_in = []
+            for q in self.qs:
+                qa = torch.randn(B, Hq, N, D, generator=g).to(dtype)
+                if rows.numel():
+                    qa[:, :, rows] = q.cpu()
+                self.q_in.append(qa.to(device))
         self.shape, self.device, self.dtype, self.ops = shape, device, dtype, ops
         self.budget, self.redistribute, self.n_sink = budget, redistribute, n_sink
         self.scale = shape.head_dim ** -0.5
@@ -78,7 +93,8 @@ class _Case:
     def at_keep_ratio(self, kr, with_decode):
         """Intermediates of keep ratio ``kr`` (and the decode state when it is timed)."""
         ops, q_pos, mod, n_sink = self.ops, self.q_pos, self.mod, self.n_sink
-        sc = [ops.score_text_vision(q, k, q_pos, mod, self.scale) for q, k in zip(self.qs, self.k0)]
+        sc = [ops.score_text_vision(q, k, q_pos, mod, self.scale, self.text_score)
+              for q, k in zip(self.q_in, self.k0)]
         self.scores = torch.stack([s for s, _ in sc])
         self.stats = torch.stack([s for _, s in sc])
         self.keep, self.frac = ops.layer_budgets(self.stats, q_pos, mod, kr, self.budget,
@@ -130,7 +146,7 @@ class _Case:
     def nbytes(self):
         """Bytes moved per stage (the bytes model of the report)."""
         Hkv, D, elt = self.shape.kv_heads, self.shape.head_dim, self.elt
-        bytes_q = sum(q.numel() for q in self.qs) * elt
+        bytes_q = sum(q.numel() for q in self.q_in) * elt
         bytes_k = sum(k.numel() for k in self.k0) * elt
         bytes_compact = 2 * 2 * int(self.keep.sum()) * Hkv * D * elt  # read + write kept K, V rows
         bytes_decode = None
@@ -146,7 +162,8 @@ class _Case:
         """op name -> (tgvkv call, plain-PyTorch call, setup before each call or None)."""
         ops, q_pos, mod, n_sink, scale = self.ops, self.q_pos, self.mod, self.n_sink, self.scale
         budget, redis, L = self.budget, self.redistribute, self.shape.layers
-        k0, v0, kw, vw, qs, dec = self.k0, self.v0, self.kw, self.vw, self.qs, self.dec
+        k0, v0, kw, vw, qs, dec = self.k0, self.v0, self.kw, self.vw, self.q_in, self.dec
+        ts = self.text_score
         scores, stats, keep, keep_idx = self.scores, self.stats, self.keep, self.keep_idx
         frac, n_prot, n_seen = self.frac, self.n_prot, self.n_seen
 
@@ -157,9 +174,9 @@ class _Case:
 
         return {
             "score_text_vision": (
-                lambda: [ops.score_text_vision(q, k, q_pos, mod, scale) for q, k in zip(qs, k0)],
+                lambda: [ops.score_text_vision(q, k, q_pos, mod, scale, ts) for q, k in zip(qs, k0)],
                 lambda: [torch_impl.score_text_vision(q, k, q_pos, mod, scale, self.masks,
-                                                      budget == "mi") for q, k in zip(qs, k0)],
+                                                      budget == "mi", ts) for q, k in zip(qs, k0)],
                 None),
             "layer_budgets": (
                 lambda: ops.layer_budgets(stats, q_pos, mod, kr, budget, redis, n_sink),
@@ -178,8 +195,9 @@ class _Case:
                                                      redis, n_sink),
                 self.restore),
             "evict": (
-                lambda: ops.evict(kw, vw, qs, q_pos, mod, scale, kr, budget, redis, n_sink),
-                lambda: torch_impl.evict(k0, v0, qs, q_pos, mod, scale, kr, budget, redis, n_sink),
+                lambda: ops.evict(kw, vw, qs, q_pos, mod, scale, kr, budget, redis, n_sink, ts),
+                lambda: torch_impl.evict(k0, v0, qs, q_pos, mod, scale, kr, budget, redis, n_sink,
+                                         ts),
                 self.restore),
             "decode_evict_": (decode(ops.decode_evict_), decode(torch_impl.decode_evict_),
                               self.restore_decode),
@@ -260,10 +278,11 @@ def _score_gflops(case, row, warmup, reps, min_time) -> dict:
 
 def run_ops(shape, preset, device, dtype, dtype_name, keep_ratios, budget="mass",
             redistribute=False, stages=OP_STAGES, warmup=2, reps=20, min_time=0.5,
-            memory=True, seed=0, progress=True, n_sink=4) -> dict:
-    """Time the ops and their plain-PyTorch compositions; returns the ``ops`` section."""
+            memory=True, seed=0, progress=True, n_sink=4, text_score="all_queries") -> dict:
+    """Time the ops and their plain-PyTorch compositions; returns the ``ops`` section.
+    ``text_score``: of score_text_vision and evict ("all_queries": they read every query row)."""
     ops = _load_tgvkv_ops()
-    case = _Case(shape, device, dtype, seed, ops, budget, redistribute, n_sink)
+    case = _Case(shape, device, dtype, seed, ops, budget, redistribute, n_sink, text_score)
     copy_bw = copy_bandwidth_gbs(device)
     rows = []
     mem_method = None
@@ -274,14 +293,15 @@ def run_ops(shape, preset, device, dtype, dtype_name, keep_ratios, budget="mass"
         for st in stages:
             row, m = _stage_row(case, st, kr, table_[st], nbytes[st], copy_bw,
                                 (warmup, reps, min_time, memory), bar)
-            if st == "score_text_vision":  # achieved GFLOP/s vs torch.matmul of the same Q.K^T
+            if st == "score_text_vision" and text_score == "guidance":
+                # achieved GFLOP/s vs torch.matmul of the same Q.K^T (the guidance rows' model)
                 row.update(_score_gflops(case, row, warmup, reps, min_time))
             mem_method = m or mem_method
             rows.append(row)
     if bar is not None:
         bar.close()
     return {"shape": asdict(shape), "preset": preset, "dtype": dtype_name, "budget": budget,
-            "redistribute": redistribute, "copy_bandwidth_gbs": copy_bw,
+            "redistribute": redistribute, "text_score": text_score, "copy_bandwidth_gbs": copy_bw,
             "memory_method": mem_method,
             "bytes_model": "score: read Q and K; compact: read + write the kept K and V rows; "
                            "evict: both; decode (second decode step after prefill eviction, "
@@ -293,7 +313,7 @@ def ops_table(sec: dict) -> str:
     sh = sec["shape"]
     title = (f"ops: L={sh['layers']} Hq={sh['heads']} Hkv={sh['kv_heads']} D={sh['head_dim']} "
              f"N={sh['tokens']} (vision {sh['vision_tokens']}, T={sh['text_tokens']}) "
-             f"B={sh['batch']} {sec['dtype']}"
+             f"B={sh['batch']} {sec['dtype']} text_score={sec.get('text_score', 'guidance')}"
              + (f" [{sec['preset']}]" if sec.get("preset") else "")
              + f"; copy bandwidth {sec['copy_bandwidth_gbs']:.1f} GB/s")
     hdr = ["op", "keep", "tgvkv ms (min-max)", "torch ms (min-max)", "speedup", "GB/s",

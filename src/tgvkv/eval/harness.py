@@ -115,7 +115,8 @@ def _versions(device):
 
 
 def run(model=None, dataset="easy-vqa", policies=None, keep_ratios=None, limit=None,
-        device="cpu", progress=True, max_new_tokens=32, keep_predictions=False):
+        device="cpu", progress=True, max_new_tokens=32, keep_predictions=False,
+        text_score="all_queries"):
     """Accuracy of ``policies`` x ``keep_ratios`` on a VQA set.
 
     Parameters
@@ -131,6 +132,8 @@ def run(model=None, dataset="easy-vqa", policies=None, keep_ratios=None, limit=N
     device : "cpu" or "cuda[:i]". progress : print one line per (policy, keep ratio) to stderr.
     max_new_tokens : generation cap (32, as in the paper's image tasks).
     keep_predictions : include every raw prediction in the result.
+    text_score : "all_queries" (default) or "guidance": the text ranking of the TGV-KV rows
+        (``tgvkv-guidance-text`` is always "guidance"); recorded in the result.
 
     Returns
     -------
@@ -140,6 +143,8 @@ def run(model=None, dataset="easy-vqa", policies=None, keep_ratios=None, limit=N
     ``protocol``.
     """
     policies = list(DEFAULT_POLICIES if policies is None else policies)
+    if text_score not in ("all_queries", "guidance"):
+        raise ValueError(f"text_score must be 'all_queries' or 'guidance', got {text_score!r}")
     for p in policies:
         if p not in POLICIES:
             raise ValueError(f"unknown policy {p!r}; one of {', '.join(POLICIES)}")
@@ -188,7 +193,7 @@ def run(model=None, dataset="easy-vqa", policies=None, keep_ratios=None, limit=N
         results[pname] = {}
         for kr in keep_ratios:
             t = time.time()
-            preds = predict(make_policy(pname, kr))
+            preds = predict(make_policy(pname, kr, text_score))
             r = _score(preds, samples)
             r["pct_of_full"] = (100.0 * r["accuracy"] / full["accuracy"]
                                 if full["accuracy"] > 0 else float("nan"))
@@ -204,7 +209,8 @@ def run(model=None, dataset="easy-vqa", policies=None, keep_ratios=None, limit=N
         "model": name, "dataset": dataset if isinstance(dataset, str) else "custom",
         "n_samples": len(samples),
         "primary_metric": metrics_used[0] if len(metrics_used) == 1 else "mixed:" + ",".join(metrics_used),
-        "policies": policies, "keep_ratios": keep_ratios, "full": full, "results": results,
+        "policies": policies, "keep_ratios": keep_ratios, "text_score": text_score,
+        "full": full, "results": results,
         "env": _versions(device),
         "protocol": {"batch_size": 1, "decoding": "greedy", "max_new_tokens": max_new_tokens,
                      "answer_extraction": "tgvkv.eval.metrics.extract_answer"},

@@ -168,6 +168,8 @@ class EvictionSummary:
     evict_ms : wall time of the eviction (budgets, selection, compaction, reallocation). On CUDA
         it ends with the one host sync of the prefill, so it includes the kernels' time.
     keep_ratio : the ratio asked for; ``achieved`` = sum(kept) / sum(total).
+    text_score : the policy's ``text_score`` ("all_queries" / "guidance"; None for a policy
+        without one): which query rows ranked the text slots.
     """
 
     evicted: bool
@@ -177,6 +179,7 @@ class EvictionSummary:
     bytes_after: int
     evict_ms: float
     keep_ratio: float
+    text_score: str | None = None
 
     @property
     def achieved(self) -> float:
@@ -188,7 +191,8 @@ class EvictionSummary:
                 f"{sum(self.kept)}/{sum(self.total)} slots over {len(self.kept)} layers (keep "
                 f"ratio asked {self.keep_ratio:g}, achieved {self.achieved:.4f}); K/V "
                 f"{_mib(self.bytes_before)} -> {_mib(self.bytes_after)}; eviction "
-                f"{self.evict_ms:.2f} ms")
+                f"{self.evict_ms:.2f} ms"
+                + (f"; text score: {self.text_score}" if self.text_score else ""))
         rows = [f"  layer {l:>3}: kept {k:>7} / {t:<7} ({k / t if t else 1.0:.3f})"
                 for l, (k, t) in enumerate(zip(self.kept, self.total))]
         return "\n".join([head] + rows)
@@ -319,15 +323,16 @@ class TGVKVCache(DynamicCache):
         if self.modality is None:
             raise RuntimeError("tgvkv: summary() of a cache that has seen no prompt")
         total = int((self.modality != PAD).sum())
+        ts = getattr(self.policy, "text_score", None)
         if self.result is None:  # passthrough: nothing was evicted
             n = self.nbytes()
             L = len(self.layers)
             return EvictionSummary(False, (total,) * L, (total,) * L, n, n, 0.0,
-                                   float(self.policy.keep_ratio))
+                                   float(self.policy.keep_ratio), ts)
         kept = tuple(int(x) for x in self.result[1].sum(1).tolist())
         return EvictionSummary(True, kept, (total,) * len(kept), int(self.bytes_before),
                                self._bytes_after, float(self.evict_ms),
-                               float(self.policy.keep_ratio))
+                               float(self.policy.keep_ratio), ts)
 
     def nbytes(self) -> int:
         """Bytes held by the K and V tensors of all layers (allocated capacity)."""

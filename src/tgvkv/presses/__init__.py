@@ -13,6 +13,7 @@ name               what it keeps
 ``tgvkv-no-tvb``   TGV-KV with uniform per-layer budgets (``uniform_budgets=True``)
 ``tgvkv-no-twr``   TGV-KV with unweighted guidance-text attention for vision (``text_weighting=False``)
 ``tgvkv-no-tpr``   TGV-KV without text priority (``text_priority=False``)
+``tgvkv-guidance-text``  TGV-KV with text ranked by the guidance rows only (``text_score="guidance"``)
 ``random``         uniformly random slots (seeded), uniform budgets; decode: a random candidate
 ``streamingllm``   the ``n_sink`` attention sinks + the most recent slots; decode: the oldest
 ``h2o``            heavy hitters (attention column sums over *all* prompt queries) for half of
@@ -50,8 +51,8 @@ __all__ = ["ABLATIONS", "BASELINES", "POLICIES", "Baseline", "H2O", "PyramidKV",
 BASELINES = {"random": RandomPolicy, "streamingllm": StreamingLLM, "h2o": H2O,
              "snapkv": SnapKV, "pyramidkv": PyramidKV}
 
-POLICIES = ("full", "tgvkv", "tgvkv-no-tvb", "tgvkv-no-twr", "tgvkv-no-tpr", "random",
-            "streamingllm", "h2o", "snapkv", "pyramidkv")
+POLICIES = ("full", "tgvkv", "tgvkv-no-tvb", "tgvkv-no-twr", "tgvkv-no-tpr",
+            "tgvkv-guidance-text", "random", "streamingllm", "h2o", "snapkv", "pyramidkv")
 
 
 def policy_names():
@@ -67,12 +68,15 @@ def policy_class(name: str):
     return BASELINES[name]
 
 
-def make_policy(name: str, keep_ratio: float):
-    """The policy object of ``name`` at ``keep_ratio``; ``None`` for ``"full"`` (no patching)."""
+def make_policy(name: str, keep_ratio: float, text_score: str | None = None):
+    """The policy object of ``name`` at ``keep_ratio``; ``None`` for ``"full"`` (no patching).
+    ``text_score``: that of the TGV-KV rows (default: TGVKV's, "all_queries"; the
+    ``tgvkv-guidance-text`` row is always "guidance")."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; one of {', '.join(POLICIES)}")
     if name == "full":
         return None
     if name in ABLATIONS:
-        return tgvkv_ablation(name, keep_ratio)
+        kw = {} if text_score is None else {"text_score": text_score}
+        return tgvkv_ablation(name, keep_ratio, **kw)
     return policy_class(name)(keep_ratio=keep_ratio)

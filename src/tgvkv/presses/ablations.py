@@ -12,11 +12,14 @@ ABLATIONS = {
     "tgvkv-no-tvb": {"uniform_budgets": True},   # uniform per-layer budgets instead of TVB
     "tgvkv-no-twr": {"text_weighting": False},   # unweighted guidance-text attention for vision
     "tgvkv-no-tpr": {"text_priority": False},    # text and vision compete on score alone
+    # text ranked by the guidance rows only (cheaper; tgvkv's default before all_queries)
+    "tgvkv-guidance-text": {"text_score": "guidance"},
 }
 
 
 def tgvkv_ablation(name: str, keep_ratio: float, **kw) -> TGVKV:
-    """``TGVKV(keep_ratio=keep_ratio, **ABLATIONS[name], **kw)``."""
+    """``TGVKV(keep_ratio=keep_ratio, **ABLATIONS[name], **kw)`` (the variant's own switches win
+    over ``kw``: ``tgvkv-guidance-text`` stays "guidance" whatever ``text_score`` is given)."""
     if name not in ABLATIONS:
         raise ValueError(f"unknown TGV-KV variant {name!r}; one of {', '.join(ABLATIONS)}")
-    return TGVKV(keep_ratio=keep_ratio, **ABLATIONS[name], **kw)
+    return TGVKV(keep_ratio=keep_ratio, **{**kw, **ABLATIONS[name]})

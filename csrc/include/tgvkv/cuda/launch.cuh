@@ -91,6 +91,64 @@ inline size_t plan(Params& p, void* ws) {
 cudaError_t launch_score(const score::Params& p, DType dtype, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
+// text_score="all_queries": the text slots' attention mass over all query rows (text_mass.cuh;
+// launched by score_text_vision.cu and evict.cu right after launch_score, whose text scores it
+// overwrites)
+// ---------------------------------------------------------------------------------------------
+namespace textmass {
+
+constexpr int kTQ = 64;        // query rows per tile (the score engines' tile)
+constexpr int kNC = 64;        // keys / text columns per tile
+constexpr int kThreads = 256;  // 16 × 16 threads, 4 × 4 outputs each
+constexpr int kFinThreads = 256;
+
+struct Params {
+  int L, B, Hq, Hkv, D;
+  int D4, DP, D16, LDH;  // the engines' tile layout (as score::Params)
+  int64_t N;
+  int nrt;  // row tiles: ceil(N / kTQ)
+  int nct;  // text column tiles: ceil(N / kNC) (text_slots rows hold at most N slots)
+  float scale;
+  bool vec_q, vec_k;
+  View4 q[kMaxLayers];         // [B, Hq, N, D] full query states (row i = slot i)
+  View4 k[kMaxLayers];         // [B, Hkv, N, D]
+  const int8_t* modality;      // [B, N] contiguous
+  const int64_t* text_slots;   // [B, N] contiguous: each sample's text slots ascending, then -1
+  float2* rowstat;  // [L, B, Hq, N] workspace: (max, 1/sum of exp) of every (head, row)
+  double* part;     // [L, B, nrt, N] workspace: Σ over a row tile's rows and all heads of
+                    // P_h[i, text_slots[c]] (column c)
+  float* scores;    // [L, B, N] contiguous: text slots overwritten with mass / Hq
+};
+static_assert(sizeof(Params) < 4000, "kernel parameters must stay under 4 KB");
+
+// Fills the derived sizes of p (from L, B, Hq, D, N) and, when ws != nullptr, its workspace
+// pointers. Returns the workspace bytes.
+inline size_t plan(Params& p, void* ws) {
+  p.D4 = (p.D + 3) / 4 * 4;
+  p.DP = p.D4 + 4;
+  p.D16 = (p.D + 15) / 16 * 16;
+  p.LDH = p.D16 + 8;
+  p.nrt = int((p.N + kTQ - 1) / kTQ);
+  p.nct = int((p.N + kNC - 1) / kNC);
+  const size_t LB = size_t(p.L) * p.B;
+  Carver c;
+  const size_t o_row = c.take<float2>(LB * p.Hq * p.N);
+  const size_t o_part = c.take<double>(LB * p.nrt * p.N);
+  if (ws != nullptr) {
+    char* base = static_cast<char*>(ws);
+    p.rowstat = reinterpret_cast<float2*>(base + o_row);
+    p.part = reinterpret_cast<double*>(base + o_part);
+  }
+  return c.off + 256;
+}
+
+}  // namespace textmass
+
+// Overwrites the text slots of p.scores (p.L <= kMaxLayers layers) with their head-averaged
+// attention mass over every non-pad query row; p planned with textmass::plan.
+cudaError_t launch_text_mass(const textmass::Params& p, DType dtype, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
 // layer_budgets and select_keep (csrc/cuda/select_keep.cu)
 // ---------------------------------------------------------------------------------------------
 namespace select {

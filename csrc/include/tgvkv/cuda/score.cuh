@@ -185,8 +185,10 @@ struct Engine<float> {
   float* Qs;
   float* Ks;
   int D, D4, DP;
-  static size_t smem_bytes(const Params& p) { return size_t(kTQ + kNC) * p.DP * sizeof(float); }
-  __device__ Engine(unsigned char* smem, const Params& p)
+  template <typename PP>  // score::Params or textmass::Params (the tile sizes)
+  static size_t smem_bytes(const PP& p) { return size_t(kTQ + kNC) * p.DP * sizeof(float); }
+  template <typename PP>
+  __device__ Engine(unsigned char* smem, const PP& p)
       : Qs(reinterpret_cast<float*>(smem)), Ks(reinterpret_cast<float*>(smem) + kTQ * p.DP),
         D(p.D), D4(p.D4), DP(p.DP) {}
   __device__ void load_q(const float* src, const int64_t* rows, int64_t rs, int64_t sd, bool vec) {
@@ -218,10 +220,12 @@ struct Engine16 {
   uint16_t* Kh;
   float* S;
   int D, D16, LDH;
-  static size_t smem_bytes(const Params& p) {
+  template <typename PP>  // score::Params or textmass::Params (the tile sizes)
+  static size_t smem_bytes(const PP& p) {
     return size_t(kTQ + kNC) * p.LDH * sizeof(uint16_t) + size_t(kTQ) * kSP * sizeof(float);
   }
-  __device__ Engine16(unsigned char* smem, const Params& p)
+  template <typename PP>
+  __device__ Engine16(unsigned char* smem, const PP& p)
       : Qh(reinterpret_cast<uint16_t*>(smem)),
         Kh(reinterpret_cast<uint16_t*>(smem) + kTQ * p.LDH),
         S(reinterpret_cast<float*>(smem + size_t(kTQ + kNC) * p.LDH * sizeof(uint16_t))),
@@ -279,8 +283,8 @@ struct Engine<bf16_t> : Engine16<bf16_t> {
   using Engine16<bf16_t>::Engine16;
 };
 
-template <typename T>
-inline size_t dyn_smem_bytes(const Params& p) {
+template <typename T, typename PP>
+inline size_t dyn_smem_bytes(const PP& p) {
   return Engine<T>::smem_bytes(p);
 }
 
