@@ -17,6 +17,8 @@ GQA, layers), then applies one corruption:
 The op must then either raise a tgvkv error (RuntimeError / ValueError / TypeError whose message
 names the op) or give ``tgvkv.reference``'s answer. ``meta``, ``dtype``, ``ndim`` and ``alias``
 must raise; ``noncontig`` and ``valid`` must give the reference's answer. Nothing may crash.
+``score_text_vision`` and ``evict`` run with ``text_score="guidance"`` here (q holds the guidance
+rows); the default ``"all_queries"`` mode and its errors are in tests/test_text_score.py.
 """
 
 from __future__ import annotations
@@ -136,7 +138,8 @@ WRITTEN = {"compact_": ["k", "v"], "evict_from_scores": ["k_cache", "v_cache"],
 
 def run(name, a, impl):
     if name == "score_text_vision":
-        return impl.score_text_vision(a["q"], a["k"], a["q_pos"], a["modality"], a["scale"])
+        return impl.score_text_vision(a["q"], a["k"], a["q_pos"], a["modality"], a["scale"],
+                                      text_score="guidance")
     if name == "layer_budgets":
         return impl.layer_budgets(a["stats"], a["q_pos"], a["modality"], a["keep_ratio"],
                                   a["budget"], a["redistribute"], a["n_sink"])
@@ -150,7 +153,8 @@ def run(name, a, impl):
                                       a["redistribute"], a["n_sink"])
     if name == "evict":
         return impl.evict(a["k_cache"], a["v_cache"], a["queries"], a["q_pos"], a["modality"],
-                          a["scale"], a["keep_ratio"], a["budget"], a["redistribute"], a["n_sink"])
+                          a["scale"], a["keep_ratio"], a["budget"], a["redistribute"], a["n_sink"],
+                          text_score="guidance")
     return impl.decode_evict_(a["dk"], a["dv"], a["pos"], a["length"], a["dq"], a["n_seen"],
                               a["keep_fraction"], a["n_protected"], a["scale"], a["n_sink"])
 
@@ -200,7 +204,7 @@ def compare(name, got, exp, a_op, a_ref, a0):
             torch.testing.assert_close(gf, ef, rtol=0, atol=0)
         else:  # the kernel's scores vs the reference's differ in the last bits: near ties
             scores = torch.stack([ref.score_text_vision(q, k, a0["q_pos"], a0["modality"],
-                                                        a0["scale"])[0]
+                                                        a0["scale"], text_score="guidance")[0]
                                   for q, k in zip(a0["queries"], a0["k_cache"])])
             assert_same_kept(gi, ei, scores, a0["modality"], rel=1e-4)
             torch.testing.assert_close(gf, ef, rtol=1e-5, atol=1e-12)

@@ -325,11 +325,13 @@ def test_q_pos_int64_extremes(name, value):
 @pytest.mark.parametrize("scale", [1e300, -1e39, float("inf"), float("nan")])
 def test_scale_beyond_float32_is_an_error(scale):
     g = good()
-    expect_error(lambda: OPS.score_text_vision(g["q"], g["k"], g["q_pos"], g["modality"], scale),
+    expect_error(lambda: OPS.score_text_vision(g["q"], g["k"], g["q_pos"], g["modality"], scale,
+                                               text_score="guidance"),
                  "score_text_vision", "scale")
     kc = [g["k"].clone() for _ in range(L)]
     vc = [g["v"].clone() for _ in range(L)]
-    expect_error(lambda: OPS.evict(kc, vc, [g["q"]] * L, g["q_pos"], g["modality"], scale, 0.2),
+    expect_error(lambda: OPS.evict(kc, vc, [g["q"]] * L, g["q_pos"], g["modality"], scale, 0.2,
+                                   text_score="guidance"),
                  "evict", "scale")
     expect_error(lambda: OPS.decode_evict_(*_decode_args(), scale, 4), "decode_evict_", "scale")
 
