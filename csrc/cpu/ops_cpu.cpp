@@ -583,7 +583,17 @@ Tensor decode_evict_impl(const std::vector<DecodeLayer>& layers, const Tensor& l
   int64_t* ev = evicted.data_ptr<int64_t>();
   const cpu::Kernels& kern = cpu::kernels();
   const float sc = static_cast<float>(scale);
-  par_for()(0, static_cast<int64_t>(items.size()), [&](int64_t begin, int64_t end) {
+  // Grain: (layer, sample) pairs per task so that a task holds >= kDecodeGrainMacs multiply-adds
+  // of the logits: a decode step of a heavily evicted cache (tens of slots per layer) is a few
+  // microseconds of work, less than waking the thread pool costs (and on a loaded machine a
+  // parallel region waits for a descheduled thread for milliseconds).
+  constexpr int64_t kDecodeGrainMacs = int64_t{1} << 20;
+  int64_t macs = 0;
+  for (const int64_t it : items)
+    macs += layers[it / B].q.size(1) * layers[it / B].k->size(3) * lens[it];
+  const int64_t per_item = std::max<int64_t>(1, macs / static_cast<int64_t>(items.size()));
+  const int64_t grain = std::max<int64_t>(1, kDecodeGrainMacs / per_item);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(static_cast<size_t>(work_max));
     std::vector<int64_t> tmp;
     for (int64_t it = begin; it < end; ++it) {
