@@ -26,8 +26,9 @@ def _available_bytes(device: str) -> int | None:
         return None
 
 
-def load_model(model_path, preset, device, dtype, seed, error):
-    """(model, name, kind): a local checkpoint or an architecture with random weights."""
+def load_model(model_path, preset, device, dtype, seed, error, layers=None):
+    """(model, name, kind): a local checkpoint or an architecture with random weights
+    (``layers``: decoder layers of the preset's language model, full width)."""
     if model_path is not None:  # checked before the (slow) transformers import
         if not os.path.isdir(model_path):
             raise error(f"--model {model_path}: not a directory (expected a local Hugging Face "
@@ -63,15 +64,50 @@ def load_model(model_path, preset, device, dtype, seed, error):
                     f"{', '.join(names)})")
     if name == "tiny-llama":
         raise error("tiny-llama is a text-only model: nothing to evict; pick a VLM preset")
+    mcfg = _layers_config(name, layers)
     with torch.device("meta"):
-        meta = tiny.MODEL_CLASSES[tiny.config(name).model_type](tiny.config(name))
+        meta = tiny.MODEL_CLASSES[mcfg.model_type](mcfg)
     need = sum(p.numel() for p in meta.parameters()) * torch.empty((), dtype=dtype).element_size()
     del meta
     avail = _available_bytes(device)
     if avail is not None and need > 0.8 * avail:
         raise error(f"preset {name}: its weights need {need / 2**30:.1f} GiB of {dtype} but only "
                     f"{avail / 2**30:.1f} GiB is free on {device}; use a tiny-* preset (or a GPU)")
+    if layers is not None:
+        return _build_layers(name, layers, seed, dtype, device), f"{name} ({layers} layers)", \
+            "random weights"
     return tiny.build(name, seed=seed, dtype=dtype, device=device), name, "random weights"
+
+
+def _layers_config(name, layers=None):
+    """The config of preset ``name``, with ``layers`` decoder layers when given."""
+    from .. import testing as tiny
+
+    cfg = tiny.config(name)
+    if layers is not None:
+        text = cfg.get_text_config()
+        text.num_hidden_layers = layers
+        if getattr(text, "layer_types", None):
+            text.layer_types = text.layer_types[:1] * layers
+    return cfg
+
+
+def _build_layers(name, layers, seed, dtype, device):
+    """tgvkv.testing.build(name) with ``layers`` decoder layers in the language model."""
+    from .. import testing as tiny
+
+    cfg = _layers_config(name, layers)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = tiny.MODEL_CLASSES[cfg.model_type](cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
 
 
 def _prompt(model, b: int, kind: str) -> list:
@@ -154,7 +190,7 @@ def _generate_once(model, inputs, new_tokens, device, policy, tgvkv_apply):
 def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32,
                  dtype_name="float32", keep_ratios=(1.0, 0.5, 0.2, 0.1, 0.05), batches=(1,),
                  new_tokens=32, reps=3, seed=0, progress=True, max_batch=False, error=ValueError,
-                 progress_factory=None) -> dict:
+                 progress_factory=None, layers=None) -> dict:
     """End-to-end generate() at several keep ratios and batch sizes (plus the unpatched model).
 
     Metrics (median over ``reps`` calls after one warm-up call per configuration):
@@ -167,7 +203,7 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
     """
     if new_tokens < 2:
         raise error("--new-tokens must be >= 2 (decode speed needs at least one decode step)")
-    model, name, kind = load_model(model_path, preset, device, dtype, seed, error)
+    model, name, kind = load_model(model_path, preset, device, dtype, seed, error, layers)
     from .. import testing as tiny
     from ..hf import apply as tgvkv_apply
     from ..policy import TGVKV
