@@ -1,7 +1,7 @@
 // CUDA implementations of tgvkv::decode_evict_layers_ and tgvkv::decode_evict_ (its one-layer
-// case). Kernels and launcher: csrc/include/tgvkv/cuda/decode.cuh. Three launches per group of
-// up to decode::kMaxLayers layers (one group for every supported model up to 24 layers, two for
-// 32), no host sync, CUDA-graph capturable. Data-dependent checks of the CPU op (length in
+// case). Kernels and launcher: csrc/include/tgvkv/cuda/decode.cuh. One kernel launch (after a
+// memset of its hand-off counters) per group of up to decode::kMaxLayers = 24 layers (one for a
+// model of up to 24 layers, two for 32), no host sync, CUDA-graph capturable. Data-dependent checks of the CPU op (length in
 // [0, S], finite forget count) are not done on CUDA: length is clamped to [0, S] and a
 // non-finite forget count evicts nothing.
 #include <torch/library.h>
@@ -40,7 +40,7 @@ void run_decode(const std::vector<LayerArgs>& layers, const at::Tensor& length,
   const int64_t Hkv = k0.size(1), D = k0.size(3), Hq = layers[0].q.size(1);
   check_batch(B, op);
   // q lives in shared memory as fp32 next to one key row per warp.
-  const size_t smem1 = size_t(Hq + decode::kWarps) * size_t(D) * sizeof(float);
+  const size_t smem1 = decode::smem_bytes(Hq, D);
   TGVKV_CHECK(smem1 <= 200 * 1024, op, "Hq * D too large for the CUDA kernel (", Hq, " x ", D,
               ")");
   const cudaStream_t st = current_stream();

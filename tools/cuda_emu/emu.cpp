@@ -331,7 +331,7 @@ void op_decode(const Case& c) {
   const Buf q = c.read("q", size_t(L * B * Hq * D * es)), n_seen = c.read("n_seen", size_t(B) * 8),
             kf = c.read("keep_fraction", size_t(L * B) * 8), np = c.read("n_protected", size_t(L * B) * 8);
   std::vector<int64_t> evicted(size_t(L * B), -7);
-  const size_t smem1 = size_t(Hq + decode::kWarps) * size_t(D) * sizeof(float);
+  const size_t smem1 = decode::smem_bytes(Hq, D);
   std::vector<int64_t> off(static_cast<size_t>(L) + 1, 0);  // slot offset of each layer
   for (int64_t l = 0; l < L; ++l) off[l + 1] = off[l] + S[l];
   for (int64_t l0 = 0; l0 < L && B > 0; l0 += decode::kMaxLayers) {

@@ -9,14 +9,15 @@
 // by the last live slot (O(Hkv·D) moved), pos follows, length -= 1; evicted[l, b] = the evicted
 // pos, or -1.
 //
-// Three launches for all the layers of a group (grid z = layer of the group), no host sync:
-//   logits_kernel  grid (nsplit + 1, B, L): block x < nsplit writes logits [B, Hq, S_l] of its
-//                  slot span and the span's per-head (max, sum of exp); block x == nsplit computes
-//                  the protection threshold theta[l, b] (the n_protected-th largest pos, radix
-//                  select). nsplit: the most splits of any layer (blocks past a layer's S exit).
-//   argmin_kernel  grid (nsplit, B, L): combines the per-head (max, sum) in a fixed order, then
-//                  the head-averaged attention of every candidate of the span and its argmin.
-//   apply_kernel   grid (B, L): argmin over the spans (fixed order), then the move.
+// One launch for all the layers of a group (after a memset of the hand-off counters), no host
+// sync: decode_kernel, grid (nsplit + 1, B, L). Block x < nsplit_l of layer l writes the logits
+// [B, Hq, S_l] of its slot span and the span's per-head (max, sum of exp); block x == nsplit_l
+// computes the protection threshold theta[l, b] (the n_protected-th largest pos, radix select);
+// blocks past a layer's splits exit (nsplit: the most splits of any layer). The last of the
+// nsplit_l + 1 blocks of (l, b) to finish (an atomic counter after a memory fence) combines the
+// per-head (max, sum) in a fixed order, computes the head-averaged attention of every candidate
+// and its argmin (a total order on (attention, pos): the same victim whichever block finishes),
+// then moves the last live slot into the victim's place.
 // The arithmetic of a (layer, sample) does not depend on the other layers nor on the group, so
 // decode_evict_ and decode_evict_layers_ give bit-identical results.
 // length is clamped to [0, S_l] for memory safety (a longer length is not detected on CUDA).
@@ -149,92 +150,38 @@ __device__ inline void theta_block(const Params& P, const Layer& Ly, int b, int6
   if (tid == 0) *theta = static_cast<int64_t>(static_cast<uint64_t>(mn) + prefix_s);
 }
 
-// grid (nsplit + 1, B, L), block kThreads, dynamic smem (Hq + kWarps) * D floats.
+// The finisher of (layer, sample): all partials of its nsplit + 1 blocks are in global memory.
+// Reads them with __ldcg (L2, not this SM's L1: other blocks wrote them during this launch).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) logits_kernel(const Params P) {
-  extern __shared__ float dsm[];
-  const Layer& Ly = layer_of(P);
-  const int b = blockIdx.y, sp = blockIdx.x;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (sp > Ly.nsplit) return;  // past this layer's splits (block-uniform)
-  const int64_t n = live_length(P, Ly, b);
-  if (!wants_evict(P, b, n)) return;  // block-uniform
-  if (sp == Ly.nsplit) {
-    theta_block(P, Ly, b, n);
-    return;
-  }
-  const int D = P.D, g = P.Hq / P.Hkv;
-  float* qs = dsm;                         // [Hq][D]
-  float* kw = dsm + P.Hq * D + warp * D;   // this warp's key row
-  const T* q = static_cast<const T*>(Ly.q) + int64_t(b) * P.Hq * D;
-  for (int i = tid; i < P.Hq * D; i += kThreads) qs[i] = load_f(q + i);
-  __syncthreads();
-  const T* kb = static_cast<const T*>(Ly.k) + int64_t(b) * Ly.ks0;
-  float* lg = P.logits + Ly.lg_off + int64_t(b) * P.Hq * Ly.S;
-  const int64_t i0 = int64_t(sp) * P.span;
-  const int64_t i1 = i0 + P.span < n ? i0 + P.span : n;
-  for (int64_t s = i0 + warp; s < i1; s += kWarps) {
-    for (int kvh = 0; kvh < P.Hkv; ++kvh) {
-      const T* kr = kb + kvh * Ly.ks1 + s * Ly.ks2;
-      for (int d = lane; d < D; d += 32) kw[d] = load_f(kr + d * Ly.ks3);
-      __syncwarp();
-      for (int h = kvh * g; h < (kvh + 1) * g; ++h) {
-        float acc = 0.f;
-        for (int d = lane; d < D; d += 32) acc = fmaf(qs[h * D + d], kw[d], acc);
-        acc = warp_sum(acc);
-        if (lane == 0) lg[int64_t(h) * Ly.S + s] = __fmul_rn(acc, P.scale);
-      }
-      __syncwarp();
-    }
-  }
-  __syncthreads();  // the block's logits are visible to all its threads
-  for (int h = tid; h < P.Hq; h += kThreads) {
-    const float* row = lg + int64_t(h) * Ly.S;
-    float m = -INFINITY, l = 0.f;
-    for (int64_t s = i0; s < i1; ++s) m = fmaxf(m, row[s]);
-    if (m != -INFINITY)
-      for (int64_t s = i0; s < i1; ++s) l += expf(row[s] - m);
-    P.part[(Ly.sp_off + int64_t(b) * Ly.nsplit + sp) * P.Hq + h] = make_float2(m, l);
-  }
-}
-
-// grid (nsplit, B, L), block kThreads, dynamic smem 2 * Hq floats.
-__global__ void __launch_bounds__(kThreads) argmin_kernel(const Params P) {
-  extern __shared__ float dsm[];
+__device__ void finish_block(const Params& P, const Layer& Ly, int b, int64_t n, float* dsm) {
   __shared__ float ba[kThreads];
   __shared__ long long bp[kThreads], bs[kThreads];
-  const Layer& Ly = layer_of(P);
-  const int b = blockIdx.y, sp = blockIdx.x, tid = threadIdx.x;
-  if (sp >= Ly.nsplit) return;
-  const int64_t n = live_length(P, Ly, b);
-  if (!wants_evict(P, b, n)) return;
+  const int tid = threadIdx.x;
+  const int64_t lb = lb_index(P, b);
   float* m_s = dsm;
   float* l_s = dsm + P.Hq;
   for (int h = tid; h < P.Hq; h += kThreads) {
     const float2* pp = P.part + (Ly.sp_off + int64_t(b) * Ly.nsplit) * P.Hq + h;
     float m = -INFINITY, l = 0.f;
-    for (int i = 0; i < Ly.nsplit; ++i) m = fmaxf(m, pp[int64_t(i) * P.Hq].x);
+    for (int i = 0; i < Ly.nsplit; ++i) m = fmaxf(m, __ldcg(pp + int64_t(i) * P.Hq).x);
     if (m != -INFINITY)
       for (int i = 0; i < Ly.nsplit; ++i) {
-        const float2 v = pp[int64_t(i) * P.Hq];
+        const float2 v = __ldcg(pp + int64_t(i) * P.Hq);
         if (v.y > 0.f) l += v.y * expf(v.x - m);
       }
     m_s[h] = m;
     l_s[h] = l;
   }
   __syncthreads();
-  const int64_t theta = P.theta[lb_index(P, b)];
+  const int64_t theta = __ldcg(reinterpret_cast<const long long*>(P.theta + lb));
   const float* lg = P.logits + Ly.lg_off + int64_t(b) * P.Hq * Ly.S;
-  const int64_t i0 = int64_t(sp) * P.span;
-  const int64_t i1 = i0 + P.span < n ? i0 + P.span : n;
   float best = INFINITY;
   long long bpos = INT64_MAX, bslot = -1;
-  for (int64_t s = i0 + tid; s < i1; s += kThreads) {
-    if (s < P.n_sink) continue;
+  for (int64_t s = P.n_sink + tid; s < n; s += kThreads) {
     const long long p = pos_at(Ly, b, s);
     if (p >= theta) continue;  // protected suffix
     float a = 0.f;
-    for (int h = 0; h < P.Hq; ++h) a += expf(lg[int64_t(h) * Ly.S + s] - m_s[h]) / l_s[h];
+    for (int h = 0; h < P.Hq; ++h) a += expf(__ldcg(lg + int64_t(h) * Ly.S + s) - m_s[h]) / l_s[h];
     a = a / float(P.Hq);
     if (bslot < 0 || a < best || (a == best && p < bpos)) {
       best = a;
@@ -258,51 +205,7 @@ __global__ void __launch_bounds__(kThreads) argmin_kernel(const Params P) {
     }
     __syncthreads();
   }
-  if (tid == 0) {
-    const int64_t o = Ly.sp_off + int64_t(b) * Ly.nsplit + sp;
-    P.best_att[o] = ba[0];
-    P.best_pos[o] = bp[0];
-    P.best_slot[o] = bs[0];
-  }
-}
-
-// grid (B, L), block kThreads.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) apply_kernel(const Params P) {
-  __shared__ long long j_s, n_s;
-  // the layer is blockIdx.y here: layer_of / lb_index / live_length read blockIdx.z, so this
-  // kernel indexes explicitly
-  const int b = blockIdx.x, z = blockIdx.y, tid = threadIdx.x;
-  const Layer& Ly = P.layers[z];
-  const int64_t lb = int64_t(z) * P.B + b;
-  if (tid == 0) {
-    int64_t n = P.length[int64_t(z) * P.ls0 + int64_t(b) * P.ls1];
-    n = n < 0 ? 0 : (n > Ly.S ? Ly.S : n);
-    long long j = -1;
-    const double f = P.keep_fraction[lb];
-    bool ok = false;
-    const int64_t forget = f < 1.0 ? tgvkv::decode_forget(n, P.n_seen[b], f, &ok) : 0;
-    if (f < 1.0 && ok && forget > 0 && n - P.n_protected[lb] > P.n_sink) {
-      float best = INFINITY;
-      long long bpos = INT64_MAX;
-      for (int i = 0; i < Ly.nsplit; ++i) {
-        const int64_t o = Ly.sp_off + int64_t(b) * Ly.nsplit + i;
-        const long long s = P.best_slot[o];
-        if (s < 0) continue;
-        const float a = P.best_att[o];
-        const long long p = P.best_pos[o];
-        if (j < 0 || a < best || (a == best && p < bpos)) {
-          best = a;
-          bpos = p;
-          j = s;
-        }
-      }
-    }
-    j_s = j;
-    n_s = n;
-  }
-  __syncthreads();
-  const int64_t j = j_s, last = n_s - 1;
+  const int64_t j = bs[0], last = n - 1;
   if (j < 0) {
     if (tid == 0) P.evicted[lb] = -1;
     return;
@@ -326,8 +229,70 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const Params P) {
     int64_t* pb = Ly.pos + int64_t(b) * Ly.ps0;
     P.evicted[lb] = pb[j * Ly.ps1];
     pb[j * Ly.ps1] = pb[last * Ly.ps1];
-    P.length[int64_t(z) * P.ls0 + int64_t(b) * P.ls1] = last;
+    P.length[int64_t(blockIdx.z) * P.ls0 + int64_t(b) * P.ls1] = last;
   }
+}
+
+// grid (nsplit + 1, B, L), block kThreads, dynamic smem max((Hq + kWarps) * D, 2 * Hq) floats.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) decode_kernel(const Params P) {
+  extern __shared__ float dsm[];
+  __shared__ int last_s;
+  const Layer& Ly = layer_of(P);
+  const int b = blockIdx.y, sp = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (sp > Ly.nsplit) return;  // past this layer's splits (block-uniform)
+  const int64_t n = live_length(P, Ly, b);
+  if (!wants_evict(P, b, n)) {  // block-uniform; one block of (l, b) reports "nothing"
+    if (sp == 0 && tid == 0) P.evicted[lb_index(P, b)] = -1;
+    return;
+  }
+  if (sp == Ly.nsplit) {
+    theta_block(P, Ly, b, n);
+  } else {
+    const int D = P.D, g = P.Hq / P.Hkv;
+    float* qs = dsm;                         // [Hq][D]
+    float* kw = dsm + P.Hq * D + warp * D;   // this warp's key row
+    const T* q = static_cast<const T*>(Ly.q) + int64_t(b) * P.Hq * D;
+    for (int i = tid; i < P.Hq * D; i += kThreads) qs[i] = load_f(q + i);
+    __syncthreads();
+    const T* kb = static_cast<const T*>(Ly.k) + int64_t(b) * Ly.ks0;
+    float* lg = P.logits + Ly.lg_off + int64_t(b) * P.Hq * Ly.S;
+    const int64_t i0 = int64_t(sp) * P.span;
+    const int64_t i1 = i0 + P.span < n ? i0 + P.span : n;
+    for (int64_t s = i0 + warp; s < i1; s += kWarps) {
+      for (int kvh = 0; kvh < P.Hkv; ++kvh) {
+        const T* kr = kb + kvh * Ly.ks1 + s * Ly.ks2;
+        for (int d = lane; d < D; d += 32) kw[d] = load_f(kr + d * Ly.ks3);
+        __syncwarp();
+        for (int h = kvh * g; h < (kvh + 1) * g; ++h) {
+          float acc = 0.f;
+          for (int d = lane; d < D; d += 32) acc = fmaf(qs[h * D + d], kw[d], acc);
+          acc = warp_sum(acc);
+          if (lane == 0) lg[int64_t(h) * Ly.S + s] = __fmul_rn(acc, P.scale);
+        }
+        __syncwarp();
+      }
+    }
+    __syncthreads();  // the block's logits are visible to all its threads
+    for (int h = tid; h < P.Hq; h += kThreads) {
+      const float* row = lg + int64_t(h) * Ly.S;
+      float m = -INFINITY, l = 0.f;
+      for (int64_t s = i0; s < i1; ++s) m = fmaxf(m, row[s]);
+      if (m != -INFINITY)
+        for (int64_t s = i0; s < i1; ++s) l += expf(row[s] - m);
+      P.part[(Ly.sp_off + int64_t(b) * Ly.nsplit + sp) * P.Hq + h] = make_float2(m, l);
+    }
+  }
+  // hand-off: every thread's writes are made visible device-wide, then one arrival per block;
+  // the last of the nsplit_l + 1 blocks of (l, b) finishes
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) last_s = atomicAdd(P.counter + lb_index(P, b), 1) == Ly.nsplit;
+  __syncthreads();
+  if (!last_s) return;  // block-uniform
+  __threadfence();
+  finish_block<T>(P, Ly, b, n, dsm);
 }
 
 }  // namespace decode
@@ -341,14 +306,9 @@ namespace decode {
 template <typename T>
 cudaError_t launch_t(const Params& p, size_t smem1, cudaStream_t st) {
   if (p.B == 0 || p.L == 0) return cudaSuccess;
-  TGVKV_CUDA_TRY(ensure_dynamic_smem(logits_kernel<T>, smem1));
-  logits_kernel<T><<<dim3(p.nsplit + 1, p.B, p.L), kThreads, smem1, st>>>(p);
-  TGVKV_CUDA_TRY(cudaGetLastError());
-  if (p.nsplit > 0) {
-    argmin_kernel<<<dim3(p.nsplit, p.B, p.L), kThreads, 2 * p.Hq * sizeof(float), st>>>(p);
-    TGVKV_CUDA_TRY(cudaGetLastError());
-  }
-  apply_kernel<T><<<dim3(p.B, p.L), kThreads, 0, st>>>(p);
+  TGVKV_CUDA_TRY(cudaMemsetAsync(p.counter, 0, sizeof(int) * size_t(p.L) * p.B, st));
+  TGVKV_CUDA_TRY(ensure_dynamic_smem(decode_kernel<T>, smem1));
+  decode_kernel<T><<<dim3(p.nsplit + 1, p.B, p.L), kThreads, smem1, st>>>(p);
   return cudaGetLastError();
 }
 

@@ -214,9 +214,16 @@ namespace decode {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-// Layers per decode launch group (the per-layer views travel in the kernel parameters, < 4 KB):
-// a cache of L layers takes ceil(L / kMaxLayers) groups of three launches.
+// Layers per decode launch (the per-layer views travel in the kernel parameters, < 4 KB): a
+// cache of L layers takes ceil(L / kMaxLayers) launches.
 constexpr int kMaxLayers = 24;
+
+// Dynamic shared memory of the decode kernel: q as fp32 [Hq, D] + one key row per warp, reused
+// by the finishing block for the per-head (max, sum) [2, Hq].
+inline size_t smem_bytes(int64_t Hq, int64_t D) {
+  const size_t a = size_t(Hq + kWarps) * size_t(D), b = 2 * size_t(Hq);
+  return (a > b ? a : b) * sizeof(float);
+}
 
 // One layer of a decode launch group: its K/V/pos/q views and where its workspace starts.
 struct Layer {
@@ -229,7 +236,7 @@ struct Layer {
   int64_t ps0, ps1;             // element strides of pos
   int64_t S;                    // slot capacity
   int64_t lg_off;               // this layer's logits [B, Hq, S] start in Params::logits
-  int64_t sp_off;               // its [B, nsplit] entries start in best_* (x Hq in part)
+  int64_t sp_off;               // its [B, nsplit] entries start in part (x Hq)
   int nsplit;                   // ceil(S / span)
 };
 
@@ -247,9 +254,7 @@ struct Params {
   float* logits;     // workspace: per layer [B, Hq, S_l]
   float2* part;      // workspace: per layer [B, nsplit_l, Hq]
   int64_t* theta;    // workspace [L, B]
-  float* best_att;   // workspace: per layer [B, nsplit_l]
-  int64_t* best_pos;
-  int64_t* best_slot;
+  int* counter;      // workspace [L, B]: blocks of (l, b) done (zeroed by the launcher)
   int64_t* evicted;  // [L, B] contiguous (group's first layer)
   Layer layers[kMaxLayers];
 };
@@ -273,25 +278,21 @@ inline size_t plan(Params& p, void* ws) {
   const size_t o_lg = c.take<float>(size_t(lg));
   const size_t o_part = c.take<float2>(size_t(sp) * p.Hq);
   const size_t o_theta = c.take<int64_t>(size_t(p.L) * p.B);
-  const size_t o_ba = c.take<float>(size_t(sp));
-  const size_t o_bp = c.take<int64_t>(size_t(sp));
-  const size_t o_bs = c.take<int64_t>(size_t(sp));
+  const size_t o_cnt = c.take<int>(size_t(p.L) * p.B);
   if (ws != nullptr) {
     char* base = static_cast<char*>(ws);
     p.logits = reinterpret_cast<float*>(base + o_lg);
     p.part = reinterpret_cast<float2*>(base + o_part);
     p.theta = reinterpret_cast<int64_t*>(base + o_theta);
-    p.best_att = reinterpret_cast<float*>(base + o_ba);
-    p.best_pos = reinterpret_cast<int64_t*>(base + o_bp);
-    p.best_slot = reinterpret_cast<int64_t*>(base + o_bs);
+    p.counter = reinterpret_cast<int*>(base + o_cnt);
   }
   return c.off + 256;
 }
 
 }  // namespace decode
 
-// The three decode launches of the p.L layers of p (planned with decode::plan); smem1: dynamic
-// shared memory of the logits kernel, (Hq + kWarps) * D floats.
+// The decode step of the p.L layers of p (planned with decode::plan): a memset of the hand-off
+// counters and one kernel launch; smem1: its dynamic shared memory (decode::smem_bytes).
 cudaError_t launch_decode(const decode::Params& p, DType dtype, size_t smem1, cudaStream_t stream);
 
 }  // namespace cuda
