@@ -13,7 +13,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
+#include <algorithm>
 #include <initializer_list>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "checks.h"
 
@@ -304,6 +308,113 @@ inline void check_decode_evict_values(const at::Tensor& n_seen, const at::Tensor
                                       const char* op) {
   checks::check_values_at_least(n_seen, 0, op, "n_seen", "tokens seen so far");
   checks::check_values_at_least(n_protected, 0, op, "n_protected", "a protected suffix length");
+}
+
+// Written tensors of one call (name, tensor): none may overlap itself or another. Sorted by the
+// byte range each can touch, so only tensors whose ranges intersect are compared exactly: linear
+// in the count for the separate allocations of a cache (a decode step writes 3 L + 1 tensors).
+inline void check_written_disjoint(std::vector<std::pair<std::string, const at::Tensor*>>& w,
+                                   const char* op) {
+  struct Ext {
+    uintptr_t lo, hi;
+    size_t i;
+  };
+  std::vector<Ext> ext;
+  ext.reserve(w.size());
+  for (size_t i = 0; i < w.size(); ++i) {
+    const at::Tensor& t = *w[i].second;
+    TGVKV_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, "'", w[i].first,
+                "' is written in place but several of its elements share one memory location (an "
+                "expand()ed or stride-0 view); pass a tensor with its own memory (e.g. .clone())");
+    if (t.numel() == 0) continue;
+    uintptr_t lo, hi;
+    checks::byte_extent(t, &lo, &hi);
+    ext.push_back(Ext{lo, hi, i});
+  }
+  std::sort(ext.begin(), ext.end(), [](const Ext& a, const Ext& b) {
+    return a.lo != b.lo ? a.lo < b.lo : a.i < b.i;
+  });
+  for (size_t a = 0; a < ext.size(); ++a)
+    for (size_t b = a + 1; b < ext.size() && ext[b].lo < ext[a].hi; ++b)
+      checks::check_no_overlap(*w[ext[a].i].second, *w[ext[b].i].second, op,
+                               w[std::min(ext[a].i, ext[b].i)].first,
+                               w[std::max(ext[a].i, ext[b].i)].first);
+}
+
+struct DecodeLayersArgs {
+  int64_t L, B;
+};
+
+// decode_evict_layers_: L layers of k_cache[l] [B, Hkv_l, S_l, D_l], v_cache[l] [B, Hkv_l, S_l,
+// Dv_l], pos[l] [B, S_l] i64, queries[l] [B, Hq_l, D_l] (K's dtype, one dtype for all layers);
+// length [L, B] i64, n_seen [B] i64, keep_fraction [L, B] f64, n_protected [L, B] i64.
+inline DecodeLayersArgs check_decode_evict_layers_args(
+    at::TensorList k_cache, at::TensorList v_cache, at::TensorList pos, const at::Tensor& length,
+    at::TensorList queries, const at::Tensor& n_seen, const at::Tensor& keep_fraction,
+    const at::Tensor& n_protected, double scale, int64_t n_sink, const char* op) {
+  const int64_t L = static_cast<int64_t>(k_cache.size());
+  auto count = [&](size_t n, const char* name) {
+    TGVKV_CHECK(static_cast<int64_t>(n) == L, op, "'", name, "' must have one tensor per layer ",
+                "of 'k_cache' (", L, "), got ", n);
+  };
+  count(v_cache.size(), "v_cache");
+  count(pos.size(), "pos");
+  count(queries.size(), "queries");
+  checks::check_dim(length, 2, op, "length", "[L, B]");
+  const int64_t B = length.size(1);
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string i = "[" + std::to_string(l) + "]";
+    const std::string kn = "k_cache" + i, vn = "v_cache" + i, pn = "pos" + i, qn = "queries" + i;
+    const at::Tensor &k = k_cache[l], &v = v_cache[l], &p = pos[l], &q = queries[l];
+    check_kv_pair(k, v, op, kn.c_str(), vn.c_str(), kDecodeKV);
+    checks::check_float_dtype(k, op, kn.c_str());
+    if (l > 0) checks::check_same_dtype(k, k_cache[0], op, kn.c_str(), "k_cache[0]");
+    checks::check_size(k, 0, B, op, kn.c_str(), "B (from length)");
+    checks::check_same_device(k, length, op, kn.c_str(), "length");
+    const int64_t Hkv = k.size(1), S = k.size(2), D = k.size(3);
+    checks::check_dim(q, 3, op, qn.c_str(), "[B, Hq, D]");
+    checks::check_same_dtype(q, k, op, qn.c_str(), kn.c_str());
+    checks::check_same_device(q, k, op, qn.c_str(), kn.c_str());
+    checks::check_size(q, 0, B, op, qn.c_str(), "B (from length)");
+    checks::check_size(q, 2, D, op, qn.c_str(), "D (from k_cache[l])");
+    TGVKV_CHECK(Hkv > 0 && q.size(1) > 0 && q.size(1) % Hkv == 0, op, "'", qn, "' heads (",
+                q.size(1), ") must be a positive multiple of '", kn, "' heads (", Hkv, ")");
+    checks::check_dim(p, 2, op, pn.c_str(), "[B, S]");
+    checks::check_dtype(p, at::kLong, op, pn.c_str());
+    checks::check_size(p, 0, B, op, pn.c_str(), "B (from length)");
+    checks::check_size(p, 1, S, op, pn.c_str(), "S (from k_cache[l])");
+    checks::check_same_device(p, k, op, pn.c_str(), kn.c_str());
+  }
+  checks::check_dtype(length, at::kLong, op, "length");
+  checks::check_size(length, 0, L, op, "length", "L (from k_cache)");
+  struct Vec {
+    const at::Tensor* t;
+    const char* name;
+    at::ScalarType dt;
+    int64_t dim;
+  };
+  for (const Vec& x : {Vec{&n_seen, "n_seen", at::kLong, 1},
+                       Vec{&keep_fraction, "keep_fraction", at::kDouble, 2},
+                       Vec{&n_protected, "n_protected", at::kLong, 2}}) {
+    checks::check_dim(*x.t, x.dim, op, x.name, x.dim == 1 ? "[B]" : "[L, B]");
+    checks::check_dtype(*x.t, x.dt, op, x.name);
+    if (x.dim == 2) checks::check_size(*x.t, 0, L, op, x.name, "L (from k_cache)");
+    checks::check_size(*x.t, x.dim - 1, B, op, x.name, "B (from length)");
+    checks::check_same_device(*x.t, length, op, x.name, "length");
+  }
+  checks::check_scale(scale, op);
+  checks::check_n_sink(n_sink, op);
+  std::vector<std::pair<std::string, const at::Tensor*>> w;
+  w.reserve(static_cast<size_t>(3 * L + 1));
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string i = "[" + std::to_string(l) + "]";
+    w.emplace_back("k_cache" + i, &k_cache[l]);
+    w.emplace_back("v_cache" + i, &v_cache[l]);
+    w.emplace_back("pos" + i, &pos[l]);
+  }
+  w.emplace_back("length", &length);
+  check_written_disjoint(w, op);
+  return DecodeLayersArgs{L, B};
 }
 
 }  // namespace op_args

@@ -52,4 +52,13 @@ TORCH_LIBRARY(tgvkv, m) {
       "decode_evict_(Tensor(a!) k, Tensor(b!) v, Tensor(c!) pos, Tensor(d!) length, Tensor q,"
       " Tensor n_seen, Tensor keep_fraction, Tensor n_protected, float scale, int n_sink=4)"
       " -> Tensor evicted");
+  // One decode step of a whole cache (L layers, one call per generated token): decode_evict_ of
+  // every layer l on (k_cache[l], v_cache[l], pos[l], length[l], queries[l], n_seen,
+  // keep_fraction[l], n_protected[l]); layers may differ in slot capacity S. Returns the evicted
+  // positions [L, B] i64 (-1: none). length [L, B] i64, keep_fraction [L, B] f64, n_protected
+  // [L, B] i64, n_seen [B] i64.
+  m.def(
+      "decode_evict_layers_(Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor(c!)[] pos,"
+      " Tensor(d!) length, Tensor[] queries, Tensor n_seen, Tensor keep_fraction,"
+      " Tensor n_protected, float scale, int n_sink=4) -> Tensor evicted");
 }

@@ -8,7 +8,8 @@ csrc/cuda/*.cu, and compares with the CPU ops:
   scores of a layer are bit-identical whether it is scored alone or in a batch of layers;
 - budgets, keep_idx, n_kept, n_protected, keep_fraction exact;
 - compacted K/V bit-identical over the kept prefix;
-- decode: evicted pos, lengths and the live slots (pos, K, V) exact, step after step.
+- decode: evicted pos, lengths and the live slots (pos, K, V) exact, step after step, for one
+  layer (decode_evict_) and for a cache of layers in launch groups (decode_evict_layers_).
 
 It checks the logic (indexing, barriers, tie-breaks, tiling, splits), not the hardware: memory
 model, real CUB/WMMA, alignment beyond 16-byte loads, launch limits and speed are not checked.
@@ -515,6 +516,67 @@ def test_decode_evict(emu, name):
         emu_state = [ko, vo, po, lo]
         n_evicted += int((ev_cpu >= 0).sum())
     assert n_evicted > 0
+
+
+# ------------------------------------------------------------------------------------------
+# decode_evict_layers_: one launch set for all layers, against the CPU op
+# ------------------------------------------------------------------------------------------
+def test_decode_evict_layers(emu):
+    """L = 25 layers (two launch groups of decode::kMaxLayers = 24) of ragged capacities and
+    lengths, a batch of 2, GQA, fp16; one layer never evicts. One step (the emulator spends
+    ~40 ms per block), exact; the splits of long layers are covered by test_decode_evict."""
+    L, B, Hq, Hkv, D, dtype, span, n_sink = 25, 2, 4, 2, 16, torch.float16, 16, 2
+    g = torch.Generator().manual_seed(7)
+    scale = float(torch.tensor(1 / math.sqrt(D), dtype=torch.float32))
+    caps = [10 + 2 * (l % 4) for l in range(L)]
+    u = torch.randn(D, generator=g)
+    low = (-1.5 * u).to(dtype)
+    ks, vs, ps, lens = [], [], [], []
+    for l, S in enumerate(caps):
+        k = randn((B, Hkv, S, D), dtype, 10 + l)
+        k[:, :, :n_sink] = low  # sinks point away from q: a wrong sink rule picks them
+        ks.append(k)
+        vs.append(randn((B, Hkv, S, D), dtype, 50 + l))
+        row = [S // 2 + 1 + b for b in range(B)]
+        pos = torch.zeros(B, S, dtype=torch.int64)
+        for b in range(B):
+            pos[b, :row[b]] = torch.sort(torch.randperm(2 * row[b], generator=g)[:row[b]]).values
+        ps.append(pos)
+        lens.append(row)
+    length = torch.tensor(lens)
+    n_seen = torch.stack([p.max(1).values for p in ps]).max(0).values + 1
+    frac = torch.full((L, B), 0.3, dtype=torch.float64)
+    frac[5] = 1.0
+    n_prot = torch.randint(1, 4, (L, B), generator=g)
+    cpu = [ks, vs, ps, length]
+    for step in range(1):
+        for l in range(L):
+            for b in range(B):
+                s = int(length[l, b])
+                ks[l][b, :, s] = randn((Hkv, D), dtype, 900 + 31 * step + l)
+                ps[l][b, s] = int(n_seen[b])
+        length += 1
+        n_seen += 1
+        qs = [(randn((B, Hq, D), torch.float32, 3000 + 31 * step + l) + u).to(dtype)
+              for l in range(L)]
+        emu_in = dict(k=torch.cat([k.flatten() for k in ks]), v=torch.cat([v.flatten() for v in vs]),
+                      pos=torch.cat([p.flatten() for p in ps]), length=length.clone(),
+                      q=torch.stack(qs), n_seen=n_seen, keep_fraction=frac, n_protected=n_prot)
+        meta = dict(L=L, B=B, Hq=Hq, Hkv=Hkv, D=D, Dv=D, scale=scale, n_sink=n_sink, span=span,
+                    dtype=DTYPE_CODE[dtype], **{f"S{l}": S for l, S in enumerate(caps)})
+        out = emu("decode", meta, **emu_in)
+        ev_cpu = OPS.decode_evict_layers_(ks, vs, ps, length, qs, n_seen, frac, n_prot, scale,
+                                          n_sink)
+        ev = out.get("evicted", torch.int64, (L, B))
+        assert torch.equal(ev, ev_cpu), f"step {step}: {ev.tolist()} vs CPU {ev_cpu.tolist()}"
+        assert (ev[5] == -1).all() and (ev >= 0).sum() > L
+        assert torch.equal(out.get("length", torch.int64, (L, B)), length)
+        ko = out.get("k", dtype, (sum(caps) * B * Hkv * D,))
+        vo = out.get("v", dtype, (sum(caps) * B * Hkv * D,))
+        po = out.get("pos", torch.int64, (sum(caps) * B,))
+        assert torch.equal(po, torch.cat([p.flatten() for p in ps])), f"step {step}: pos"
+        assert torch.equal(_bits(ko), _bits(torch.cat([k.flatten() for k in ks]))), "k"
+        assert torch.equal(_bits(vo), _bits(torch.cat([v.flatten() for v in vs]))), "v"
 
 
 # ------------------------------------------------------------------------------------------

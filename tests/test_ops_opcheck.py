@@ -9,7 +9,7 @@ import torch
 from conftest import DEVICES, OPS, make_modality, randn, ref
 
 README_OPS = {"score_text_vision", "layer_budgets", "select_keep", "compact_",
-              "evict_from_scores", "evict", "decode_evict_"}
+              "evict_from_scores", "evict", "decode_evict_", "decode_evict_layers_"}
 
 
 def _meta(n_real, n_guid, n_images, pad, seed, device):
@@ -124,6 +124,26 @@ def s_decode(device):
     return out
 
 
+def s_decode_layers(device):
+    """L layers with ragged capacities and lengths; the last layer never evicts (fraction 1)."""
+    out = []
+    for L, B, Hq, Hkv, dt in [(2, 1, 4, 4, torch.float32), (3, 2, 8, 2, torch.float16),
+                              (1, 3, 8, 1, torch.bfloat16)]:
+        caps = [24 + 6 * l for l in range(L)]
+        kc = [randn((B, Hkv, S, 64), dt, 1 + l, device) for l, S in enumerate(caps)]
+        vc = [randn((B, Hkv, S, 64), dt, 9 + l, device) for l, S in enumerate(caps)]
+        pos = [(torch.arange(S).repeat(B, 1) * 2).to(device) for S in caps]
+        length = torch.tensor([[S - 2 - b for b in range(B)] for S in caps]).to(device)
+        qs = [randn((B, Hq, 64), dt, 20 + l, device) for l in range(L)]
+        frac = torch.full((L, B), 0.3, dtype=torch.float64)
+        if L > 1:
+            frac[-1] = 1.0
+        args = (kc, vc, pos, length, qs, (length[0] * 2 + 10).to(device), frac.to(device),
+                torch.full((L, B), 3).to(device), 0.125)
+        out.append((args, {"n_sink": 4}))
+    return out
+
+
 SAMPLES = {
     "score_text_vision": s_score,
     "layer_budgets": s_budgets,
@@ -132,6 +152,7 @@ SAMPLES = {
     "evict_from_scores": s_efs,
     "evict": s_evict,
     "decode_evict_": s_decode,
+    "decode_evict_layers_": s_decode_layers,
 }
 
 
@@ -169,6 +190,7 @@ def test_schemas_annotate_mutation(device):
         for r in schema.returns:
             assert r.alias_info is None, f"{name} returns an alias of an input"
         expect = {"compact_": {"k", "v"}, "decode_evict_": {"k", "v", "pos", "length"},
+                  "decode_evict_layers_": {"k_cache", "v_cache", "pos", "length"},
                   "evict": {"k_cache", "v_cache"}, "evict_from_scores": {"k_cache", "v_cache"}}
         assert set(mutated) == expect.get(name, set()), (name, mutated)
 

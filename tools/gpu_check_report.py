@@ -160,6 +160,10 @@ def extra_highlights(rep):
         d["graph_us_per_layer"] = g.get("us_per_layer")
         d["graph"] = ("identical" if g.get("identical_to_eager") else "DIFFERS") \
             if g.get("captured") else (g.get("skipped") or g.get("error"))
+        # the model layer's decode step: one decode_evict_layers_ call for all layers
+        d["fused_eager_us_per_layer"] = (r.get("fused_eager") or {}).get("median_us")
+        d["fused_graph_us_per_layer"] = (r.get("fused_graph") or {}).get("us_per_layer")
+        d["fused_same_as_per_layer"] = r.get("fused_same_as_per_layer")
         rows.append(d)
     return {"copy_bandwidth_gbs": rep.get("copy_bandwidth_gbs"),
             "copy_bytes": rep.get("copy_bytes"),
@@ -247,12 +251,15 @@ def markdown(s):
         L.append("")
         L.append(_table(["preset", "B", "keep", "live slots", "tgvkv us/layer (eager)",
                          "torch us/layer", "speedup", "graph us/layer", "GB/s", "% copy", "same",
-                         "graph"],
+                         "graph", "fused us/layer (eager / graph)", "fused same"],
                         [[r["preset"], r["batch"], _f(r["keep_ratio"], "g"), r["live_slots"],
                           _f(r["eager_us_per_layer"], ".1f"), _f(r["torch_us_per_layer"], ".1f"),
                           _f(r["eager_speedup"], ".2f"), _f(r["graph_us_per_layer"], ".2f"),
                           _f(r["gbs"], ".1f"), _f(r["pct_copy_bw"], ".1f"),
-                          _f(r["same_result_as_torch"]), r["graph"]] for r in ex["decode"]]))
+                          _f(r["same_result_as_torch"]), r["graph"],
+                          f"{_f(r.get('fused_eager_us_per_layer'), '.1f')} / "
+                          f"{_f(r.get('fused_graph_us_per_layer'), '.2f')}",
+                          _f(r.get("fused_same_as_per_layer"))] for r in ex["decode"]]))
     for name, o in (b.get("ops") or {}).items():
         L += ["", f"## {name}: `{o.get('command')}`", ""]
         sh = o.get("shape") or {}

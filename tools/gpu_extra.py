@@ -8,7 +8,10 @@
   (launch overhead included, as the model layer calls it) and as a replayed CUDA graph (kernel
   time), against the plain-PyTorch ``tgvkv.torch_impl.decode_evict_`` in the same run;
 - a CUDA-graph capture check of one decode step's evictions (all L layers): capture, replay on
-  the restored state, and compare the cache state and the victims with the eager ops, bit for bit.
+  the restored state, and compare the cache state and the victims with the eager ops, bit for bit;
+- the same decode step as the model layer runs it: ONE ``decode_evict_layers_`` call for all L
+  layers (``fused_*``: eager and as a CUDA graph, microseconds per layer), checked bit for bit
+  against the L per-layer ``decode_evict_`` calls.
 
     python tools/gpu_extra.py --device cuda --preset llava-next-7b --json extra.json
 
@@ -48,13 +51,16 @@ def decode_state(shape: bench.Shape, batch: int, keep_ratio: float, dtype, devic
             kept = torch.randperm(N - 1, generator=g)[:n_keep - 1].sort().values
             pos[b, :n_keep] = torch.cat([kept, torch.tensor([N - 1])])
             pos[b, n_keep], pos[b, n_keep + 1] = N, N + 1
-        length = torch.full((batch,), n_keep + 2, dtype=torch.int64)
-        states.append([t.to(device) for t in (k, v, pos, length)])
+        states.append([t.to(device) for t in (k, v, pos)])
+    # the layers' lengths are rows of one [L, B] tensor, as in the model layer's cache
+    length_all = torch.full((L, batch), n_keep + 2, dtype=torch.int64, device=device)
+    for l, st in enumerate(states):
+        st.append(length_all[l])
     q = torch.randn(batch, Hq, D, generator=g).to(dtype).to(device)
     n_seen = torch.full((batch,), N + 2, dtype=torch.int64, device=device)
     frac = torch.full((batch,), n_keep / N, dtype=torch.float64, device=device)
     n_prot = torch.full((batch,), shape.text_tokens, dtype=torch.int64, device=device)
-    return states, (q, n_seen, frac, n_prot), n_keep
+    return states, (q, n_seen, frac, n_prot), n_keep, length_all
 
 
 def _stats_us(fn, setup, device, reps, L):
@@ -68,8 +74,8 @@ def _stats_us(fn, setup, device, reps, L):
 def measure_decode(shape, batch, keep_ratio, dtype, device, reps, scale=None):
     L, Hkv, D = shape.layers, shape.kv_heads, shape.head_dim
     scale = scale or D ** -0.5
-    states, (q, n_seen, frac, n_prot), n_keep = decode_state(shape, batch, keep_ratio, dtype,
-                                                             device)
+    states, (q, n_seen, frac, n_prot), n_keep, length_all = decode_state(
+        shape, batch, keep_ratio, dtype, device)
     init = [[t.clone() for t in st] for st in states]
 
     def restore():
@@ -80,6 +86,14 @@ def measure_decode(shape, batch, keep_ratio, dtype, device, reps, scale=None):
     def step_tgvkv():
         return [OPS.decode_evict_(*st, q, n_seen, frac, n_prot, scale, 4) for st in states]
 
+    ks, vs, ps = [st[0] for st in states], [st[1] for st in states], [st[2] for st in states]
+    qs = [q] * L
+    frac_all, prot_all = frac.expand(L, -1).contiguous(), n_prot.expand(L, -1).contiguous()
+
+    def step_fused():
+        return [OPS.decode_evict_layers_(ks, vs, ps, length_all, qs, n_seen, frac_all, prot_all,
+                                         scale, 4)]
+
     def step_torch():
         return [torch_impl.decode_evict_(*st, q, n_seen, frac, n_prot, scale, 4)
                 for st in states]
@@ -87,6 +101,10 @@ def measure_decode(shape, batch, keep_ratio, dtype, device, reps, scale=None):
     restore()
     ev = torch.stack(step_tgvkv())
     after_tgvkv = [[t.clone() for t in st] for st in states]
+    restore()
+    ev_f = step_fused()[0]
+    same_fused = bool(torch.equal(ev_f, ev)) and all(
+        torch.equal(a, b) for sa, sb in zip(after_tgvkv, states) for a, b in zip(sa, sb))
     restore()
     ev_t = torch.stack(step_torch())
     same = bool(torch.equal(ev.cpu(), ev_t.cpu())) and all(
@@ -97,6 +115,10 @@ def measure_decode(shape, batch, keep_ratio, dtype, device, reps, scale=None):
            "eager_tgvkv": _stats_us(step_tgvkv, restore, device, reps, L),
            "eager_torch": _stats_us(step_torch, restore, device, reps, L)}
     row["eager_speedup"] = row["eager_torch"]["median_us"] / row["eager_tgvkv"]["median_us"]
+    row["fused_same_as_per_layer"] = same_fused
+    row["fused_eager"] = _stats_us(step_fused, restore, device, reps, L)
+    row["fused_graph"] = graph_check(states, init, restore, step_fused, ev, after_tgvkv, device,
+                                     reps, L)
     elt = torch.empty((), dtype=dtype).element_size()
     nbytes = batch * (n_keep + 2) * Hkv * D * elt + q.numel() * elt  # live K rows + q, per layer
     row["bytes_per_layer"] = nbytes
@@ -125,12 +147,14 @@ def graph_check(states, init, restore, step, ev_eager, after_eager, device, reps
             out = step()
         g_step.replay()
         torch.cuda.synchronize()
-        identical = bool(torch.equal(torch.stack(out), ev_eager)) and all(
+        stacked = out[0] if len(out) == 1 and out[0].dim() == 2 else torch.stack(out)
+        identical = bool(torch.equal(stacked, ev_eager)) and all(
             torch.equal(a, b) for sa, sb in zip(after_eager, states) for a, b in zip(sa, sb))
         # a second replay from the same restored state gives the same result (no stale state)
         g_step.replay()
         torch.cuda.synchronize()
-        identical = identical and bool(torch.equal(torch.stack(out), ev_eager))
+        stacked = out[0] if len(out) == 1 and out[0].dim() == 2 else torch.stack(out)
+        identical = identical and bool(torch.equal(stacked, ev_eager))
 
         t_restore = time_fn(g_restore.replay, device, warmup=2, reps=reps).median_ms / 1e3
         t_step = time_fn(g_step.replay, device, warmup=2, reps=reps).median_ms / 1e3
@@ -181,8 +205,15 @@ def main(argv=None) -> int:
                       f"{r['eager_torch']['median_us']:.1f} ({r['eager_speedup']:.2f}x), "
                       f"{r['evicted_per_step']} evicted/step, same {r['same_result_as_torch']}; "
                       f"{gtxt}; {r['gbs']:.1f} GB/s ({r['pct_copy_bw']:.1f}% of copy)", flush=True)
+                fg = r["fused_graph"]
+                ftxt = (f"graph {fg['us_per_layer']:.2f} us/layer, identical "
+                        f"{fg['identical_to_eager']}" if fg.get("captured")
+                        else f"graph: {fg.get('skipped') or fg.get('error')}")
+                print(f"decode_evict_layers_ {name} B={B} keep={kr:g} (one call, {shape.layers} "
+                      f"layers): eager {r['fused_eager']['median_us']:.1f} us/layer, same as "
+                      f"per-layer {r['fused_same_as_per_layer']}; {ftxt}", flush=True)
     rep["decode"] = rows
-    caps = [r["graph"] for r in rows]
+    caps = [r["graph"] for r in rows] + [r["fused_graph"] for r in rows]
     rep["graph_capture"] = (
         {"skipped": caps[0]["skipped"]} if caps and "skipped" in caps[0] else
         {"ok": bool(caps) and all(c.get("captured") and c.get("identical_to_eager") for c in caps),
@@ -191,7 +222,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rep, f, indent=2, default=str)
-    ok = all(r["same_result_as_torch"] for r in rows) and rep["graph_capture"].get("ok", True)
+    ok = all(r["same_result_as_torch"] and r["fused_same_as_per_layer"] for r in rows) and \
+        rep["graph_capture"].get("ok", True)
     print(f"gpu_extra: {'ok' if ok else 'MISMATCH or capture failure'} ({rep['wall_s']} s)")
     return 0 if ok else 1
 

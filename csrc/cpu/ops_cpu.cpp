@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cstdlib>
 #include <string>
@@ -592,8 +593,211 @@ Tensor4 evict_cpu(TensorList k_cache, TensorList v_cache, TensorList queries, co
 }
 
 // ------------------------------------------------------------------------------------------------
-// decode_evict_
+// decode_evict_layers_ / decode_evict_
 // ------------------------------------------------------------------------------------------------
+// One layer of a decode step: k/v [B, Hkv, S, D(v)], pos [B, S], q [B, Hq, D] (contiguous).
+struct DecodeLayer {
+  const Tensor* k;
+  const Tensor* v;
+  const Tensor* pos;
+  Tensor q;
+};
+
+// Element (l, b) of an [L, B] tensor through its strides (length is mutated in place).
+template <typename T>
+T& at2(const Tensor& t, int64_t l, int64_t b) {
+  return t.data_ptr<T>()[l * t.stride(0) + b * t.stride(1)];
+}
+
+// SPEC §4 for every (layer, sample): evicted [L, B] (the evicted pos or -1). `names` are the
+// argument names of the messages (k_cache[l] / length of the layers op, k / length of the
+// per-layer one). One parallel region over the active (layer, sample) pairs; each pair computes
+// its g-head softmaxes KV head by KV head (every key row read once), reduces them in head order,
+// picks the victim and moves the last live slot into its place (O(Hkv·D) bytes).
+Tensor decode_evict_impl(const std::vector<DecodeLayer>& layers, const Tensor& length,
+                         const Tensor& n_seen, const Tensor& keep_fraction,
+                         const Tensor& n_protected, double scale, int64_t n_sink, int64_t B,
+                         bool single, const char* op) {
+  const int64_t L = static_cast<int64_t>(layers.size());
+  op_args::check_decode_evict_values(n_seen, n_protected, op);
+  // active (l, b) pairs and their live lengths (serial: cheap, and it raises on bad lengths)
+  std::vector<int64_t> items, lens(static_cast<size_t>(L * B), 0);
+  int64_t work_max = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t S = layers[l].k->size(2);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = at2<int64_t>(length, l, b);
+      if (single) {
+        TGVKV_CHECK(n >= 0 && n <= S, op, "'length' values must be in [0, S = ", S, "], got ", n,
+                    " at [", b, "]");
+      } else {
+        TGVKV_CHECK(n >= 0 && n <= S, op, "'length' values must be in [0, S = ", S,
+                    "] (S of k_cache[", l, "]), got ", n, " at [", l, ", ", b, "]");
+      }
+      lens[l * B + b] = n;
+      const double f = at2<double>(keep_fraction, l, b);
+      if (f >= 1.0) continue;
+      bool ok = true;
+      const int64_t forget =
+          decode_forget(n, n_seen.data_ptr<int64_t>()[b * n_seen.stride(0)], f, &ok);
+      if (single) {
+        TGVKV_CHECK(ok, op, "non-finite forget count for sample ", b, " (keep_fraction = ", f, ")");
+      } else {
+        TGVKV_CHECK(ok, op, "non-finite forget count for layer ", l, ", sample ", b,
+                    " (keep_fraction = ", f, ")");
+      }
+      if (forget <= 0) continue;
+      if (!decode_has_candidates(n, at2<int64_t>(n_protected, l, b), n_sink)) continue;
+      items.push_back(l * B + b);
+      work_max = std::max(work_max, layers[l].q.size(1) * n + layers[l].q.size(1) * 2 *
+                                        layers[l].k->size(3) + n + 128);
+    }
+  }
+  Tensor evicted = at::full({L, B}, -1, length.options());
+  if (items.empty()) return evicted;
+  int64_t* ev = evicted.data_ptr<int64_t>();
+  const cpu::Kernels& kern = cpu::kernels();
+  const float sc = static_cast<float>(scale);
+  // Grain: (layer, sample) pairs per task so that a task holds >= kDecodeGrainMacs multiply-adds
+  // of the logits: a decode step of a heavily evicted cache (tens of slots per layer) is a few
+  // microseconds of work, less than waking the thread pool costs (and on a loaded machine a
+  // parallel region waits for a descheduled thread for milliseconds).
+  constexpr int64_t kDecodeGrainMacs = int64_t{1} << 20;
+  int64_t macs = 0;
+  for (const int64_t it : items)
+    macs += layers[it / B].q.size(1) * layers[it / B].k->size(3) * lens[it];
+  const int64_t per_item = std::max<int64_t>(1, macs / static_cast<int64_t>(items.size()));
+  const int64_t grain = std::max<int64_t>(1, kDecodeGrainMacs / per_item);
+  // Phase 1 (parallel): each pair's victim slot, nothing written yet. NaN/inf in q or in a live
+  // key makes the sample's attention NaN (no victim would be defined): such a pair is recorded and
+  // the op raises before anything is written.
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  std::vector<int64_t> victim(static_cast<size_t>(n_items), -1);
+  std::atomic<int64_t> first_bad{n_items};
+  at::parallel_for(0, n_items, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(static_cast<size_t>(work_max));
+    std::vector<int64_t> tmp;
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t l = items[it] / B, b = items[it] % B;
+      const DecodeLayer& ly = layers[l];
+      const Tensor &k = *ly.k, &v = *ly.v, &pos = *ly.pos;
+      const int64_t Hkv = k.size(1), D = k.size(3), Hq = ly.q.size(1), g = Hq / Hkv;
+      const int64_t nb = lens[l * B + b];
+      const cpu::DType dt = to_dtype(k);
+      const int64_t es = k.element_size();
+      float* probs = buf.data();            // [Hq, nb]
+      float* att = probs + Hq * nb;         // [nb]
+      float* scratch = att + nb;            // (g + 1) * D + 64
+      for (int64_t hk = 0; hk < Hkv; ++hk) {
+        const char* kbh =
+            static_cast<const char*>(k.data_ptr()) + (b * k.stride(0) + hk * k.stride(1)) * es;
+        const char* qh = static_cast<const char*>(ly.q.data_ptr()) + (b * Hq + hk * g) * D * es;
+        kern.decode_probs(qh, kbh, dt, k.stride(2), k.stride(3), nb, D, g, sc, scratch,
+                          probs + hk * g * nb, nb);
+      }
+      bool finite = true;
+      for (int64_t i = 0; i < Hq * nb && finite; ++i) finite = std::isfinite(probs[i]);
+      if (!finite) {
+        int64_t cur = first_bad.load();
+        while (it < cur && !first_bad.compare_exchange_weak(cur, it)) {
+        }
+        continue;
+      }
+      for (int64_t s = 0; s < nb; ++s) att[s] = 0.0f;
+      for (int64_t hq = 0; hq < Hq; ++hq) {
+        const float* pr = probs + hq * nb;
+        for (int64_t s = 0; s < nb; ++s) att[s] += pr[s];
+      }
+      const float hqf = static_cast<float>(Hq);
+      for (int64_t s = 0; s < nb; ++s) att[s] = att[s] / hqf;
+      // protected: the n_protected live entries of largest pos (threshold = n_prot-th largest)
+      int64_t* pb = pos.data_ptr<int64_t>() + b * pos.stride(0);
+      const int64_t ps = pos.stride(1);
+      const int64_t np = at2<int64_t>(n_protected, l, b);
+      int64_t thr = std::numeric_limits<int64_t>::max();
+      if (np > 0) {
+        tmp.resize(static_cast<size_t>(nb));
+        for (int64_t s = 0; s < nb; ++s) tmp[s] = pb[s * ps];
+        std::nth_element(tmp.begin(), tmp.begin() + (np - 1), tmp.begin() + nb,
+                         std::greater<int64_t>());
+        thr = tmp[np - 1];
+      }
+      int64_t best = -1;
+      for (int64_t s = n_sink; s < nb; ++s) {
+        const int64_t p = pb[s * ps];
+        if (np > 0 && p >= thr) continue;
+        if (best < 0 || att[s] < att[best] || (att[s] == att[best] && p < pb[best * ps])) best = s;
+      }
+      victim[it] = best;
+    }
+  });
+  if (first_bad.load() < n_items) {
+    const int64_t l = items[first_bad.load()] / B, b = items[first_bad.load()] % B;
+    const std::string where = single ? "sample " + std::to_string(b)
+                                     : "layer " + std::to_string(l) + ", sample " + std::to_string(b);
+    TGVKV_CHECK(false, op, "the attention of '", single ? "q" : "queries", "' against '",
+                single ? "k" : "k_cache", "' must be finite (NaN or inf in the query or in a live "
+                "slot of the keys, or a scale that overflows the logits?) for ", where);
+  }
+  // Phase 2 (parallel): move each victim's slot to the last live one.
+  at::parallel_for(0, n_items, std::max<int64_t>(grain, 16), [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t best = victim[it];
+      if (best < 0) continue;
+      const int64_t l = items[it] / B, b = items[it] % B;
+      const DecodeLayer& ly = layers[l];
+      const Tensor &k = *ly.k, &v = *ly.v, &pos = *ly.pos;
+      const int64_t Hkv = k.size(1);
+      const int64_t nb = lens[l * B + b];
+      int64_t* pb = pos.data_ptr<int64_t>() + b * pos.stride(0);
+      const int64_t ps = pos.stride(1);
+      ev[l * B + b] = pb[best * ps];
+      const int64_t last = nb - 1;
+      if (best != last) {
+        for (int which = 0; which < 2; ++which) {
+          const Tensor& t = which == 0 ? k : v;
+          const int64_t e = t.element_size();
+          char* base = static_cast<char*>(t.data_ptr());
+          for (int64_t h = 0; h < Hkv; ++h) {
+            char* bh = base + (b * t.stride(0) + h * t.stride(1)) * e;
+            char* dst = bh + best * t.stride(2) * e;
+            const char* src = bh + last * t.stride(2) * e;
+            const int64_t Dt = t.size(3), sd = t.stride(3);
+            if (sd == 1) {
+              std::memcpy(dst, src, static_cast<size_t>(Dt * e));
+            } else {
+              for (int64_t d = 0; d < Dt; ++d)
+                std::memcpy(dst + d * sd * e, src + d * sd * e, static_cast<size_t>(e));
+            }
+          }
+        }
+        pb[best * ps] = pb[last * ps];
+      }
+      at2<int64_t>(length, l, b) = nb - 1;
+    }
+  });
+  return evicted;
+}
+
+Tensor decode_evict_layers_cpu(TensorList k_cache, TensorList v_cache, TensorList pos,
+                               const Tensor& length, TensorList queries, const Tensor& n_seen,
+                               const Tensor& keep_fraction, const Tensor& n_protected,
+                               double scale, int64_t n_sink) {
+  const char* op = "decode_evict_layers_";
+  check_cpu(length, op, "length");
+  check_cpu(k_cache, op, "k_cache[l]");
+  const op_args::DecodeLayersArgs a = op_args::check_decode_evict_layers_args(
+      k_cache, v_cache, pos, length, queries, n_seen, keep_fraction, n_protected, scale, n_sink,
+      op);
+  std::vector<DecodeLayer> layers;
+  layers.reserve(static_cast<size_t>(a.L));
+  for (int64_t l = 0; l < a.L; ++l)
+    layers.push_back(DecodeLayer{&k_cache[l], &v_cache[l], &pos[l], queries[l].contiguous()});
+  return decode_evict_impl(layers, length, n_seen, keep_fraction, n_protected, scale, n_sink, a.B,
+                           /*single=*/false, op);
+}
+
+// The per-layer op: the one-layer case of decode_evict_layers_ ([B] vectors seen as [1, B]).
 Tensor decode_evict_cpu(const Tensor& k, const Tensor& v, const Tensor& pos, const Tensor& length,
                         const Tensor& q, const Tensor& n_seen, const Tensor& keep_fraction,
                         const Tensor& n_protected, double scale, int64_t n_sink) {
@@ -601,124 +805,10 @@ Tensor decode_evict_cpu(const Tensor& k, const Tensor& v, const Tensor& pos, con
   check_cpu(k, op, "k");
   const op_args::DecodeArgs a = op_args::check_decode_evict_args(
       k, v, pos, length, q, n_seen, keep_fraction, n_protected, scale, n_sink, op);
-  const int64_t B = a.B, Hkv = a.Hkv, S = a.S, D = a.D, Hq = a.Hq, g = Hq / Hkv;
-  op_args::check_decode_evict_values(n_seen, n_protected, op);
-
-  // length / pos / n_protected accessed through strides (they are mutated in place)
-  auto at1 = [](const Tensor& t, int64_t i) -> int64_t& {
-    return t.data_ptr<int64_t>()[i * t.stride(0)];
-  };
-  const double* kf = keep_fraction.data_ptr<double>();
-  const int64_t kf_s = keep_fraction.stride(0);
-  std::vector<int64_t> n(static_cast<size_t>(B)), act(static_cast<size_t>(B), 0);
-  int64_t n_max = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    n[b] = at1(length, b);
-    TGVKV_CHECK(n[b] >= 0 && n[b] <= S, op, "'length' values must be in [0, S = ", S, "], got ",
-                n[b], " at [", b, "]");
-    const double f = kf[b * kf_s];
-    if (f >= 1.0) continue;
-    bool ok = true;
-    const int64_t forget = decode_forget(n[b], at1(n_seen, b), f, &ok);
-    TGVKV_CHECK(ok, op, "non-finite forget count for sample ", b, " (keep_fraction = ", f, ")");
-    if (forget <= 0) continue;
-    const int64_t np = at1(n_protected, b);
-    if (!decode_has_candidates(n[b], np, n_sink)) continue;
-    act[b] = 1;
-    n_max = std::max(n_max, n[b]);
-  }
-  Tensor evicted = at::full({B}, -1, k.options().dtype(at::kLong));
-  if (n_max == 0) return evicted;
-
-  // per-(b, query head) softmax over the live slots, one work item per (b, KV head) so that each
-  // key row is read once for its g query heads; reduced in head order below
-  std::vector<float> probs(static_cast<size_t>(B * Hq * n_max));
-  const Tensor qc = q.contiguous();
-  const cpu::DType dt = to_dtype(k);
-  const int64_t es = k.element_size();
-  const cpu::Kernels& kern = cpu::kernels();
-  par_for()(0, B * Hkv, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(static_cast<size_t>((g + 1) * D + 64));
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t b = it / Hkv, hk = it % Hkv;
-      if (!act[b]) continue;
-      const char* kbh =
-          static_cast<const char*>(k.data_ptr()) + (b * k.stride(0) + hk * k.stride(1)) * es;
-      const char* qh = static_cast<const char*>(qc.data_ptr()) + (b * Hq + hk * g) * D * es;
-      kern.decode_probs(qh, kbh, dt, k.stride(2), k.stride(3), n[b], D, g,
-                        static_cast<float>(scale), scratch.data(),
-                        probs.data() + (b * Hq + hk * g) * n_max, n_max);
-    }
-  });
-
-  // NaN/inf in q or in a live key makes every attention of the sample NaN (no victim would be
-  // defined): refuse before anything is written.
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; act[b] && i < Hq * n[b]; ++i) {
-      const float x = probs[(b * Hq + i / n[b]) * n_max + i % n[b]];
-      TGVKV_CHECK(std::isfinite(x), op, "the attention of 'q' against 'k' must be finite (NaN or "
-                  "inf in 'q' or in a live slot of 'k', or a scale that overflows the logits?) "
-                  "for sample ", b);
-    }
-
-  int64_t* ev = evicted.data_ptr<int64_t>();
-  const int64_t ps = pos.stride(1);
-  int64_t* pos_p = pos.data_ptr<int64_t>();
-  const int64_t ve = v.element_size();
-  std::vector<float> att(static_cast<size_t>(n_max));
-  std::vector<int64_t> tmp(static_cast<size_t>(n_max));
-  for (int64_t b = 0; b < B; ++b) {
-    if (!act[b]) continue;
-    const int64_t nb = n[b];
-    int64_t* pb = pos_p + b * pos.stride(0);
-    for (int64_t s = 0; s < nb; ++s) att[s] = 0.0f;
-    for (int64_t hq = 0; hq < Hq; ++hq) {
-      const float* pr = probs.data() + (b * Hq + hq) * n_max;
-      for (int64_t s = 0; s < nb; ++s) att[s] += pr[s];
-    }
-    const float hqf = static_cast<float>(Hq);
-    for (int64_t s = 0; s < nb; ++s) att[s] = att[s] / hqf;
-    // protected: the n_protected live entries of largest pos (threshold = n_prot-th largest)
-    const int64_t np = at1(n_protected, b);
-    int64_t thr = std::numeric_limits<int64_t>::max();
-    if (np > 0) {
-      for (int64_t s = 0; s < nb; ++s) tmp[s] = pb[s * ps];
-      std::nth_element(tmp.begin(), tmp.begin() + (np - 1), tmp.begin() + nb,
-                       std::greater<int64_t>());
-      thr = tmp[np - 1];
-    }
-    int64_t best = -1;
-    for (int64_t s = n_sink; s < nb; ++s) {
-      const int64_t p = pb[s * ps];
-      if (np > 0 && p >= thr) continue;
-      if (best < 0 || att[s] < att[best] || (att[s] == att[best] && p < pb[best * ps])) best = s;
-    }
-    if (best < 0) continue;
-    ev[b] = pb[best * ps];
-    const int64_t last = nb - 1;
-    if (best != last) {
-      for (int which = 0; which < 2; ++which) {
-        const Tensor& t = which == 0 ? k : v;
-        const int64_t e = which == 0 ? es : ve;
-        char* base = static_cast<char*>(t.data_ptr());
-        for (int64_t h = 0; h < Hkv; ++h) {
-          char* bh = base + (b * t.stride(0) + h * t.stride(1)) * e;
-          char* dst = bh + best * t.stride(2) * e;
-          const char* src = bh + last * t.stride(2) * e;
-          const int64_t Dt = t.size(3), sd = t.stride(3);
-          if (sd == 1) {
-            std::memcpy(dst, src, static_cast<size_t>(Dt * e));
-          } else {
-            for (int64_t d = 0; d < Dt; ++d)
-              std::memcpy(dst + d * sd * e, src + d * sd * e, static_cast<size_t>(e));
-          }
-        }
-      }
-      pb[best * ps] = pb[last * ps];
-    }
-    at1(length, b) = nb - 1;
-  }
-  return evicted;
+  std::vector<DecodeLayer> layers{DecodeLayer{&k, &v, &pos, q.contiguous()}};
+  return decode_evict_impl(layers, length.unsqueeze(0), n_seen, keep_fraction.unsqueeze(0),
+                           n_protected.unsqueeze(0), scale, n_sink, a.B, /*single=*/true, op)
+      .squeeze(0);
 }
 
 }  // namespace
@@ -731,6 +821,7 @@ TORCH_LIBRARY_IMPL(tgvkv, CPU, m) {
   m.impl("evict_from_scores", &evict_from_scores_cpu);
   m.impl("evict", &evict_cpu);
   m.impl("decode_evict_", &decode_evict_cpu);
+  m.impl("decode_evict_layers_", &decode_evict_layers_cpu);
 }
 
 }  // namespace tgvkv

@@ -324,6 +324,33 @@ def decode_evict_(k: Tensor, v: Tensor, pos: Tensor, length: Tensor, q: Tensor, 
                               _float_arg(op, "scale", scale), _int_arg(op, "n_sink", n_sink))
 
 
+def decode_evict_layers_(k_cache: Sequence[Tensor], v_cache: Sequence[Tensor],
+                         pos: Sequence[Tensor], length: Tensor, queries: Sequence[Tensor],
+                         n_seen: Tensor, keep_fraction: Tensor, n_protected: Tensor,
+                         scale: float, n_sink: int = 4) -> Tensor:
+    """One decode-time eviction step of a whole cache (all L layers), in place: one op call per
+    generated token (SPEC §4); layer ``l`` gets exactly :func:`decode_evict_` of its slices.
+
+    Parameters
+    ----------
+    k_cache, v_cache : L tensors ``[B, Hkv, S_l, D]`` (``S_l`` may differ per layer), live slots
+        ``[0, length[l, b])`` in any order, modified in place.
+    pos : L tensors ``[B, S_l]`` int64, original position of each slot, modified in place.
+    length : ``[L, B]`` int64 live slot counts, modified in place.
+    queries : L tensors ``[B, Hq, D]``, post-RoPE query of the newest token per layer.
+    n_seen : ``[B]`` int64 tokens seen. keep_fraction : ``[L, B]`` float64.
+    n_protected : ``[L, B]`` int64. scale : float. n_sink : int.
+
+    Returns
+    -------
+    Tensor
+        ``[L, B]`` int64: the evicted ``pos`` per layer and sample, or ``-1``.
+    """
+    return _ops.decode_evict_layers_(list(k_cache), list(v_cache), list(pos), length,
+                                     list(queries), n_seen, keep_fraction, n_protected,
+                                     float(scale), int(n_sink))
+
+
 # --------------------------------------------------------------------------------------------
 # Fake kernels: output shapes from input shapes (torch.compile / meta tensors / opcheck)
 # --------------------------------------------------------------------------------------------
@@ -500,7 +527,37 @@ def _decode_evict_fake(k, v, pos, length, q, n_seen, keep_fraction, n_protected,
     return k.new_empty((k.shape[0],), dtype=torch.int64)
 
 
+@torch.library.register_fake("tgvkv::decode_evict_layers_")
+def _decode_evict_layers_fake(k_cache, v_cache, pos, length, queries, n_seen, keep_fraction,
+                              n_protected, scale, n_sink=4):
+    op = "tgvkv::decode_evict_layers_"
+    L = len(k_cache)
+    for name, lst in (("v_cache", v_cache), ("pos", pos), ("queries", queries)):
+        if len(lst) != L:
+            raise RuntimeError(f"{op}: '{name}' must have one tensor per layer of 'k_cache' "
+                               f"({L}), got {len(lst)}")
+    c = _FakeCheck("decode_evict_layers_")
+    c(length, "length", "L B", (torch.int64,))
+    c(n_seen, "n_seen", "B", (torch.int64,))
+    c(keep_fraction, "keep_fraction", "L B", (torch.float64,))
+    c(n_protected, "n_protected", "L B", (torch.int64,))
+    for l in range(L):
+        layer = {}  # Hkv, S, D, Dv, Hq are per layer; B and L come from length
+        c(k_cache[l], f"k_cache[{l}]", "B Hkv S D", _FLOAT, scope=layer)
+        c(v_cache[l], f"v_cache[{l}]", "B Hkv S Dv", scope=layer)
+        c.same_dtype(v_cache[l], k_cache[l], f"v_cache[{l}]", f"k_cache[{l}]")
+        c.same_dtype(k_cache[l], k_cache[0], f"k_cache[{l}]", "k_cache[0]")
+        c(queries[l], f"queries[{l}]", "B Hq D", scope=layer)
+        c.same_dtype(queries[l], k_cache[l], f"queries[{l}]", f"k_cache[{l}]")
+        c(pos[l], f"pos[{l}]", "B S", (torch.int64,), scope=layer)
+        if queries[l].shape[1] % max(k_cache[l].shape[1], 1) or k_cache[l].shape[1] == 0:
+            raise RuntimeError(f"{op}: 'queries[{l}]' heads ({queries[l].shape[1]}) must be a "
+                               f"positive multiple of 'k_cache[{l}]' heads ({k_cache[l].shape[1]})")
+    return length.new_empty(tuple(length.shape), dtype=torch.int64)
+
+
 __all__ = [
     "PAD", "TEXT", "VISION", "modality_map", "guidance_positions", "score_text_vision",
     "layer_budgets", "select_keep", "compact_", "evict_from_scores", "evict", "decode_evict_",
+    "decode_evict_layers_",
 ]

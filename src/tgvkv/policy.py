@@ -4,7 +4,8 @@ The policy decides *what* is kept; ``tgvkv.ops`` decide *how fast*; ``tgvkv.hf``
 it plugs in*. The model layer (:mod:`tgvkv.hf`) never looks inside a policy: during prefill it hands
 every decoder layer's post-RoPE queries and keys to :meth:`Policy.layer_scores`, after the last layer
 it calls :meth:`Policy.evict` once for the whole cache, and after every decode step it calls
-:meth:`Policy.decode_step` per layer. A baseline (H2O, SnapKV, StreamingLLM, PyramidKV, random, ...)
+:meth:`Policy.decode_step_layers` once for all layers (by default one ``decode_evict_layers_``
+call; :meth:`Policy.decode_step` per layer for policies that override it). A baseline (H2O, SnapKV, StreamingLLM, PyramidKV, random, ...)
 is a subclass that overrides some of these hooks and reuses the same wiring::
 
     class Random(tgvkv.Policy):
@@ -30,6 +31,10 @@ Hooks (shapes as in the README's API table; ``L`` layers, ``B`` samples, ``N`` p
   compaction of the L layers; returns ``(keep_idx, n_kept, n_protected, keep_fraction)``.
 - ``decode_step(layer_idx, k, v, pos, length, q, n_seen, keep_fraction, n_protected, scale)``:
   at most one in-place eviction per sample after a decode step (default: ``decode_evict_``).
+- ``decode_step_layers(k_cache, v_cache, pos, length [L, B], queries, n_seen, keep_fraction
+  [L, B], n_protected [L, B], scale)``: what the model layer calls once per decode step, after
+  the forward; default: one ``decode_evict_layers_`` call for all layers, or ``decode_step`` per
+  layer when a subclass overrides that.
 - ``evicts(q_pos, modality) -> bool``: whether prefill eviction can change anything for this batch;
   when it returns False the model runs exactly as unpatched (bit for bit).
 """
@@ -169,6 +174,26 @@ class Policy:
             return None
         return self.ops.decode_evict_(k, v, pos, length, q, n_seen, keep_fraction,
                                       n_protected, float(scale), self.n_sink)
+
+    def decode_step_layers(self, k_cache, v_cache, pos, length, queries, n_seen, keep_fraction,
+                           n_protected, scale):
+        """The decode step of every layer at once, after the model's forward of one token.
+
+        Equivalent to calling :meth:`decode_step` for each layer right after its attention (a
+        layer's eviction touches only that layer's cache). Default: one
+        ``decode_evict_layers_`` call for the whole cache; a subclass that overrides
+        :meth:`decode_step` gets one call of it per layer (``length[l]``, ``keep_fraction[l]``,
+        ``n_protected[l]`` are views of the ``[L, B]`` tensors, updated in place).
+        """
+        fused = getattr(self.ops, "decode_evict_layers_", None)
+        if type(self).decode_step is not Policy.decode_step or fused is None:
+            return [self.decode_step(l, k, v, p, length[l], q, n_seen, keep_fraction[l],
+                                     n_protected[l], scale)
+                    for l, (k, v, p, q) in enumerate(zip(k_cache, v_cache, pos, queries))]
+        if not self.decode_evict:
+            return None
+        return fused(k_cache, v_cache, pos, length, queries, n_seen, keep_fraction, n_protected,
+                     float(scale), self.n_sink)
 
 
 def ops_field():

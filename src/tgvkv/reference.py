@@ -448,6 +448,24 @@ def decode_evict_(k, v, pos, length, q, n_seen, keep_fraction, n_protected, scal
     return evicted
 
 
+def decode_evict_layers_(k_cache, v_cache, pos, length, queries, n_seen, keep_fraction,
+                         n_protected, scale, n_sink=4):
+    """Reference of ``tgvkv::decode_evict_layers_``: :func:`decode_evict_` of every layer ``l``
+    on its own tensors and rows ``length[l]``, ``keep_fraction[l]``, ``n_protected[l]`` (the
+    layers are independent: no layer reads another's cache).
+
+    Returns
+    -------
+    evicted : [L, B] int64.
+    """
+    rows = [decode_evict_(k, v, p, length[l], q, n_seen, keep_fraction[l], n_protected[l],
+                          scale, n_sink)
+            for l, (k, v, p, q) in enumerate(zip(k_cache, v_cache, pos, queries))]
+    if not rows:
+        return torch.full(tuple(length.shape), -1, dtype=torch.int64)
+    return torch.stack(rows)
+
+
 # --------------------------------------------------------------------------------------------
 # The whole prefill policy from eager attention weights (oracle of the model layer)
 # --------------------------------------------------------------------------------------------
@@ -496,6 +514,7 @@ def policy_from_attention(attentions: Sequence[torch.Tensor], modality: torch.Te
 
 __all__ = [
     "PAD", "TEXT", "VISION", "modality_map", "guidance_positions", "text_attention",
-    "scores_from_attention", "all_query_text_scores", "score_text_vision", "layer_budgets", "select_keep", "compact_",
-    "evict_from_scores", "evict", "decode_evict_", "policy_from_attention",
+    "scores_from_attention", "all_query_text_scores", "score_text_vision", "layer_budgets",
+    "select_keep", "compact_", "evict_from_scores", "evict", "decode_evict_", "decode_evict_layers_",
+    "policy_from_attention",
 ]

@@ -402,10 +402,20 @@ def decode_evict_(k, v, pos, length, q, n_seen, keep_fraction, n_protected, scal
     return evicted
 
 
+
+def decode_evict_layers_(k_cache, v_cache, pos, length, queries, n_seen, keep_fraction,
+                         n_protected, scale, n_sink=4):
+    """Plain-PyTorch ``decode_evict_layers_``: :func:`decode_evict_` per layer (rows of the
+    ``[L, B]`` tensors are views, updated in place)."""
+    rows = [decode_evict_(k, v, p, length[l], q, n_seen, keep_fraction[l], n_protected[l], scale,
+                          n_sink)
+            for l, (k, v, p, q) in enumerate(zip(k_cache, v_cache, pos, queries))]
+    return torch.stack(rows) if rows else length.new_full(tuple(length.shape), -1)
+
 __all__ = [
     "GuidanceMasks", "guidance_masks", "causal_allowed", "bias_from_allowed",
     "head_averaged_attention", "text_attention", "scores_from_attention", "score_text_vision",
     "gather_rows", "text_column_mass",
     "sample_facts", "layer_budgets", "select_keep", "compact", "evict_from_scores", "evict",
-    "decode_attention", "evict_lowest_", "decode_evict_",
+    "decode_attention", "evict_lowest_", "decode_evict_", "decode_evict_layers_",
 ]

@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "tgvkv/cuda/compact.cuh"
 #include "tgvkv/cuda/decode.cuh"
@@ -365,56 +366,62 @@ void op_evict(const Case& c) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// decode_evict_: the workspace of decode_evict_cuda and launch_decode (decode_evict.cu)
+// decode_evict_ / decode_evict_layers_: the layer groups and workspaces of run_decode
+// (decode_evict.cu). meta: L (default 1) layers of capacity S (one layer) or S0..S{L-1}; inputs
+// k, v: the layers' [B, Hkv, S_l, D] concatenated; pos: [B, S_l] concatenated; length,
+// keep_fraction, n_protected: [L, B]; q: [L, B, Hq, D]; n_seen: [B].
 // ---------------------------------------------------------------------------------------------
 void op_decode(const Case& c) {
+  const int64_t L = c.i64("L", 1);
   const int64_t B = c.i64("B"), Hq = c.i64("Hq"), Hkv = c.i64("Hkv"), D = c.i64("D"), Dv = c.i64("Dv");
-  const int64_t S = c.i64("S"), es = dtype_size(dtype_of(c));
-  Buf k = c.read("k", size_t(B * Hkv * S * D * es)), v = c.read("v", size_t(B * Hkv * S * Dv * es));
-  Buf pos = c.read("pos", size_t(B * S) * 8), length = c.read("length", size_t(B) * 8);
-  const Buf q = c.read("q", size_t(B * Hq * D * es)), n_seen = c.read("n_seen", size_t(B) * 8),
-            kf = c.read("keep_fraction", size_t(B) * 8), np = c.read("n_protected", size_t(B) * 8);
-  decode::Params p{};
-  p.B = int(B);
-  p.Hq = int(Hq);
-  p.Hkv = int(Hkv);
-  p.D = int(D);
-  p.Dv = int(Dv);
-  p.S = S;
-  p.scale = float(c.num("scale"));
-  p.n_sink = c.i64("n_sink");
-  p.k = k.data();
-  p.ks0 = Hkv * S * D; p.ks1 = S * D; p.ks2 = D; p.ks3 = 1;
-  p.v = v.data();
-  p.vs0 = Hkv * S * Dv; p.vs1 = S * Dv; p.vs2 = Dv; p.vs3 = 1;
-  p.pos = pos.as<int64_t>();
-  p.ps0 = S; p.ps1 = 1;
-  p.length = length.as<int64_t>();
-  p.ls0 = 1;
-  p.q = q.data();
-  p.n_seen = n_seen.as<int64_t>();
-  p.keep_fraction = kf.as<double>();
-  p.n_protected = np.as<int64_t>();
-  p.span = c.i64("span");  // kDecodeSpan of decode_evict.cu (smaller in tests: more splits)
-  p.nsplit = int((S + p.span - 1) / p.span);
-  Carver cv;
-  const size_t o_lg = cv.take<float>(size_t(B * Hq * S));
-  const size_t o_part = cv.take<float2>(size_t(B * p.nsplit * Hq));
-  const size_t o_theta = cv.take<int64_t>(size_t(B));
-  const size_t o_ba = cv.take<float>(size_t(B * p.nsplit));
-  const size_t o_bp = cv.take<int64_t>(size_t(B * p.nsplit));
-  const size_t o_bs = cv.take<int64_t>(size_t(B * p.nsplit));
-  Buf ws(cv.off + 256, 0x7f);
-  p.logits = reinterpret_cast<float*>(ws.data() + o_lg);
-  p.part = reinterpret_cast<float2*>(ws.data() + o_part);
-  p.theta = reinterpret_cast<int64_t*>(ws.data() + o_theta);
-  p.best_att = reinterpret_cast<float*>(ws.data() + o_ba);
-  p.best_pos = reinterpret_cast<int64_t*>(ws.data() + o_bp);
-  p.best_slot = reinterpret_cast<int64_t*>(ws.data() + o_bs);
-  std::vector<int64_t> evicted(size_t(B), -7);
-  p.evicted = evicted.data();
-  if (B > 0) {
-    const size_t smem1 = size_t(Hq + decode::kWarps) * size_t(D) * sizeof(float);
+  const int64_t es = dtype_size(dtype_of(c));
+  std::vector<int64_t> S(static_cast<size_t>(L));
+  int64_t sum_s = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    S[l] = L == 1 && c.has("S") ? c.i64("S") : c.i64("S" + std::to_string(l));
+    sum_s += S[l];
+  }
+  Buf k = c.read("k", size_t(B * Hkv * sum_s * D * es)), v = c.read("v", size_t(B * Hkv * sum_s * Dv * es));
+  Buf pos = c.read("pos", size_t(B * sum_s) * 8), length = c.read("length", size_t(L * B) * 8);
+  const Buf q = c.read("q", size_t(L * B * Hq * D * es)), n_seen = c.read("n_seen", size_t(B) * 8),
+            kf = c.read("keep_fraction", size_t(L * B) * 8), np = c.read("n_protected", size_t(L * B) * 8);
+  std::vector<int64_t> evicted(size_t(L * B), -7);
+  const size_t smem1 = decode::smem_bytes(Hq, D);
+  std::vector<int64_t> off(static_cast<size_t>(L) + 1, 0);  // slot offset of each layer
+  for (int64_t l = 0; l < L; ++l) off[l + 1] = off[l] + S[l];
+  for (int64_t l0 = 0; l0 < L && B > 0; l0 += decode::kMaxLayers) {
+    const int n = int(std::min<int64_t>(decode::kMaxLayers, L - l0));
+    decode::Params p{};
+    p.L = n;
+    p.B = int(B);
+    p.Hq = int(Hq);
+    p.Hkv = int(Hkv);
+    p.D = int(D);
+    p.Dv = int(Dv);
+    p.scale = float(c.num("scale"));
+    p.n_sink = c.i64("n_sink");
+    p.span = c.i64("span");  // kDecodeSpan of decode_evict.cu (smaller in tests: more splits)
+    p.length = length.as<int64_t>() + l0 * B;
+    p.ls0 = B;
+    p.ls1 = 1;
+    p.n_seen = n_seen.as<int64_t>();
+    p.keep_fraction = kf.as<double>() + l0 * B;
+    p.n_protected = np.as<int64_t>() + l0 * B;
+    p.evicted = evicted.data() + l0 * B;
+    for (int i = 0; i < n; ++i) {
+      const int64_t l = l0 + i, Sl = S[l];
+      decode::Layer& ly = p.layers[i];
+      ly.k = k.data() + size_t(B * Hkv * off[l] * D * es);
+      ly.ks0 = Hkv * Sl * D; ly.ks1 = Sl * D; ly.ks2 = D; ly.ks3 = 1;
+      ly.v = v.data() + size_t(B * Hkv * off[l] * Dv * es);
+      ly.vs0 = Hkv * Sl * Dv; ly.vs1 = Sl * Dv; ly.vs2 = Dv; ly.vs3 = 1;
+      ly.pos = pos.as<int64_t>() + B * off[l];
+      ly.ps0 = Sl; ly.ps1 = 1;
+      ly.q = q.data() + size_t(l * B * Hq * D * es);
+      ly.S = Sl;
+    }
+    Buf ws(decode::plan(p, nullptr), 0x7f);
+    decode::plan(p, ws.data());
     check(launch_decode(p, dtype_of(c), smem1, nullptr));
   }
   c.write("k", k.data(), k.n);

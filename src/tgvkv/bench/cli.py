@@ -8,6 +8,7 @@ Usage::
                     --vision-tokens 2928 --text-tokens 40 --batch 1
     tgvkv-bench generate --preset tiny --keep-ratio 1.0 0.5 0.1 --batch 1 4
     tgvkv-bench generate --model /path/to/llava-1.5-7b-hf --device cuda
+    tgvkv-bench generate --kv-dominated --json bench/results/cpu_generate_kv_dominated.json
     tgvkv-bench accuracy
     ... --json report.json --plot report.png
 
@@ -171,8 +172,14 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", action="store_true",
                    help="CUDA: search the largest batch that fits with and without eviction")
     g.add_argument("--layers", type=_pos_int, default=None,
-                   help="--preset only: build the architecture with this many decoder layers "
-                        "(e.g. a full-width model with 2 layers on CPU)")
+                   help="decoder layers of the preset's language model (full width; default: "
+                        "the preset's own count, 2 with --kv-dominated)")
+    g.add_argument("--kv-dominated", action="store_true",
+                   help="CPU: the configuration where K/V reads dominate the decode step, chosen "
+                        "from a roofline model of the measured GEMM rate and bandwidth (preset "
+                        "llava-1.5-7b, --layers 2, batches 1 and 8, prompt length from the model; "
+                        "one prefill, every keep ratio decoded from copies of its state); see "
+                        "tgvkv.bench.kv_dominated")
     _text_score_arg(g)
 
 
@@ -261,7 +268,9 @@ def run_generate_section(args, device, dtype, dtype_name, progress=True, keep_ra
         new_tokens=new_tokens or getattr(args, "new_tokens", 32),
         reps=reps or getattr(args, "reps", 3), seed=args.seed, progress=progress,
         max_batch=getattr(args, "max_batch", False), error=UserError,
-        text_score=getattr(args, "text_score", "all_queries"), layers=getattr(args, "layers", None),
+        text_score=getattr(args, "text_score", "all_queries"),
+        layers=getattr(args, "layers", None) if getattr(args, "command", None) == "generate"
+        else None,
         progress_factory=(lambda n, d: progress_bar(n, d, not progress)))
 
 
@@ -296,6 +305,23 @@ def _run_command(cmd, args, report, device, dtype, dtype_name, progress) -> list
     if cmd == "generate":
         if args.model is not None and args.preset is not None:
             raise UserError("give --model PATH or --preset NAME, not both")
+        if args.kv_dominated:
+            from .kv_dominated import kv_table, run_kv_dominated
+
+            if args.model is not None:
+                raise UserError("--kv-dominated builds its model from a preset; drop --model")
+            if device != "cpu":
+                raise UserError("--kv-dominated is the CPU roofline configuration (--device cpu)")
+            try:
+                report["generate"] = run_kv_dominated(
+                    preset=args.preset or "llava-1.5-7b", layers=args.layers or 2,
+                    keep_ratios=args.keep_ratio or list(DEFAULT_KEEP_RATIOS_GEN),
+                    batches=args.batch if args.batch != [1] else [1, 8],
+                    new_tokens=args.new_tokens, dtype=dtype, dtype_name=dtype_name,
+                    device=device, seed=args.seed, progress=progress)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            return [kv_table(report["generate"])]
         report["generate"] = run_generate_section(args, device, dtype, dtype_name, progress)
         return [generate_table(report["generate"])]
     if cmd == "accuracy":

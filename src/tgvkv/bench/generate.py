@@ -26,21 +26,9 @@ def _available_bytes(device: str) -> int | None:
         return None
 
 
-def _preset_config(tiny, name, layers):
-    """The preset's config, with ``layers`` decoder layers when given (full width, fewer layers:
-    a full-size layer's cost on a CPU)."""
-    cfg = tiny.config(name)
-    if layers is not None:
-        tc = cfg.get_text_config()
-        tc.num_hidden_layers = int(layers)
-        if getattr(tc, "layer_types", None):
-            tc.layer_types = list(tc.layer_types)[: int(layers)]
-    return cfg
-
-
 def load_model(model_path, preset, device, dtype, seed, error, layers=None):
     """(model, name, kind): a local checkpoint or an architecture with random weights
-    (``layers``: presets only, that many decoder layers)."""
+    (``layers``: decoder layers of the preset's language model, full width)."""
     if layers is not None and model_path is not None:
         raise error("--layers applies to --preset models only (not to --model checkpoints)")
     if model_path is not None:  # checked before the (slow) transformers import
@@ -78,18 +66,40 @@ def load_model(model_path, preset, device, dtype, seed, error, layers=None):
                     f"{', '.join(names)})")
     if name == "tiny-llama":
         raise error("tiny-llama is a text-only model: nothing to evict; pick a VLM preset")
-    cfg = _preset_config(tiny, name, layers)
+    mcfg = _layers_config(name, layers)
     with torch.device("meta"):
-        meta = tiny.MODEL_CLASSES[cfg.model_type](cfg)
+        meta = tiny.MODEL_CLASSES[mcfg.model_type](mcfg)
     need = sum(p.numel() for p in meta.parameters()) * torch.empty((), dtype=dtype).element_size()
     del meta
     avail = _available_bytes(device)
     if avail is not None and need > 0.8 * avail:
         raise error(f"preset {name}: its weights need {need / 2**30:.1f} GiB of {dtype} but only "
                     f"{avail / 2**30:.1f} GiB is free on {device}; use a tiny-* preset (or a GPU)")
-    if layers is None:
-        return tiny.build(name, seed=seed, dtype=dtype, device=device), name, "random weights"
-    cfg._attn_implementation = "sdpa"  # as tiny.build, from the modified config
+    if layers is not None:
+        return _build_layers(name, layers, seed, dtype, device), f"{name} ({layers} layers)", \
+            "random weights"
+    return tiny.build(name, seed=seed, dtype=dtype, device=device), name, "random weights"
+
+
+def _layers_config(name, layers=None):
+    """The config of preset ``name``, with ``layers`` decoder layers when given."""
+    from .. import testing as tiny
+
+    cfg = tiny.config(name)
+    if layers is not None:
+        text = cfg.get_text_config()
+        text.num_hidden_layers = layers
+        if getattr(text, "layer_types", None):
+            text.layer_types = text.layer_types[:1] * layers
+    return cfg
+
+
+def _build_layers(name, layers, seed, dtype, device):
+    """tgvkv.testing.build(name) with ``layers`` decoder layers in the language model."""
+    from .. import testing as tiny
+
+    cfg = _layers_config(name, layers)
+    cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -99,7 +109,7 @@ def load_model(model_path, preset, device, dtype, seed, error, layers=None):
     finally:
         torch.set_default_dtype(old)
     model.generation_config.pad_token_id = 0
-    return model.eval(), f"{name} ({layers} layers)", "random weights"
+    return model.eval()
 
 
 def _prompt(model, b: int, kind: str) -> list:

@@ -69,21 +69,25 @@ class TGVKVLayer(DynamicLayer):
                 "tgvkv: after eviction the cache accepts one new token per step (greedy/sampling "
                 f"decode); got {q_len} tokens (chunked prefill, assisted or speculative decoding, "
                 "or a second prompt on the same cache are not supported)")
-        B = key_states.shape[0]
         if self.bound + 1 > self.keys.shape[2]:
             self._grow(self.bound + 1)
-        b = torch.arange(B, device=self.keys.device)
-        self.keys[b, :, self.length] = key_states[:, :, 0].to(self.keys.dtype)
-        self.values[b, :, self.length] = value_states[:, :, 0].to(self.values.dtype)
-        self.pos[b, self.length] = self.n_virtual
+        # write the new token at slot length[b] of each sample: scatter along the slot dim with
+        # the live lengths as index (no host sync, no index tensors built per step)
+        B, H, _, D = self.keys.shape
+        idx = self.length.view(B, 1, 1, 1)
+        self.keys.scatter_(2, idx.expand(B, H, 1, D), key_states.to(self.keys.dtype))
+        self.values.scatter_(2, idx.expand(B, H, 1, self.values.shape[3]),
+                             value_states.to(self.values.dtype))
+        self.pos.scatter_(1, self.length.view(B, 1), self.n_virtual)
         self.length += 1
         self.n_virtual += 1
         self.bound += 1
         if self.n_virtual % _REBOUND_EVERY == 0:  # decode evictions shrink lengths: re-tighten
             self.bound = max(1, int(self.length.max()))
         S = self.bound
-        slots = torch.arange(S, device=self.keys.device)
-        self.mask = (slots[None, :] < self.length[:, None])[:, None, None, :]
+        # live-slot mask, written into a buffer preallocated with the capacity
+        torch.lt(self._slots[:S], self.length.view(B, 1), out=self._mask_buf[:, 0, 0, :S])
+        self.mask = self._mask_buf[:, :, :, :S]
         return self.keys[:, :, :S], self.values[:, :, :S]
 
     def get_seq_length(self) -> int:
@@ -110,6 +114,7 @@ class TGVKVLayer(DynamicLayer):
         if self.compacted:
             for name in ("length", "pos", "keep_fraction", "n_protected"):
                 setattr(self, name, getattr(self, name)[idx])
+            self._alloc_step_buffers()
 
     def reorder_cache(self, beam_idx):
         if self.keys is not None and self.keys.numel():
@@ -138,6 +143,15 @@ class TGVKVLayer(DynamicLayer):
         v[:, :, :cap] = self.values
         p[:, :cap] = self.pos
         self.keys, self.values, self.pos = k, v, p
+        self._alloc_step_buffers()
+
+    def _alloc_step_buffers(self) -> None:
+        """Slot indices [cap] and the mask buffer [B, 1, 1, cap] of the decode steps (reallocated
+        only when the capacity grows)."""
+        B, _, cap, _ = self.keys.shape
+        dev = self.keys.device
+        self._slots = torch.arange(cap, device=dev)
+        self._mask_buf = torch.zeros(B, 1, 1, cap, dtype=torch.bool, device=dev)
 
     def _compact_to(self, keep_idx_l, n_kept_l, n_kept_host, keep_fraction_l, n_protected_l):
         S = max(1, max(n_kept_host))
@@ -151,6 +165,7 @@ class TGVKVLayer(DynamicLayer):
         self.n_protected = n_protected_l.to(dev, torch.int64).clone()
         self.bound = S
         self.compacted = True
+        self._alloc_step_buffers()
 
 
 @dataclass(frozen=True)
@@ -235,6 +250,10 @@ class TGVKVCache(DynamicCache):
         self._bytes_after = None
         self._scores: list = [None] * num_layers
         self._stats: list = [None] * num_layers
+        # decode: [L, B] state whose rows are the layers' length / keep_fraction / n_protected
+        self.length = self.keep_fraction = self.n_protected = None
+        self._queries: list = [None] * num_layers  # this step's query [B, Hq, D] per layer
+        self._scales: list = [None] * num_layers
 
     # ---- prefill ------------------------------------------------------------------------------
     def begin_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
@@ -276,6 +295,7 @@ class TGVKVCache(DynamicCache):
             layer._compact_to(keep_idx[l], n_kept[l], n_kept_host[l], frac[l], n_prot[l])
         self.result = (keep_idx, n_kept, n_prot, frac)
         self.n_seen = self.n_seen.to(dev)
+        self._bind_decode_state()
         self.phase = "done"
         self.evict_ms = (time.perf_counter() - t0) * 1e3
         self._bytes_after = self.nbytes()
@@ -295,11 +315,57 @@ class TGVKVCache(DynamicCache):
             self.n_seen += key_states.shape[-2]
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def _bind_decode_state(self) -> None:
+        """Stack the layers' length / keep_fraction / n_protected into [L, B] tensors (what the
+        one decode-step op takes) and make each layer's attribute a view of its row, so the op's
+        in-place updates and the layers' own (append, mask) are the same memory."""
+        for name in ("length", "keep_fraction", "n_protected"):
+            rows = [getattr(layer, name) for layer in self.layers]
+            stacked = torch.stack(rows)
+            setattr(self, name, stacked)
+            for l, layer in enumerate(self.layers):
+                setattr(layer, name, stacked[l])
+
+    def capture_query(self, layer_idx: int, q: torch.Tensor, scale: float) -> None:
+        """Called by the attention function of a decode step: the layer's query [B, Hq, D] (a
+        view, no copy); after the last layer, the decode-time eviction of every layer runs."""
+        self._queries[layer_idx] = q
+        self._scales[layer_idx] = float(scale)
+        if layer_idx == len(self.layers) - 1:
+            self.decode_step()
+
+    def decode_step(self) -> None:
+        """One decode-time eviction for all layers (policy.decode_step_layers: by default one
+        decode_evict_layers_ call), after every layer attended with the cache of this step.
+        Equivalent to evicting each layer right after its own attention: a layer's eviction
+        touches only its own cache, and the next step reads it only after this one."""
+        qs, scales = self._queries, self._scales
+        missing = [l for l, q in enumerate(qs) if q is None]
+        if missing:
+            raise RuntimeError(f"tgvkv: layers {missing} did not attend in this decode step (was "
+                               "the model's attention implementation changed after patching?)")
+        self._queries = [None] * len(qs)
+        layers = self.layers
+        k = [layer.keys for layer in layers]
+        v = [layer.values for layer in layers]
+        pos = [layer.pos for layer in layers]
+        if any(sc != scales[0] for sc in scales):  # layers with their own scaling: one by one
+            for l, layer in enumerate(layers):
+                self.policy.decode_step_layers(k[l:l + 1], v[l:l + 1], pos[l:l + 1],
+                                               self.length[l:l + 1], qs[l:l + 1], self.n_seen,
+                                               self.keep_fraction[l:l + 1],
+                                               self.n_protected[l:l + 1], scales[l])
+            return
+        self.policy.decode_step_layers(k, v, pos, self.length, qs, self.n_seen,
+                                       self.keep_fraction, self.n_protected, scales[0])
+
     def _batch_state(self, idx):
         for name in ("modality", "q_pos", "n_seen"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t[idx.to(t.device)])
+        if self.length is not None:  # the layers reindexed their rows: stack them again
+            self._bind_decode_state()
 
     def reorder_cache(self, beam_idx):
         super().reorder_cache(beam_idx)

@@ -21,7 +21,8 @@ cache), so one patched model may serve several threads at once; the policy itsel
 The attention function: without an active TGV-KV cache (or in passthrough) it calls the base
 function unchanged. During prefill it calls the base function, then the policy's
 ``layer_scores`` on the post-RoPE queries/keys it was given. After compaction (decode) it attends
-with SDPA and the cache's own per-layer mask, then calls the policy's ``decode_step``.
+with SDPA and the cache's own per-layer mask and hands the step's query to the cache; after the
+last layer the cache calls the policy's ``decode_step_layers`` once for all layers.
 """
 
 from __future__ import annotations
@@ -147,9 +148,8 @@ def _make_attention(base_name: str):
                 raise NotImplementedError("tgvkv: one query token per decode step after eviction")
             kw = {k: v for k, v in kwargs.items() if k not in ("sliding_window", "s_aux")}
             out = sdpa_attention_forward(module, query, key, value, layer.mask, **kw)
-            cache.policy.decode_step(layer_idx, layer.keys, layer.values, layer.pos, layer.length,
-                                     query[:, :, -1], cache.n_seen, layer.keep_fraction,
-                                     layer.n_protected, scaling)
+            # the eviction of this step runs once for all layers, after the last one attended
+            cache.capture_query(layer_idx, query[:, :, -1], scaling)
             return out
         out = base(module, query, key, value, attention_mask, **kwargs)
         if cache.phase == "prefill":

@@ -207,6 +207,15 @@ inline T __ldg(const T* p) {
   if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) emu::fail("misaligned __ldg");
   return *p;
 }
+// L2 loads (bypassing L1): plain loads here, where there is no cache to bypass.
+template <typename T>
+inline T __ldcg(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) emu::fail("misaligned __ldcg");
+  return *p;
+}
+// Device-wide memory fence (blocks run one at a time here; the threads of a block are real
+// threads, so it is a real fence).
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline float __fmul_rn(float a, float b) {
   volatile float r = a * b;  // never contracted into an FMA
   return r;

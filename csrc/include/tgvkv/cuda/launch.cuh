@@ -272,38 +272,85 @@ namespace decode {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
+// Layers per decode launch (the per-layer views travel in the kernel parameters, < 4 KB): a
+// cache of L layers takes ceil(L / kMaxLayers) launches.
+constexpr int kMaxLayers = 24;
+
+// Dynamic shared memory of the decode kernel: q as fp32 [Hq, D] + one key row per warp, reused
+// by the finishing block for the per-head (max, sum) [2, Hq].
+inline size_t smem_bytes(int64_t Hq, int64_t D) {
+  const size_t a = size_t(Hq + kWarps) * size_t(D), b = 2 * size_t(Hq);
+  return (a > b ? a : b) * sizeof(float);
+}
+
+// One layer of a decode launch group: its K/V/pos/q views and where its workspace starts.
+struct Layer {
+  void* k;                      // [B, Hkv, S, D]
+  void* v;                      // [B, Hkv, S, Dv]
+  int64_t* pos;                 // [B, S]
+  const void* q;                // [B, Hq, D] contiguous
+  int64_t ks0, ks1, ks2, ks3;   // element strides of k
+  int64_t vs0, vs1, vs2, vs3;   // element strides of v
+  int64_t ps0, ps1;             // element strides of pos
+  int64_t S;                    // slot capacity
+  int64_t lg_off;               // this layer's logits [B, Hq, S] start in Params::logits
+  int64_t sp_off;               // its [B, nsplit] entries start in part (x Hq)
+  int nsplit;                   // ceil(S / span)
+};
+
 struct Params {
-  int B, Hq, Hkv, D, Dv;  // D: head dim of q / k, Dv: of v
-  int64_t S;  // slot capacity
+  int L, B, Hq, Hkv, D, Dv;  // L: layers of this group (grid z); D: head dim of q / k, Dv: of v
   float scale;
   int64_t n_sink;
-  void* k;  // [B, Hkv, S, D]
-  int64_t ks0, ks1, ks2, ks3;
-  void* v;  // [B, Hkv, S, Dv]
-  int64_t vs0, vs1, vs2, vs3;
-  int64_t* pos;  // [B, S]
-  int64_t ps0, ps1;
-  int64_t* length;  // [B]
-  int64_t ls0;
-  const void* q;                // [B, Hq, D] contiguous
+  int64_t span;  // slots per split
+  int nsplit;    // the most splits of any layer of the group (grid x)
+  int64_t* length;  // [L, B] (the group's first layer), element strides ls0, ls1
+  int64_t ls0, ls1;
   const int64_t* n_seen;        // [B] contiguous
-  const double* keep_fraction;  // [B] contiguous
-  const int64_t* n_protected;   // [B] contiguous
-  int nsplit;
-  int64_t span;      // slots per split
-  float* logits;     // [B, Hq, S] workspace
-  float2* part;      // [B, nsplit, Hq] workspace
-  int64_t* theta;    // [B] workspace
-  float* best_att;   // [B, nsplit]
-  int64_t* best_pos; // [B, nsplit]
-  int64_t* best_slot;// [B, nsplit]
-  int64_t* evicted;  // [B]
+  const double* keep_fraction;  // [L, B] contiguous (group's first layer)
+  const int64_t* n_protected;   // [L, B] contiguous (group's first layer)
+  float* logits;     // workspace: per layer [B, Hq, S_l]
+  float2* part;      // workspace: per layer [B, nsplit_l, Hq]
+  int64_t* theta;    // workspace [L, B]
+  int* counter;      // workspace [L, B]: blocks of (l, b) done (zeroed by the launcher)
+  int64_t* evicted;  // [L, B] contiguous (group's first layer)
+  Layer layers[kMaxLayers];
 };
+static_assert(sizeof(Params) < 4000, "kernel parameters must stay under 4 KB");
+
+// Workspace layout of a group: fills each layer's lg_off / sp_off / nsplit (from S and span) and,
+// when ws != nullptr, the workspace pointers of p. Returns the workspace bytes.
+inline size_t plan(Params& p, void* ws) {
+  int64_t lg = 0, sp = 0;
+  p.nsplit = 0;
+  for (int i = 0; i < p.L; ++i) {
+    Layer& ly = p.layers[i];
+    ly.nsplit = int((ly.S + p.span - 1) / p.span);
+    ly.lg_off = lg;
+    ly.sp_off = sp;
+    lg += int64_t(p.B) * p.Hq * ly.S;
+    sp += int64_t(p.B) * ly.nsplit;
+    p.nsplit = ly.nsplit > p.nsplit ? ly.nsplit : p.nsplit;
+  }
+  Carver c;
+  const size_t o_lg = c.take<float>(size_t(lg));
+  const size_t o_part = c.take<float2>(size_t(sp) * p.Hq);
+  const size_t o_theta = c.take<int64_t>(size_t(p.L) * p.B);
+  const size_t o_cnt = c.take<int>(size_t(p.L) * p.B);
+  if (ws != nullptr) {
+    char* base = static_cast<char*>(ws);
+    p.logits = reinterpret_cast<float*>(base + o_lg);
+    p.part = reinterpret_cast<float2*>(base + o_part);
+    p.theta = reinterpret_cast<int64_t*>(base + o_theta);
+    p.counter = reinterpret_cast<int*>(base + o_cnt);
+  }
+  return c.off + 256;
+}
 
 }  // namespace decode
 
-// The three decode launches of p (planned by the caller); smem1: dynamic shared memory of the
-// logits kernel, (Hq + kWarps) * D floats.
+// The decode step of the p.L layers of p (planned with decode::plan): a memset of the hand-off
+// counters and one kernel launch; smem1: its dynamic shared memory (decode::smem_bytes).
 cudaError_t launch_decode(const decode::Params& p, DType dtype, size_t smem1, cudaStream_t stream);
 
 }  // namespace cuda
