@@ -180,14 +180,19 @@ inline void check_no_overlap(const at::Tensor& a, const at::Tensor& b, const cha
 
 // Every value of a 1-D int64 CPU tensor t [B] (any stride) is >= lo: the data-dependent range
 // check of the CPU ops (the CUDA ops do not read values back: a host sync).
+// Every value of an int64 tensor of 1 or 2 dims ([B] or [L, B], any strides) is >= lo.
 inline void check_values_at_least(const at::Tensor& t, int64_t lo, const char* op,
                                   const char* name, const char* why) {
   const int64_t* p = t.data_ptr<int64_t>();
-  for (int64_t i = 0; i < t.size(0); ++i) {
-    const int64_t x = p[i * t.stride(0)];
-    TGVKV_CHECK_VALUE(x >= lo, op, "'", name, "' values must be >= ", lo, " (", why, "), got ", x,
-                      " at [", i, "]");
-  }
+  const bool two = t.dim() == 2;
+  const int64_t R = two ? t.size(0) : 1, C = two ? t.size(1) : t.size(0);
+  const int64_t sr = two ? t.stride(0) : 0, sc = two ? t.stride(1) : t.stride(0);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t i = 0; i < C; ++i) {
+      const int64_t x = p[r * sr + i * sc];
+      TGVKV_CHECK_VALUE(x >= lo, op, "'", name, "' values must be >= ", lo, " (", why, "), got ",
+                        x, " at [", two ? std::to_string(r) + ", " : std::string(), i, "]");
+    }
 }
 
 inline void check_keep_ratio(double keep_ratio, const char* op) {

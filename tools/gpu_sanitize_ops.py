@@ -73,7 +73,9 @@ def run_shape(cfg, dev, ops, seed):
     q_pos = ref.guidance_positions(mod)
     N, T = mod.shape[1], q_pos.shape[1]
     scale = 1.0 / math.sqrt(D)
-    qs = [_randn((B, Hq, T, D), dtype, seed + 10 + l) for l in range(L)]
+    # full query states: the ops' default text_score="all_queries" (its text-mass kernels
+    # run too; the guidance rows are gathered by the ops)
+    qs = [_randn((B, Hq, N, D), dtype, seed + 10 + l) for l in range(L)]
     ks = [_randn((B, Hkv, N, D), dtype, seed + 20 + l) for l in range(L)]
     vs = [_randn((B, Hkv, N, D), dtype, seed + 30 + l) for l in range(L)]
     d = dict(mod=mod.to(dev), q_pos=q_pos.to(dev))

@@ -619,7 +619,7 @@ Tensor decode_evict_impl(const std::vector<DecodeLayer>& layers, const Tensor& l
                          const Tensor& n_protected, double scale, int64_t n_sink, int64_t B,
                          bool single, const char* op) {
   const int64_t L = static_cast<int64_t>(layers.size());
-  op_args::check_decode_evict_values(n_seen, n_protected, op);
+  op_args::check_decode_evict_values(n_seen, single ? n_protected.squeeze(0) : n_protected, op);
   // active (l, b) pairs and their live lengths (serial: cheap, and it raises on bad lengths)
   std::vector<int64_t> items, lens(static_cast<size_t>(L * B), 0);
   int64_t work_max = 0;
