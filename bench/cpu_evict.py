@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--preset", default="llava-1.5-7b")
     ap.add_argument("--tag", default="", help="suffix of the output file names")
+    ap.add_argument("--text-score", default="all_queries", choices=["all_queries", "guidance"],
+                    help="text ranking of score_text_vision / evict (default all_queries)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     me = "python bench/cpu_evict.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
             js = os.path.join(tmp, "r.json")
             a = ["ops", "--preset", args.preset, "--dtype", dt, "--device", "cpu",
                  "--keep-ratio", *map(str, args.keep_ratio), "--reps", str(args.reps),
-                 "--min-time", str(args.min_time), "--json", js, "--no-progress"]
+                 "--min-time", str(args.min_time), "--json", js, "--no-progress",
+                 "--text-score", args.text_score]
             if args.threads:
                 a += ["--threads", str(args.threads)]
             rc = cli.main(a)
@@ -103,7 +106,8 @@ def main(argv=None) -> int:
                                        if k != "tgvkv_build"),
              f"- shape: L={sh['layers']} Hq={sh['heads']} Hkv={sh['kv_heads']} "
              f"D={sh['head_dim']} N={sh['tokens']} (vision {sh['vision_tokens']}, guidance text "
-             f"T={sh['text_tokens']}) B={sh['batch']}, budget mass",
+             f"T={sh['text_tokens']}) B={sh['batch']}, budget mass, text_score "
+             f"{first['ops'].get('text_score', 'guidance')}",
              f"- command: `{me}`, i.e. " + "; ".join(f"`{c}`" for c in commands),
              f"- copy bandwidth (tensor.copy_, read+write): "
              + ", ".join(f"{s['ops']['dtype']} run {s['ops']['copy_bandwidth_gbs']:.1f} GB/s"
@@ -132,7 +136,8 @@ def main(argv=None) -> int:
         for r in ops["rows"]:
             if r.get("gflops"):
                 g = r["gflops"]
-                lines.append(f"- {r['op']} keep {r['keep_ratio']:g}: Q·Kᵀ at {g['tgvkv']:.1f} "
+                lines.append(f"- {r['op']} keep {r['keep_ratio']:g} ({r.get('flop_model', 'guidance')} "
+                             f"flop model, see tgvkv.bench.ops._score_gflops): Q·Kᵀ at {g['tgvkv']:.1f} "
                              f"GFLOP/s = {r['pct_matmul']:.0f}% of `torch.matmul` of the same "
                              f"Q·Kᵀ in fp32 in this run ({g['matmul']:.1f} GFLOP/s, "
                              f"{r['matmul_ms']:.1f} ms); plain PyTorch {g['torch']:.1f} GFLOP/s")

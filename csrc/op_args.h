@@ -417,5 +417,63 @@ inline DecodeLayersArgs check_decode_evict_layers_args(
   return DecodeLayersArgs{L, B};
 }
 
+struct AppendArgs {
+  int64_t B, Hkv, S, D, Dv, M;
+};
+
+// decode_append_: k [B, Hkv, S, D], v [B, Hkv, S, Dv] (float, one dtype), pos [B, S] i64,
+// length [B] i64, mask [B, M] bool (M <= S), k_new [B, Hkv, 1, D] / v_new [B, Hkv, 1, Dv] in
+// k's dtype; position >= 0. The written tensors (k, v, pos, length, mask) must not overlap.
+inline AppendArgs check_decode_append_args(const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& pos, const at::Tensor& length,
+                                           const at::Tensor& mask, const at::Tensor& k_new,
+                                           const at::Tensor& v_new, int64_t position,
+                                           const char* op) {
+  check_kv_pair(k, v, op, "k", "v", kDecodeKV);
+  checks::check_float_dtype(k, op, "k");
+  const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), D = k.size(3), Dv = v.size(3);
+  struct New {
+    const at::Tensor* t;
+    const char* name;
+    const char* layout;
+    int64_t d;
+  };
+  for (const New& x : {New{&k_new, "k_new", "[B, Hkv, 1, D]", D},
+                       New{&v_new, "v_new", "[B, Hkv, 1, Dv]", Dv}}) {
+    checks::check_dim(*x.t, 4, op, x.name, x.layout);
+    checks::check_same_dtype(*x.t, k, op, x.name, "k");
+    checks::check_same_device(*x.t, k, op, x.name, "k");
+    checks::check_size(*x.t, 0, B, op, x.name, "B (from k)");
+    checks::check_size(*x.t, 1, Hkv, op, x.name, "Hkv (from k)");
+    checks::check_size(*x.t, 2, 1, op, x.name, "1 (one new token per step)");
+    checks::check_size(*x.t, 3, x.d, op, x.name, x.d == D ? "D (from k)" : "Dv (from v)");
+  }
+  checks::check_dim(pos, 2, op, "pos", "[B, S]");
+  checks::check_dtype(pos, at::kLong, op, "pos");
+  checks::check_size(pos, 0, B, op, "pos", "B (from k)");
+  checks::check_size(pos, 1, S, op, "pos", "S (from k)");
+  checks::check_same_device(pos, k, op, "pos", "k");
+  checks::check_dim(length, 1, op, "length", "[B]");
+  checks::check_dtype(length, at::kLong, op, "length");
+  checks::check_size(length, 0, B, op, "length", "B (from k)");
+  checks::check_same_device(length, k, op, "length", "k");
+  checks::check_dim(mask, 2, op, "mask", "[B, M]");
+  checks::check_dtype(mask, at::kBool, op, "mask");
+  checks::check_size(mask, 0, B, op, "mask", "B (from k)");
+  TGVKV_CHECK(mask.size(1) <= S, op, "'mask' covers ", mask.size(1), " slots, more than the ",
+              "S = ", S, " slots of 'k'");
+  checks::check_same_device(mask, k, op, "mask", "k");
+  TGVKV_CHECK_VALUE(position >= 0, op, "'position' must be >= 0 (the new token's position), got ",
+                    position);
+  std::vector<std::pair<std::string, const at::Tensor*>> w{
+      {"k", &k}, {"v", &v}, {"pos", &pos}, {"length", &length}, {"mask", &mask}};
+  check_written_disjoint(w, op);
+  for (const New& x : {New{&k_new, "k_new", nullptr, 0}, New{&v_new, "v_new", nullptr, 0}})
+    for (const auto& dst : w)
+      TGVKV_CHECK(!checks::may_share_memory(*x.t, *dst.second), op, "'", x.name, "' shares memory ",
+                  "with '", dst.first, "', which is written in place; pass a separate tensor");
+  return AppendArgs{B, Hkv, S, D, Dv, mask.size(1)};
+}
+
 }  // namespace op_args
 }  // namespace tgvkv

@@ -61,4 +61,11 @@ TORCH_LIBRARY(tgvkv, m) {
       "decode_evict_layers_(Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor(c!)[] pos,"
       " Tensor(d!) length, Tensor[] queries, Tensor n_seen, Tensor keep_fraction,"
       " Tensor n_protected, float scale, int n_sink=4) -> Tensor evicted");
+  // The cache append of one decode step of one layer (before its attention): per sample b, the
+  // new token's k_new[b, :, 0] / v_new[b, :, 0] go to slot n = length[b] of k / v, pos[b, n] =
+  // position, length[b] = n + 1, and the live-slot mask [B, M] (M <= S) is rewritten as
+  // mask[b, s] = s < length[b]. One op instead of six (scatters, increment, compare).
+  m.def(
+      "decode_append_(Tensor(a!) k, Tensor(b!) v, Tensor(c!) pos, Tensor(d!) length,"
+      " Tensor(e!) mask, Tensor k_new, Tensor v_new, int position) -> ()");
 }

@@ -238,6 +238,16 @@ def test_ops_json_schema(tmp_path):
         assert r["speedup"] > 0
         if r["op"] == "evict":
             assert r["bytes"] > 0 and r["tgvkv"]["gbs"] > 0
+        if r["op"] == "score_text_vision":  # GFLOP/s against torch.matmul, all_queries model
+            L, B, Hq, N, T, D = 4, 2, 4, 96, 16, 32
+            assert r["flop_model"] == "all_queries"
+            assert r["flops"] == 2 * L * B * Hq * T * N * D + L * B * Hq * N * N * D
+            assert r["matmul_flops"] == 2 * L * B * Hq * N * N * D
+            g = r["gflops"]
+            assert g["tgvkv"] == pytest.approx(r["flops"] / r["tgvkv"]["median_ms"] / 1e6)
+            assert g["matmul"] > 0 and r["pct_matmul"] == pytest.approx(
+                100 * g["tgvkv"] / g["matmul"])
+    assert "flop model): Q.K^T at" in p.stdout
 
 
 @needs_ops

@@ -615,3 +615,36 @@ def test_emulator_runs_the_extensions_launchers():
     spec.loader.exec_module(emu_build)
     rewritten = sum(emu_build.rewrite_launches(h.read_text())[1] for h in headers)
     assert rewritten == sum(h.read_text().count("<<<") for h in headers) > 0
+
+
+# ------------------------------------------------------------------------------------------
+# decode_append_
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_append(emu, dtype):
+    """The append kernel writes what the CPU op writes (bit for bit); a sample without a free
+    slot (length outside [0, S): not detectable on CUDA without a host sync) is left unwritten,
+    its mask row rewritten from the clamped length."""
+    B, H, S, D, Dv, M = 5, 3, 19, 40, 24, 17
+    k = randn((B, H, S, D), dtype, 1)
+    v = randn((B, H, S, Dv), dtype, 2)
+    kn = randn((B, H, 1, D), dtype, 3)
+    vn = randn((B, H, 1, Dv), dtype, 4)
+    pos = torch.arange(B * S, dtype=torch.int64).reshape(B, S)
+    length = torch.tensor([0, 7, S - 1, S, -2])  # samples 3 and 4: no free slot
+    mask = torch.tensor([[(b + s) % 3 == 0 for s in range(M)] for b in range(B)])
+    out = emu("append", dict(B=B, Hkv=H, S=S, D=D, Dv=Dv, M=M, position=4321,
+                             dtype=DTYPE_CODE[dtype]),
+              k=k, v=v, k_new=kn, v_new=vn, pos=pos, length=length,
+              mask=mask.to(torch.uint8))
+    ok = slice(0, 3)
+    exp = [t.clone() for t in (k, v, pos, length, mask)]
+    OPS.decode_append_(exp[0][ok], exp[1][ok], exp[2][ok], exp[3][ok], exp[4][ok], kn[ok], vn[ok],
+                       4321)
+    exp[4][3] = torch.arange(M) < S   # clamped length S
+    exp[4][4] = False                 # clamped length 0
+    assert torch.equal(_bits(out.get("k", dtype, (B, H, S, D))), _bits(exp[0]))
+    assert torch.equal(_bits(out.get("v", dtype, (B, H, S, Dv))), _bits(exp[1]))
+    assert torch.equal(out.get("pos", torch.int64, (B, S)), exp[2])
+    assert out.get("length", torch.int64, (B,)).tolist() == [1, 8, S, S, -2]
+    assert torch.equal(out.get("mask", torch.uint8, (B, M)).bool(), exp[4])

@@ -90,8 +90,9 @@ def test_fused_decode_step_equals_per_layer_path(name):
 
 
 def test_decode_bookkeeping_allocates_no_per_step_buffers():
-    """The mask and slot-index buffers of a layer are allocated with its capacity, not per step:
-    over decode steps that do not grow the capacity, their storage stays the same."""
+    """The mask buffer of a layer is allocated with its capacity, not per step: over decode steps
+    that do not grow the capacity, its storage (and the K/V storage) stays the same, and the
+    append runs as the fused op decode_append_ of the policy's ops."""
     model = tiny.build("tiny-llava")
     inputs = tiny.make_inputs(model, [[8, "image", 20]], seed=2)
     with tgvkv.apply(model, tgvkv.TGVKV(keep_ratio=0.2)) as h, torch.no_grad():
@@ -102,14 +103,14 @@ def test_decode_bookkeeping_allocates_no_per_step_buffers():
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(tok)], 1)
         model(input_ids=tok, attention_mask=mask, **kw, use_cache=True)
         layer = cache.layers[0]
-        ptrs = (layer._mask_buf.data_ptr(), layer._slots.data_ptr(), layer.keys.data_ptr())
+        assert layer._append is tgvkv.ops.decode_append_
+        ptrs = (layer._mask_buf.data_ptr(), layer.keys.data_ptr())
         for _ in range(3):
             if layer.bound + 1 > layer.keys.shape[2]:
                 break
             mask = torch.cat([mask, torch.ones_like(tok)], 1)
             model(input_ids=tok, attention_mask=mask, **kw, use_cache=True)
-            assert (layer._mask_buf.data_ptr(), layer._slots.data_ptr(),
-                    layer.keys.data_ptr()) == ptrs
+            assert (layer._mask_buf.data_ptr(), layer.keys.data_ptr()) == ptrs
             # the mask this step attended with: the live prefix before this step's eviction
             m = layer.mask[:, 0, 0]
             n = m.sum(1)

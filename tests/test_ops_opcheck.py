@@ -144,6 +144,20 @@ def s_decode_layers(device):
     return out
 
 
+def s_append(device):
+    out = []
+    for B, H, S, D, dt in [(1, 2, 8, 16, torch.float32), (3, 4, 20, 64, torch.bfloat16),
+                           (2, 1, 9, 30, torch.float16)]:
+        k = randn((B, H, S, D), dt, 1, device)
+        v = randn((B, H, S, D), dt, 2, device)
+        pos = (torch.arange(S).repeat(B, 1) * 3).to(device)
+        length = torch.tensor([S - 2 - (b % 3) for b in range(B)]).to(device)
+        mask = torch.zeros(B, S - 1, dtype=torch.bool, device=device)
+        out.append(((k, v, pos, length, mask, randn((B, H, 1, D), dt, 3, device),
+                     randn((B, H, 1, D), dt, 4, device), 99), {}))
+    return out
+
+
 SAMPLES = {
     "score_text_vision": s_score,
     "layer_budgets": s_budgets,
@@ -153,6 +167,7 @@ SAMPLES = {
     "evict": s_evict,
     "decode_evict_": s_decode,
     "decode_evict_layers_": s_decode_layers,
+    "decode_append_": s_append,
 }
 
 
@@ -191,6 +206,7 @@ def test_schemas_annotate_mutation(device):
             assert r.alias_info is None, f"{name} returns an alias of an input"
         expect = {"compact_": {"k", "v"}, "decode_evict_": {"k", "v", "pos", "length"},
                   "decode_evict_layers_": {"k_cache", "v_cache", "pos", "length"},
+                  "decode_append_": {"k", "v", "pos", "length", "mask"},
                   "evict": {"k_cache", "v_cache"}, "evict_from_scores": {"k_cache", "v_cache"}}
         assert set(mutated) == expect.get(name, set()), (name, mutated)
 

@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cctype>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -811,6 +812,56 @@ Tensor decode_evict_cpu(const Tensor& k, const Tensor& v, const Tensor& pos, con
       .squeeze(0);
 }
 
+// ------------------------------------------------------------------------------------------------
+// decode_append_
+// ------------------------------------------------------------------------------------------------
+// Copy row [b, h, 0, :] of src into row [b, h, slot, :] of dst (same dtype, any strides).
+void copy_row(const Tensor& src, const Tensor& dst, int64_t b, int64_t h, int64_t slot) {
+  const int64_t e = dst.element_size(), n = dst.size(3);
+  const char* s = static_cast<const char*>(src.data_ptr()) + (b * src.stride(0) + h * src.stride(1)) * e;
+  char* d = static_cast<char*>(dst.data_ptr()) +
+            (b * dst.stride(0) + h * dst.stride(1) + slot * dst.stride(2)) * e;
+  const int64_t ss = src.stride(3), ds = dst.stride(3);
+  if (ss == 1 && ds == 1) {
+    std::memcpy(d, s, static_cast<size_t>(n * e));
+  } else {
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(d + i * ds * e, s + i * ss * e, static_cast<size_t>(e));
+  }
+}
+
+void decode_append_cpu(const Tensor& k, const Tensor& v, const Tensor& pos, const Tensor& length,
+                       const Tensor& mask, const Tensor& k_new, const Tensor& v_new,
+                       int64_t position) {
+  const char* op = "decode_append_";
+  check_cpu(k, op, "k");
+  const op_args::AppendArgs a = op_args::check_decode_append_args(k, v, pos, length, mask, k_new,
+                                                                  v_new, position, op);
+  int64_t* len = length.data_ptr<int64_t>();
+  const int64_t ls = length.stride(0);
+  // every sample needs a free slot: checked before anything is written
+  for (int64_t b = 0; b < a.B; ++b) {
+    const int64_t n = len[b * ls];
+    TGVKV_CHECK(n >= 0 && n < a.S, op, "'length' values must be in [0, S - 1 = ", a.S - 1,
+                "] (a free slot for the new token: grow k / v first when the cache is full), got ",
+                n, " at [", b, "]");
+  }
+  int64_t* pb = pos.data_ptr<int64_t>();
+  bool* mb = mask.data_ptr<bool>();
+  const int64_t ms0 = mask.stride(0), ms1 = mask.stride(1);
+  for (int64_t b = 0; b < a.B; ++b) {
+    const int64_t n = len[b * ls];
+    for (int64_t h = 0; h < a.Hkv; ++h) {
+      copy_row(k_new, k, b, h, n);
+      copy_row(v_new, v, b, h, n);
+    }
+    pb[b * pos.stride(0) + n * pos.stride(1)] = position;
+    len[b * ls] = n + 1;
+    bool* mrow = mb + b * ms0;
+    for (int64_t s = 0; s < a.M; ++s) mrow[s * ms1] = s <= n;
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tgvkv, CPU, m) {
@@ -822,6 +873,7 @@ TORCH_LIBRARY_IMPL(tgvkv, CPU, m) {
   m.impl("evict", &evict_cpu);
   m.impl("decode_evict_", &decode_evict_cpu);
   m.impl("decode_evict_layers_", &decode_evict_layers_cpu);
+  m.impl("decode_append_", &decode_append_cpu);
 }
 
 }  // namespace tgvkv

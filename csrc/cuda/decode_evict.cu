@@ -1,5 +1,5 @@
-// CUDA implementations of tgvkv::decode_evict_layers_ and tgvkv::decode_evict_ (its one-layer
-// case). Kernels and launcher: csrc/include/tgvkv/cuda/decode.cuh. One kernel launch (after a
+// CUDA implementations of tgvkv::decode_evict_layers_, tgvkv::decode_evict_ (its one-layer
+// case) and tgvkv::decode_append_ (the per-layer cache append of a decode step, one launch). Kernels and launcher: csrc/include/tgvkv/cuda/decode.cuh. One kernel launch (after a
 // memset of its hand-off counters) per group of up to decode::kMaxLayers = 24 layers (one for a
 // model of up to 24 layers, two for 32), no host sync, CUDA-graph capturable. Data-dependent
 // checks of the CPU op (length in [0, S], n_seen and n_protected >= 0, finite forget count,
@@ -133,12 +133,47 @@ at::Tensor decode_evict_cuda(const at::Tensor& k, const at::Tensor& v, const at:
   return evicted.squeeze(0);
 }
 
+void decode_append_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
+                        const at::Tensor& length, const at::Tensor& mask, const at::Tensor& k_new,
+                        const at::Tensor& v_new, int64_t position) {
+  const char* op = "decode_append_";
+  check_cuda(k, op, "k");
+  const op_args::AppendArgs a =
+      op_args::check_decode_append_args(k, v, pos, length, mask, k_new, v_new, position, op);
+  check_batch(a.B, op);
+  c10::cuda::CUDAGuard guard(k.device());
+  append::Params p{};
+  p.B = int(a.B);
+  p.Hkv = int(a.Hkv);
+  p.D = int(a.D);
+  p.Dv = int(a.Dv);
+  p.S = a.S;
+  p.M = a.M;
+  p.k = k.data_ptr();
+  p.ks0 = k.stride(0); p.ks1 = k.stride(1); p.ks2 = k.stride(2); p.ks3 = k.stride(3);
+  p.v = v.data_ptr();
+  p.vs0 = v.stride(0); p.vs1 = v.stride(1); p.vs2 = v.stride(2); p.vs3 = v.stride(3);
+  p.k_new = k_new.data_ptr();
+  p.kn0 = k_new.stride(0); p.kn1 = k_new.stride(1); p.kn3 = k_new.stride(3);
+  p.v_new = v_new.data_ptr();
+  p.vn0 = v_new.stride(0); p.vn1 = v_new.stride(1); p.vn3 = v_new.stride(3);
+  p.pos = pos.data_ptr<int64_t>();
+  p.ps0 = pos.stride(0); p.ps1 = pos.stride(1);
+  p.length = length.data_ptr<int64_t>();
+  p.ls0 = length.stride(0);
+  p.mask = mask.data_ptr<bool>();
+  p.ms0 = mask.stride(0); p.ms1 = mask.stride(1);
+  p.position = position;
+  C10_CUDA_CHECK(launch_append(p, int(k.element_size()), current_stream()));
+}
+
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(tgvkv, CUDA, m) {
   m.impl("decode_evict_", &cuda::decode_evict_cuda);
   m.impl("decode_evict_layers_", &cuda::decode_evict_layers_cuda);
+  m.impl("decode_append_", &cuda::decode_append_cuda);
 }
 
 }  // namespace tgvkv

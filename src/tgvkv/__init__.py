@@ -33,7 +33,8 @@ _C = _load_extension()
 
 from . import ops  # noqa: E402
 from .ops import (  # noqa: E402
-    PAD, TEXT, VISION, compact_, decode_evict_, decode_evict_layers_, evict, evict_from_scores,
+    PAD, TEXT, VISION, compact_, decode_append_, decode_evict_, decode_evict_layers_, evict,
+    evict_from_scores,
     guidance_positions,
     layer_budgets, modality_map, score_text_vision, select_keep,
 )
@@ -54,7 +55,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "PAD", "TEXT", "VISION", "build_info", "compact_", "decode_evict_", "decode_evict_layers_", "evict",
+    "PAD", "TEXT", "VISION", "build_info", "compact_", "decode_append_", "decode_evict_", "decode_evict_layers_", "evict",
     "evict_from_scores", "guidance_positions", "layer_budgets", "modality_map", "ops",
     "score_text_vision", "select_keep",
 ]

@@ -351,6 +351,34 @@ def decode_evict_layers_(k_cache: Sequence[Tensor], v_cache: Sequence[Tensor],
                                      float(scale), int(n_sink))
 
 
+def decode_append_(k: Tensor, v: Tensor, pos: Tensor, length: Tensor, mask: Tensor,
+                   k_new: Tensor, v_new: Tensor, position: int) -> None:
+    """The cache append of one decode step of one layer, **in place** (before its attention).
+
+    Per sample ``b`` with ``n = length[b]``: ``k[b, :, n] = k_new[b, :, 0]``, ``v[b, :, n] =
+    v_new[b, :, 0]``, ``pos[b, n] = position``, ``length[b] = n + 1``; then the live-slot mask
+    ``mask[b, s] = s < length[b]`` for every column ``s < M``. One op for what is otherwise six
+    (three scatters, an increment, a compare, an arange).
+
+    Parameters
+    ----------
+    k, v : Tensor
+        ``[B, Hkv, S, D]`` / ``[B, Hkv, S, Dv]`` (any strides), live slots ``[0, length[b])``.
+    pos : ``[B, S]`` int64. length : ``[B]`` int64 (any stride: e.g. a row of an ``[L, B]``
+        tensor). mask : ``[B, M]`` bool, ``M <= S`` (e.g. ``buf[:, 0, 0, :M]`` of a
+        ``[B, 1, 1, S]`` attention-mask buffer).
+    k_new, v_new : Tensor
+        ``[B, Hkv, 1, D]`` / ``[B, Hkv, 1, Dv]`` in ``k``'s dtype: the new token's key / value.
+    position : int
+        The new token's original (padded) position, stored in ``pos``.
+
+    CPU raises when a sample has no free slot (``length[b]`` outside ``[0, S)``), before
+    writing; CUDA cannot read the lengths without a host sync: such a sample is not written.
+    """
+    _ops.decode_append_(k, v, pos, length, mask, k_new, v_new,
+                        _int_arg("decode_append_", "position", position))
+
+
 # --------------------------------------------------------------------------------------------
 # Fake kernels: output shapes from input shapes (torch.compile / meta tensors / opcheck)
 # --------------------------------------------------------------------------------------------
@@ -556,8 +584,30 @@ def _decode_evict_layers_fake(k_cache, v_cache, pos, length, queries, n_seen, ke
     return length.new_empty(tuple(length.shape), dtype=torch.int64)
 
 
+@torch.library.register_fake("tgvkv::decode_append_")
+def _decode_append_fake(k, v, pos, length, mask, k_new, v_new, position):
+    c = _FakeCheck("decode_append_")
+    c(k, "k", "B Hkv S D", _FLOAT)
+    c(v, "v", "B Hkv S Dv")
+    c.same_dtype(v, k, "v", "k")
+    c(k_new, "k_new", "B Hkv 1 D")
+    c.same_dtype(k_new, k, "k_new", "k")
+    c(v_new, "v_new", "B Hkv 1 Dv")
+    c.same_dtype(v_new, k, "v_new", "k")
+    c(pos, "pos", "B S", (torch.int64,))
+    c(length, "length", "B", (torch.int64,))
+    c(mask, "mask", "B M", (torch.bool,))
+    if mask.shape[1] > k.shape[2]:
+        raise RuntimeError(f"tgvkv::decode_append_: 'mask' covers {mask.shape[1]} slots, more "
+                           f"than the S = {k.shape[2]} slots of 'k'")
+    if position < 0:
+        raise ValueError(f"tgvkv::decode_append_: 'position' must be >= 0 (the new token's "
+                         f"position), got {position}")
+    return None
+
+
 __all__ = [
     "PAD", "TEXT", "VISION", "modality_map", "guidance_positions", "score_text_vision",
     "layer_budgets", "select_keep", "compact_", "evict_from_scores", "evict", "decode_evict_",
-    "decode_evict_layers_",
+    "decode_evict_layers_", "decode_append_",
 ]

@@ -466,6 +466,25 @@ def decode_evict_layers_(k_cache, v_cache, pos, length, queries, n_seen, keep_fr
     return torch.stack(rows)
 
 
+def decode_append_(k, v, pos, length, mask, k_new, v_new, position):
+    """Reference of ``tgvkv::decode_append_``: per sample ``b`` with ``n = length[b]`` (a free
+    slot: ``0 <= n < S``), ``k[b, :, n] = k_new[b, :, 0]``, ``v[b, :, n] = v_new[b, :, 0]``,
+    ``pos[b, n] = position``, ``length[b] = n + 1``; then ``mask[b, s] = s < length[b]`` for
+    every column ``s`` of ``mask`` ``[B, M]``. In place; returns None."""
+    S = k.shape[2]
+    for b in range(k.shape[0]):
+        n = int(length[b])
+        if not 0 <= n < S:
+            raise RuntimeError(f"decode_append_: length[{b}] = {n} leaves no free slot in [0, {S})")
+        k[b, :, n] = k_new[b, :, 0]
+        v[b, :, n] = v_new[b, :, 0]
+        pos[b, n] = position
+        length[b] = n + 1
+        for s in range(mask.shape[1]):
+            mask[b, s] = s < n + 1
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # The whole prefill policy from eager attention weights (oracle of the model layer)
 # --------------------------------------------------------------------------------------------
@@ -516,5 +535,5 @@ __all__ = [
     "PAD", "TEXT", "VISION", "modality_map", "guidance_positions", "text_attention",
     "scores_from_attention", "all_query_text_scores", "score_text_vision", "layer_budgets",
     "select_keep", "compact_", "evict_from_scores", "evict", "decode_evict_", "decode_evict_layers_",
-    "policy_from_attention",
+    "decode_append_", "policy_from_attention",
 ]

@@ -412,10 +412,25 @@ def decode_evict_layers_(k_cache, v_cache, pos, length, queries, n_seen, keep_fr
             for l, (k, v, p, q) in enumerate(zip(k_cache, v_cache, pos, queries))]
     return torch.stack(rows) if rows else length.new_full(tuple(length.shape), -1)
 
+def decode_append_(k, v, pos, length, mask, k_new, v_new, position):
+    """Plain-PyTorch ``decode_append_``: the new token scattered to slot ``length[b]`` of each
+    sample (no host sync), the count incremented and the mask recomputed (six ATen ops). A
+    ``length`` without a free slot is not detected (scatter_ raises on an index >= S)."""
+    B, H, _, D = k.shape
+    idx = length.view(B, 1, 1, 1)
+    k.scatter_(2, idx.expand(B, H, 1, D), k_new)
+    v.scatter_(2, idx.expand(B, H, 1, v.shape[3]), v_new)
+    pos.scatter_(1, length.view(B, 1), position)
+    length += 1
+    M = mask.shape[1]
+    torch.lt(torch.arange(M, device=mask.device), length.view(B, 1), out=mask)
+    return None
+
+
 __all__ = [
     "GuidanceMasks", "guidance_masks", "causal_allowed", "bias_from_allowed",
     "head_averaged_attention", "text_attention", "scores_from_attention", "score_text_vision",
     "gather_rows", "text_column_mass",
     "sample_facts", "layer_budgets", "select_keep", "compact", "evict_from_scores", "evict",
-    "decode_attention", "evict_lowest_", "decode_evict_", "decode_evict_layers_",
+    "decode_attention", "evict_lowest_", "decode_evict_", "decode_evict_layers_", "decode_append_",
 ]

@@ -1,7 +1,7 @@
 // Host driver of the tgvkv CUDA kernels (csrc/include/tgvkv/cuda/*.cuh) under the emulator in
 // fake/ (see README.md). One process runs one op on the files of a case directory:
 //
-//   emu <op> <dir>     op: score | textmass | budgets | select | evict | compact | decode
+//   emu <op> <dir>     op: score | textmass | budgets | select | evict | compact | decode | append
 //
 // <dir>/meta.txt holds "key value" lines (sizes, flags, scalars); inputs are raw little-endian
 // arrays <name>.bin (C order, the dtype the op expects); outputs are written as <name>.out.
@@ -431,11 +431,42 @@ void op_decode(const Case& c) {
   c.write("evicted", evicted.data(), evicted.size() * 8);
 }
 
+// ---------------------------------------------------------------------------------------------
+// decode_append_ (decode_append_cuda of decode_evict.cu). meta: B Hkv S D Dv M position; inputs
+// k [B, Hkv, S, D], v [B, Hkv, S, Dv], k_new [B, Hkv, 1, D], v_new, pos [B, S], length [B],
+// mask [B, M] (one byte per bool), all contiguous.
+// ---------------------------------------------------------------------------------------------
+void op_append(const Case& c) {
+  const int64_t B = c.i64("B"), H = c.i64("Hkv"), S = c.i64("S"), D = c.i64("D"), Dv = c.i64("Dv"),
+                M = c.i64("M");
+  const int64_t es = dtype_size(dtype_of(c));
+  Buf k = c.read("k", size_t(B * H * S * D * es)), v = c.read("v", size_t(B * H * S * Dv * es));
+  const Buf kn = c.read("k_new", size_t(B * H * D * es)), vn = c.read("v_new", size_t(B * H * Dv * es));
+  Buf pos = c.read("pos", size_t(B * S) * 8), length = c.read("length", size_t(B) * 8),
+      mask = c.read("mask", size_t(B * M));
+  append::Params p{};
+  p.B = int(B); p.Hkv = int(H); p.D = int(D); p.Dv = int(Dv); p.S = S; p.M = M;
+  p.k = k.data(); p.ks0 = H * S * D; p.ks1 = S * D; p.ks2 = D; p.ks3 = 1;
+  p.v = v.data(); p.vs0 = H * S * Dv; p.vs1 = S * Dv; p.vs2 = Dv; p.vs3 = 1;
+  p.k_new = kn.data(); p.kn0 = H * D; p.kn1 = D; p.kn3 = 1;
+  p.v_new = vn.data(); p.vn0 = H * Dv; p.vn1 = Dv; p.vn3 = 1;
+  p.pos = pos.as<int64_t>(); p.ps0 = S; p.ps1 = 1;
+  p.length = length.as<int64_t>(); p.ls0 = 1;
+  p.mask = reinterpret_cast<bool*>(mask.data()); p.ms0 = M; p.ms1 = 1;
+  p.position = c.i64("position");
+  check(launch_append(p, int(es), nullptr));
+  c.write("k", k.data(), k.n);
+  c.write("v", v.data(), v.n);
+  c.write("pos", pos.data(), pos.n);
+  c.write("length", length.data(), length.n);
+  c.write("mask", mask.data(), mask.n);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 3) {
-    std::fprintf(stderr, "usage: %s score|textmass|budgets|select|evict|compact|decode <case dir>\n", argv[0]);
+    std::fprintf(stderr, "usage: %s score|textmass|budgets|select|evict|compact|decode|append <case dir>\n", argv[0]);
     return 2;
   }
   const std::string op = argv[1];
@@ -448,6 +479,7 @@ int main(int argc, char** argv) {
     else if (op == "evict") op_evict(c);
     else if (op == "compact") op_compact(c);
     else if (op == "decode") op_decode(c);
+    else if (op == "append") op_append(c);
     else throw std::runtime_error("unknown op '" + op + "'");
   } catch (const std::exception& e) {
     std::fprintf(stderr, "emu %s: %s\n", op.c_str(), e.what());

@@ -98,18 +98,7 @@ def _build_layers(name, layers, seed, dtype, device):
     """tgvkv.testing.build(name) with ``layers`` decoder layers in the language model."""
     from .. import testing as tiny
 
-    cfg = _layers_config(name, layers)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = tiny.MODEL_CLASSES[cfg.model_type](cfg)
-    finally:
-        torch.set_default_dtype(old)
-    model.generation_config.pad_token_id = 0
-    return model.eval()
+    return tiny.build(name, seed, dtype, device, cfg=_layers_config(name, layers))
 
 
 def _prompt(model, b: int, kind: str) -> list:
@@ -167,7 +156,11 @@ def _cache_facts(cache) -> dict:
 
 
 def _generate_once(model, inputs, new_tokens, device, policy, tgvkv_apply):
-    """One timed generate(); returns (ttft_s, prefill_s, decode_s_per_step, total_s, cache)."""
+    """One timed generate(); returns (ttft_s, prefill_s, decode_step_intervals_s, total_s, cache).
+
+    ``decode_step_intervals_s``: end of each decode forward to the end of the next one (the first
+    from the end of the prefill forward), the last from the end of the last forward to the end of
+    generate(): every second of the decode phase belongs to exactly one interval."""
     from ..hf import output_cache
 
     ctx = tgvkv_apply(model, policy) if policy is not None else contextlib.nullcontext()
@@ -183,10 +176,13 @@ def _generate_once(model, inputs, new_tokens, device, policy, tgvkv_apply):
         finally:
             clock.remove()
         cache = output_cache(out)
-    spans = clock.spans
-    first_end = spans[0][1]
-    steps = max(1, len(spans) - 1)
-    return (first_end - t0, spans[0][1] - spans[0][0], (t1 - first_end) / steps, t1 - t0, cache)
+    ends = [e for _, e in clock.spans]
+    steps = [b - a for a, b in zip(ends, ends[1:])]
+    if steps:
+        steps[-1] += t1 - ends[-1]  # generate()'s own tail after the last forward
+    else:
+        steps = [t1 - ends[0]]
+    return (ends[0] - t0, clock.spans[0][1] - clock.spans[0][0], steps, t1 - t0, cache)
 
 
 def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32,
@@ -195,11 +191,14 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
                  progress_factory=None, text_score="all_queries", layers=None) -> dict:
     """End-to-end generate() at several keep ratios and batch sizes (plus the unpatched model).
 
-    Metrics (median over ``reps`` calls after one warm-up call per configuration):
+    Metrics (``reps`` calls per configuration, interleaved across configurations, after one
+    warm-up call each; medians):
     ``ttft_ms`` generate() start to the end of the first forward (prompt + eviction);
     ``prefill_ms`` the first forward alone (eviction included: it runs in its hook);
-    ``decode_ms_per_step`` / ``decode_tok_s`` from the end of the first forward to the end of
-    generate() (generation overheads included), ``batch * (new_tokens - 1)`` tokens;
+    ``decode_ms_per_step`` / ``decode_tok_s`` the median over every decode step of every call of
+    the interval from the end of one forward to the end of the next (generation overheads
+    included; the last step ends with generate()), ``batch`` tokens per step;
+    ``decode_ms_per_step_mean`` the mean over calls of the mean step;
     ``cache_bytes`` bytes held by the KV cache after generate(); ``peak_bytes`` peak extra memory
     of one generate() call (see :func:`peak_extra_bytes`).
     """
@@ -219,17 +218,29 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
         inputs = tiny.make_inputs(model, [_prompt(model, b, "tiny" if name.startswith("tiny") else
                                                   "full") for b in range(B)], seed=seed)
         prompt_tokens = int(inputs["input_ids"].shape[1])
+        policies = {kr: TGVKV(keep_ratio=kr, text_score=text_score) if kr is not None else None
+                    for kr in configs}
+        for kr in configs:  # one warm-up call per configuration
+            _generate_once(model, inputs, 2, device, policies[kr], tgvkv_apply)
+        # Interleaved reps (off, keep a, keep b, ..., off, keep a, ...): slow drifts of the machine
+        # (clock, neighbours on a shared host) hit every configuration alike instead of the one
+        # that happened to run during them; the ratios are taken within one run.
+        res = {kr: [] for kr in configs}
+        for _ in range(reps):
+            for kr in configs:
+                r = _generate_once(model, inputs, new_tokens, device, policies[kr], tgvkv_apply)
+                res[kr].append(r[:4] + ((r[4] if len(res[kr]) == reps - 1 else None),))
         full_bytes = None
         for kr in configs:
-            policy = TGVKV(keep_ratio=kr, text_score=text_score) if kr is not None else None
-            _generate_once(model, inputs, 2, device, policy, tgvkv_apply)  # warm-up
-            res = [_generate_once(model, inputs, new_tokens, device, policy, tgvkv_apply)
-                   for _ in range(reps)]
-            ttft = statistics.median(r[0] for r in res)
-            pre = statistics.median(r[1] for r in res)
-            dec = statistics.median(r[2] for r in res)
-            facts = _cache_facts(res[-1][4])
-            del res
+            policy = policies[kr]
+            rr = res.pop(kr)
+            ttft = statistics.median(r[0] for r in rr)
+            pre = statistics.median(r[1] for r in rr)
+            # pooled median of every decode step of every rep: one preempted step does not move it
+            dec = statistics.median(s for r in rr for s in r[2])
+            dec_mean = statistics.mean(sum(r[2]) / len(r[2]) for r in rr)
+            facts = _cache_facts(rr[-1][4])
+            del rr
             peak, method = peak_extra_bytes(
                 lambda: _generate_once(model, inputs, new_tokens, device, policy, tgvkv_apply)[4],
                 device)
@@ -238,6 +249,7 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
             rows.append({"keep_ratio": kr, "batch": B, "prompt_tokens": prompt_tokens,
                          "ttft_ms": ttft * 1e3, "prefill_ms": pre * 1e3,
                          "decode_ms_per_step": dec * 1e3, "decode_tok_s": B / dec,
+                         "decode_ms_per_step_mean": dec_mean * 1e3,
                          "cache_bytes": facts["cache_bytes"], "cache_bytes_full": full_bytes,
                          "kept_fraction": facts["kept_fraction"], "peak_bytes": peak,
                          "peak_method": method})

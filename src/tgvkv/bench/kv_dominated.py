@@ -80,17 +80,7 @@ def build_model(preset: str, layers: int, dtype, device: str, seed: int = 0):
     small.image_size = 336
     cfg.vision_config = small
     cfg.text_config.num_hidden_layers = layers
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = tiny.MODEL_CLASSES[cfg.model_type](cfg)
-    finally:
-        torch.set_default_dtype(old)
-    model.generation_config.pad_token_id = 0
-    return model.eval()
+    return tiny.build(preset, seed, dtype, device, cfg=cfg)
 
 
 def weight_params(model) -> int:

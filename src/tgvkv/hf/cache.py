@@ -42,6 +42,14 @@ log = logging.getLogger("tgvkv")
 _REBOUND_EVERY = 16  # decode steps between host syncs that tighten the live-length upper bound
 
 
+def _append_op(ops):
+    """The decode-step cache append: ``ops.decode_append_`` of the policy's op module when it has
+    one (tgvkv.ops: the fused op), else the plain-PyTorch composition."""
+    from .. import torch_impl
+
+    return getattr(ops, "decode_append_", None) or torch_impl.decode_append_
+
+
 class TGVKVLayer(DynamicLayer):
     """One decoder layer's cache: dense during prefill, compacted and ragged afterwards."""
 
@@ -57,6 +65,7 @@ class TGVKVLayer(DynamicLayer):
         self.n_protected: torch.Tensor | None = None  # [B] int64 protected suffix length
         self.bound = 0  # host-side upper bound of length.max()
         self.mask: torch.Tensor | None = None  # [B, 1, 1, bound] bool, live slots this step
+        self._append = _append_op(None)  # decode_append_ of the policy's ops (set at compaction)
 
     # ---- transformers layer API -------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -71,22 +80,16 @@ class TGVKVLayer(DynamicLayer):
                 "or a second prompt on the same cache are not supported)")
         if self.bound + 1 > self.keys.shape[2]:
             self._grow(self.bound + 1)
-        # write the new token at slot length[b] of each sample: scatter along the slot dim with
-        # the live lengths as index (no host sync, no index tensors built per step)
-        B, H, _, D = self.keys.shape
-        idx = self.length.view(B, 1, 1, 1)
-        self.keys.scatter_(2, idx.expand(B, H, 1, D), key_states.to(self.keys.dtype))
-        self.values.scatter_(2, idx.expand(B, H, 1, self.values.shape[3]),
-                             value_states.to(self.values.dtype))
-        self.pos.scatter_(1, self.length.view(B, 1), self.n_virtual)
-        self.length += 1
-        self.n_virtual += 1
+        # one op: the new token to slot length[b] of each sample (K, V, pos), length += 1 and the
+        # live-slot mask over the first `bound` slots (no host sync, nothing allocated)
         self.bound += 1
-        if self.n_virtual % _REBOUND_EVERY == 0:  # decode evictions shrink lengths: re-tighten
-            self.bound = max(1, int(self.length.max()))
         S = self.bound
-        # live-slot mask, written into a buffer preallocated with the capacity
-        torch.lt(self._slots[:S], self.length.view(B, 1), out=self._mask_buf[:, 0, 0, :S])
+        self._append(self.keys, self.values, self.pos, self.length, self._mask_buf[:, 0, 0, :S],
+                     key_states.to(self.keys.dtype), value_states.to(self.values.dtype),
+                     self.n_virtual)
+        self.n_virtual += 1
+        if self.n_virtual % _REBOUND_EVERY == 0:  # decode evictions shrink lengths: re-tighten
+            self.bound = S = max(1, int(self.length.max()))
         self.mask = self._mask_buf[:, :, :, :S]
         return self.keys[:, :, :S], self.values[:, :, :S]
 
@@ -146,14 +149,14 @@ class TGVKVLayer(DynamicLayer):
         self._alloc_step_buffers()
 
     def _alloc_step_buffers(self) -> None:
-        """Slot indices [cap] and the mask buffer [B, 1, 1, cap] of the decode steps (reallocated
-        only when the capacity grows)."""
+        """The mask buffer [B, 1, 1, cap] of the decode steps (reallocated only when the capacity
+        grows)."""
         B, _, cap, _ = self.keys.shape
         dev = self.keys.device
-        self._slots = torch.arange(cap, device=dev)
         self._mask_buf = torch.zeros(B, 1, 1, cap, dtype=torch.bool, device=dev)
 
-    def _compact_to(self, keep_idx_l, n_kept_l, n_kept_host, keep_fraction_l, n_protected_l):
+    def _compact_to(self, keep_idx_l, n_kept_l, n_kept_host, keep_fraction_l, n_protected_l,
+                    ops=None):
         S = max(1, max(n_kept_host))
         dev = self.keys.device
         # narrow + clone: the dense prompt-length buffers are released
@@ -165,6 +168,7 @@ class TGVKVLayer(DynamicLayer):
         self.n_protected = n_protected_l.to(dev, torch.int64).clone()
         self.bound = S
         self.compacted = True
+        self._append = _append_op(ops)
         self._alloc_step_buffers()
 
 
@@ -292,7 +296,8 @@ class TGVKVCache(DynamicCache):
             k_cache, v_cache, scores, stats, self.q_pos.to(dev), self.modality.to(dev))
         n_kept_host = n_kept.tolist()  # the one host sync of the prefill
         for l, layer in enumerate(self.layers):
-            layer._compact_to(keep_idx[l], n_kept[l], n_kept_host[l], frac[l], n_prot[l])
+            layer._compact_to(keep_idx[l], n_kept[l], n_kept_host[l], frac[l], n_prot[l],
+                              getattr(self.policy, "ops", None))
         self.result = (keep_idx, n_kept, n_prot, frac)
         self.n_seen = self.n_seen.to(dev)
         self._bind_decode_state()

@@ -155,11 +155,13 @@ def config(name: str):
 
 
 def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu",
-          attn_implementation: str = "sdpa"):
-    """A supported model with random weights (``name``: one of TINY or PRESETS), in eval mode."""
+          attn_implementation: str = "sdpa", cfg=None):
+    """A supported model with random weights (``name``: one of TINY or PRESETS), in eval mode.
+
+    ``cfg``: a (modified) config to build instead of ``config(name)``, e.g. fewer layers."""
     if name not in TINY + PRESETS:
         raise KeyError(f"unknown model {name!r}; choose from {TINY + PRESETS}")
-    cfg = config(name)
+    cfg = config(name) if cfg is None else cfg
     cfg._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     old = torch.get_default_dtype()

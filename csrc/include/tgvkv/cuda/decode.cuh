@@ -324,5 +324,55 @@ cudaError_t launch_decode(const decode::Params& p, DType dtype, size_t smem1, cu
   return cudaErrorInvalidValue;
 }
 
+// ---------------------------------------------------------------------------------------------
+// decode_append_: block b writes sample b's new token at slot n = length[b] (K, V, pos),
+// length[b] = n + 1 and mask[b, s] = s < length[b] for s < M. No data checks on CUDA: a length
+// outside [0, S) writes no slot and leaves length as it is (its mask row is still rewritten,
+// from the clamped length).
+// ---------------------------------------------------------------------------------------------
+namespace append {
+
+template <typename E>
+__global__ void __launch_bounds__(kThreads) append_kernel(const Params P) {
+  const int b = blockIdx.x;
+  const int64_t n = P.length[int64_t(b) * P.ls0];
+  const bool ok = n >= 0 && n < P.S;
+  if (ok) {
+    E* k = static_cast<E*>(P.k);
+    E* v = static_cast<E*>(P.v);
+    const E* kn = static_cast<const E*>(P.k_new);
+    const E* vn = static_cast<const E*>(P.v_new);
+    for (int64_t i = threadIdx.x; i < int64_t(P.Hkv) * P.D; i += blockDim.x) {
+      const int64_t h = i / P.D, d = i % P.D;
+      k[b * P.ks0 + h * P.ks1 + n * P.ks2 + d * P.ks3] = kn[b * P.kn0 + h * P.kn1 + d * P.kn3];
+    }
+    for (int64_t i = threadIdx.x; i < int64_t(P.Hkv) * P.Dv; i += blockDim.x) {
+      const int64_t h = i / P.Dv, d = i % P.Dv;
+      v[b * P.vs0 + h * P.vs1 + n * P.vs2 + d * P.vs3] = vn[b * P.vn0 + h * P.vn1 + d * P.vn3];
+    }
+  }
+  const int64_t live = ok ? n + 1 : (n < 0 ? 0 : (n > P.S ? P.S : n));
+  for (int64_t s = threadIdx.x; s < P.M; s += blockDim.x) P.mask[b * P.ms0 + s * P.ms1] = s < live;
+  __syncthreads();  // every thread has read length[b] before it changes
+  if (threadIdx.x == 0 && ok) {
+    P.pos[b * P.ps0 + n * P.ps1] = P.position;
+    P.length[int64_t(b) * P.ls0] = n + 1;
+  }
+}
+
+}  // namespace append
+
+cudaError_t launch_append(const append::Params& p, int elem_bytes, cudaStream_t st) {
+  if (p.B == 0) return cudaSuccess;
+  if (elem_bytes == 4) {
+    append::append_kernel<uint32_t><<<dim3(p.B), append::kThreads, 0, st>>>(p);
+  } else if (elem_bytes == 2) {
+    append::append_kernel<uint16_t><<<dim3(p.B), append::kThreads, 0, st>>>(p);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace cuda
 }  // namespace tgvkv

@@ -353,5 +353,35 @@ inline size_t plan(Params& p, void* ws) {
 // counters and one kernel launch; smem1: its dynamic shared memory (decode::smem_bytes).
 cudaError_t launch_decode(const decode::Params& p, DType dtype, size_t smem1, cudaStream_t stream);
 
+// decode_append_ (the cache append of one decode step of one layer): grid (B), kThreads.
+namespace append {
+
+constexpr int kThreads = 128;
+
+struct Params {
+  int B, Hkv, D, Dv;
+  int64_t S, M;                    // slot capacity, mask width (M <= S)
+  void* k;                         // [B, Hkv, S, D], element strides ks*
+  int64_t ks0, ks1, ks2, ks3;
+  void* v;                         // [B, Hkv, S, Dv]
+  int64_t vs0, vs1, vs2, vs3;
+  const void* k_new;               // [B, Hkv, 1, D]
+  int64_t kn0, kn1, kn3;
+  const void* v_new;               // [B, Hkv, 1, Dv]
+  int64_t vn0, vn1, vn3;
+  int64_t* pos;                    // [B, S]
+  int64_t ps0, ps1;
+  int64_t* length;                 // [B]
+  int64_t ls0;
+  bool* mask;                      // [B, M]
+  int64_t ms0, ms1;
+  int64_t position;
+};
+
+}  // namespace append
+
+// One kernel launch; elem_bytes: 4 (fp32) or 2 (fp16 / bf16: copied as raw 16-bit words).
+cudaError_t launch_append(const append::Params& p, int elem_bytes, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace tgvkv
