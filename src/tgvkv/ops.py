@@ -434,6 +434,12 @@ class _FakeCheck:
                                f"({str(ref.dtype).replace('torch.', '')}), got "
                                f"{str(t.dtype).replace('torch.', '')}")
 
+    def kv(self, k, v, k_name="k", v_name="v", slots="S", scope=None):
+        """A float K ``[B, Hkv, slots, D]`` and its V ``[B, Hkv, slots, Dv]`` of K's dtype."""
+        self(k, k_name, f"B Hkv {slots} D", _FLOAT, scope=scope)
+        self(v, v_name, f"B Hkv {slots} Dv", scope=scope)
+        self.same_dtype(v, k, v_name, k_name)
+
     def small(self, q_pos, modality):
         self(modality, "modality", "B N", (torch.int8,))
         self(q_pos, "q_pos", "B T", (torch.int64,))
@@ -451,9 +457,7 @@ class _FakeCheck:
                                f"number of layers, got {len(k_cache)} and {len(v_cache)}")
         for l, (k, v) in enumerate(zip(k_cache, v_cache)):
             layer = {}
-            self(k, f"k_cache[{l}]", "B Hkv N D", _FLOAT, scope=layer)
-            self(v, f"v_cache[{l}]", "B Hkv N Dv", scope=layer)
-            self.same_dtype(v, k, f"v_cache[{l}]", f"k_cache[{l}]")
+            self.kv(k, v, f"k_cache[{l}]", f"v_cache[{l}]", "N", scope=layer)
             if queries is not None:
                 self(queries[l], f"queries[{l}]", q_layout, scope=layer)
                 self.same_dtype(queries[l], k, f"queries[{l}]", f"k_cache[{l}]")
@@ -496,9 +500,7 @@ def _select_keep_fake(scores, keep, q_pos, modality, n_sink=4):
 @torch.library.register_fake("tgvkv::compact_")
 def _compact_fake(k, v, keep_idx):
     c = _FakeCheck("compact_")
-    c(k, "k", "B Hkv N D", _FLOAT)
-    c(v, "v", "B Hkv N Dv")
-    c.same_dtype(v, k, "v", "k")
+    c.kv(k, v, slots="N")
     c(keep_idx, "keep_idx", "B N", (torch.int64,))
     return keep_idx.new_empty((k.shape[0],), dtype=torch.int64)
 
@@ -542,9 +544,7 @@ def _evict_fake(k_cache, v_cache, queries, q_pos, modality, scale, keep_ratio, b
 def _decode_evict_fake(k, v, pos, length, q, n_seen, keep_fraction, n_protected, scale,
                        n_sink=4):
     c = _FakeCheck("decode_evict_")
-    c(k, "k", "B Hkv S D", _FLOAT)
-    c(v, "v", "B Hkv S Dv")
-    c.same_dtype(v, k, "v", "k")
+    c.kv(k, v)
     c(q, "q", "B Hq D")
     c.same_dtype(q, k, "q", "k")
     c(pos, "pos", "B S", (torch.int64,))
@@ -571,9 +571,7 @@ def _decode_evict_layers_fake(k_cache, v_cache, pos, length, queries, n_seen, ke
     c(n_protected, "n_protected", "L B", (torch.int64,))
     for l in range(L):
         layer = {}  # Hkv, S, D, Dv, Hq are per layer; B and L come from length
-        c(k_cache[l], f"k_cache[{l}]", "B Hkv S D", _FLOAT, scope=layer)
-        c(v_cache[l], f"v_cache[{l}]", "B Hkv S Dv", scope=layer)
-        c.same_dtype(v_cache[l], k_cache[l], f"v_cache[{l}]", f"k_cache[{l}]")
+        c.kv(k_cache[l], v_cache[l], f"k_cache[{l}]", f"v_cache[{l}]", scope=layer)
         c.same_dtype(k_cache[l], k_cache[0], f"k_cache[{l}]", "k_cache[0]")
         c(queries[l], f"queries[{l}]", "B Hq D", scope=layer)
         c.same_dtype(queries[l], k_cache[l], f"queries[{l}]", f"k_cache[{l}]")
@@ -587,9 +585,7 @@ def _decode_evict_layers_fake(k_cache, v_cache, pos, length, queries, n_seen, ke
 @torch.library.register_fake("tgvkv::decode_append_")
 def _decode_append_fake(k, v, pos, length, mask, k_new, v_new, position):
     c = _FakeCheck("decode_append_")
-    c(k, "k", "B Hkv S D", _FLOAT)
-    c(v, "v", "B Hkv S Dv")
-    c.same_dtype(v, k, "v", "k")
+    c.kv(k, v)
     c(k_new, "k_new", "B Hkv 1 D")
     c.same_dtype(k_new, k, "k_new", "k")
     c(v_new, "v_new", "B Hkv 1 Dv")
