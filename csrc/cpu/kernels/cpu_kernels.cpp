@@ -142,6 +142,38 @@ inline bool softmax_accumulate(float* x, int64_t n, const float* bias, float sca
   return true;
 }
 
+// K^T [D, nk] fp32 (row stride *ldl = nk rounded up to 16) of the keys [0, nk) of one (sample,
+// KV head): kbh its first key, sn / sd the slot and dim strides (elements). fp32 keys of unit dim
+// stride are read in place, others converted into ks first; the transpose runs in 8x8 at::vec
+// blocks into ts: a BLAS handed the transposed view packs it element by element, which cost as
+// much as the GEMM itself (measured with MKL: Q @ K^T-view 21 GFLOP/s, Q @ contiguous K^T
+// 35 GFLOP/s, 1 thread, llava-1.5 head shapes).
+template <typename E>
+const float* stage_kt(const E* kbh, int64_t sn, int64_t sd, int64_t nk, int64_t D, Scratch& ks,
+                      Scratch& ts, int64_t* ldl_out) {
+  const float* kp;
+  int64_t ldk;
+  if (std::is_same_v<E, float> && sd == 1 && sn >= D) {
+    kp = reinterpret_cast<const float*>(kbh);
+    ldk = sn;
+  } else {
+    float* kb = ks.get(nk * D);
+    for (int64_t j = 0; j < nk; ++j) strided_to_f32(kbh + j * sn, sd, kb + j * D, D);
+    kp = kb;
+    ldk = D;
+  }
+  const int64_t ldl = round_up(nk, 16);
+  float* kt = ts.get(D * ldl);
+  const int64_t nk8 = nk / 8 * 8, D8 = D / 8 * 8;
+  for (int64_t j0 = 0; j0 < nk8; j0 += 8)
+    for (int64_t d0 = 0; d0 < D8; d0 += 8)
+      at::vec::transpose_mxn<float, 8, 8>(kp + j0 * ldk + d0, ldk, kt + d0 * ldl + j0, ldl);
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t d = j < nk8 ? D8 : 0; d < D; ++d) kt[d * ldl + j] = kp[j * ldk + d];
+  *ldl_out = ldl;
+  return kt;
+}
+
 // Rows [t0, t1) of sample b, the g query heads of KV head hk, accumulated into part [Tmax, N].
 template <typename E>
 void score_head(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b, int64_t b,
@@ -156,30 +188,9 @@ void score_head(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b,
   const E* q = static_cast<const E*>(ly.q);
   for (int64_t gi = 0; gi < g; ++gi)
     row_to_f32(q + ((b * ly.Hq + hk * g + gi) * T + t0) * D, qb + gi * R * D, R * D);
-  // keys [0, nk): used in place when they are fp32 rows of unit stride, else converted
   const E* kbh = static_cast<const E*>(ly.k) + b * ly.k_sb + hk * ly.k_sh;
-  const float* kp;
-  int64_t ldk;
-  if (std::is_same_v<E, float> && ly.k_sd == 1 && ly.k_sn >= D) {
-    kp = reinterpret_cast<const float*>(kbh);
-    ldk = ly.k_sn;
-  } else {
-    float* kb = ks.get(nk * D);
-    for (int64_t j = 0; j < nk; ++j) strided_to_f32(kbh + j * ly.k_sn, ly.k_sd, kb + j * D, D);
-    kp = kb;
-    ldk = D;
-  }
-  // K^T [D, nk] (row stride ldl), transposed here in 8x8 blocks: a BLAS handed the transposed
-  // view packs it element by element, which cost as much as the GEMM itself (measured with MKL:
-  // Q @ K^T-view 21 GFLOP/s, Q @ contiguous K^T 35 GFLOP/s, 1 thread, llava-1.5 head shapes)
-  const int64_t ldl = round_up(nk, 16);
-  float* kt = ts.get(D * ldl);
-  const int64_t nk8 = nk / 8 * 8, D8 = D / 8 * 8;
-  for (int64_t j0 = 0; j0 < nk8; j0 += 8)
-    for (int64_t d0 = 0; d0 < D8; d0 += 8)
-      at::vec::transpose_mxn<float, 8, 8>(kp + j0 * ldk + d0, ldk, kt + d0 * ldl + j0, ldl);
-  for (int64_t j = 0; j < nk; ++j)
-    for (int64_t d = j < nk8 ? D8 : 0; d < D; ++d) kt[d * ldl + j] = kp[j * ldk + d];
+  int64_t ldl;
+  const float* kt = stage_kt(kbh, ly.k_sn, ly.k_sd, nk, D, ks, ts, &ldl);
   float* lg = ls.get(M * ldl);
   gemm_nn_f32(M, nk, D, qb, D, kt, ldl, lg, ldl);
   for (int64_t gi = 0; gi < g; ++gi)
@@ -430,27 +441,10 @@ void text_mass_item(const TextMassLayer& ly, const TextMassBatch& tb, const floa
     for (int64_t r = 0; r < R; ++r)
       strided_to_f32(qbase + (it.hk * g + gi) * ly.q_sh + (it.r0 + r) * ly.q_sn, ly.q_sd,
                      qb + (gi * R + r) * D, D);
-  // keys [0, nk) as fp32 rows, then K^T [D, nk] in 8x8 blocks (see score_item)
+  // keys [0, nk) as K^T [D, nk] fp32 (see stage_kt)
   const E* kbh = static_cast<const E*>(ly.k) + it.b * ly.k_sb + it.hk * ly.k_sh;
-  const float* kp;
-  int64_t ldk;
-  if (std::is_same_v<E, float> && ly.k_sd == 1 && ly.k_sn >= D) {
-    kp = reinterpret_cast<const float*>(kbh);
-    ldk = ly.k_sn;
-  } else {
-    float* kb = ks.get(nk * D);
-    for (int64_t j = 0; j < nk; ++j) strided_to_f32(kbh + j * ly.k_sn, ly.k_sd, kb + j * D, D);
-    kp = kb;
-    ldk = D;
-  }
-  const int64_t ldl = round_up(nk, 16);
-  float* kt = ts.get(D * ldl);
-  const int64_t nk8 = nk / 8 * 8, D8 = D / 8 * 8;
-  for (int64_t j0 = 0; j0 < nk8; j0 += 8)
-    for (int64_t d0 = 0; d0 < D8; d0 += 8)
-      at::vec::transpose_mxn<float, 8, 8>(kp + j0 * ldk + d0, ldk, kt + d0 * ldl + j0, ldl);
-  for (int64_t j = 0; j < nk; ++j)
-    for (int64_t d = j < nk8 ? D8 : 0; d < D; ++d) kt[d * ldl + j] = kp[j * ldk + d];
+  int64_t ldl;
+  const float* kt = stage_kt(kbh, ly.k_sn, ly.k_sd, nk, D, ks, ts, &ldl);
   float* lg = ls.get(M * ldl);
   gemm_nn_f32(M, nk, D, qb, D, kt, ldl, lg, ldl);
   const float scale = tb.scale;
