@@ -164,6 +164,11 @@ def extra_highlights(rep):
         d["fused_eager_us_per_layer"] = (r.get("fused_eager") or {}).get("median_us")
         d["fused_graph_us_per_layer"] = (r.get("fused_graph") or {}).get("us_per_layer")
         d["fused_same_as_per_layer"] = r.get("fused_same_as_per_layer")
+        # the per-layer cache append of the step (decode_append_)
+        ap = r.get("append") or {}
+        d["append_us_per_layer"] = (ap.get("eager_tgvkv") or {}).get("median_us")
+        d["append_torch_us_per_layer"] = (ap.get("eager_torch") or {}).get("median_us")
+        d["append_same"] = ap.get("same_result_as_torch")
         rows.append(d)
     return {"copy_bandwidth_gbs": rep.get("copy_bandwidth_gbs"),
             "copy_bytes": rep.get("copy_bytes"),
@@ -251,7 +256,8 @@ def markdown(s):
         L.append("")
         L.append(_table(["preset", "B", "keep", "live slots", "tgvkv us/layer (eager)",
                          "torch us/layer", "speedup", "graph us/layer", "GB/s", "% copy", "same",
-                         "graph", "fused us/layer (eager / graph)", "fused same"],
+                         "graph", "fused us/layer (eager / graph)", "fused same",
+                         "append us/layer (tgvkv / torch)", "append same"],
                         [[r["preset"], r["batch"], _f(r["keep_ratio"], "g"), r["live_slots"],
                           _f(r["eager_us_per_layer"], ".1f"), _f(r["torch_us_per_layer"], ".1f"),
                           _f(r["eager_speedup"], ".2f"), _f(r["graph_us_per_layer"], ".2f"),
@@ -259,7 +265,10 @@ def markdown(s):
                           _f(r["same_result_as_torch"]), r["graph"],
                           f"{_f(r.get('fused_eager_us_per_layer'), '.1f')} / "
                           f"{_f(r.get('fused_graph_us_per_layer'), '.2f')}",
-                          _f(r.get("fused_same_as_per_layer"))] for r in ex["decode"]]))
+                          _f(r.get("fused_same_as_per_layer")),
+                          f"{_f(r.get('append_us_per_layer'), '.1f')} / "
+                          f"{_f(r.get('append_torch_us_per_layer'), '.1f')}",
+                          _f(r.get("append_same"))] for r in ex["decode"]]))
     for name, o in (b.get("ops") or {}).items():
         L += ["", f"## {name}: `{o.get('command')}`", ""]
         sh = o.get("shape") or {}

@@ -11,7 +11,10 @@
   the restored state, and compare the cache state and the victims with the eager ops, bit for bit;
 - the same decode step as the model layer runs it: ONE ``decode_evict_layers_`` call for all L
   layers (``fused_*``: eager and as a CUDA graph, microseconds per layer), checked bit for bit
-  against the L per-layer ``decode_evict_`` calls.
+  against the L per-layer ``decode_evict_`` calls;
+- the per-layer cache append of a decode step, ``decode_append_`` (one new token into every
+  layer's cache and its live-slot mask), microseconds per layer against the plain-PyTorch
+  composition, same resulting state.
 
     python tools/gpu_extra.py --device cuda --preset llava-next-7b --json extra.json
 
@@ -125,6 +128,35 @@ def measure_decode(shape, batch, keep_ratio, dtype, device, reps, scale=None):
     row["graph"] = graph_check(states, init, restore, step_tgvkv, ev, after_tgvkv, device, reps, L)
     us = row["graph"].get("us_per_layer") or row["eager_tgvkv"]["median_us"]
     row["gbs"] = nbytes / (us * 1e-6) / 1e9
+    row["append"] = measure_append(states, restore, device, reps, L)
+    return row
+
+
+def measure_append(states, restore, device, reps, L):
+    """The model layer's other per-step op: ``decode_append_`` of one new token into each layer's
+    cache (and its live-slot mask), per layer in us, against the plain-PyTorch composition
+    ``tgvkv.torch_impl.decode_append_`` in the same run; both must leave the same state."""
+    B = states[0][0].shape[0]
+    g = torch.Generator(device="cpu").manual_seed(5)
+    kn = [torch.randn(st[0][:, :, :1].shape, generator=g).to(st[0]) for st in states]
+    vn = [torch.randn(st[1][:, :, :1].shape, generator=g).to(st[1]) for st in states]
+    masks = [torch.zeros(B, st[0].shape[2], dtype=torch.bool, device=st[0].device)
+             for st in states]
+
+    def step(fn):
+        return lambda: [fn(*st, m, a, b, 1 << 20) for st, m, a, b in zip(states, masks, kn, vn)]
+
+    restore()
+    step(OPS.decode_append_)()
+    after = [[t.clone() for t in st] + [m.clone()] for st, m in zip(states, masks)]
+    restore()
+    step(torch_impl.decode_append_)()
+    same = all(torch.equal(a, b) for sa, st, m in zip(after, states, masks)
+               for a, b in zip(sa, list(st) + [m]))
+    row = {"same_result_as_torch": same,
+           "eager_tgvkv": _stats_us(step(OPS.decode_append_), restore, device, reps, L),
+           "eager_torch": _stats_us(step(torch_impl.decode_append_), restore, device, reps, L)}
+    row["eager_speedup"] = row["eager_torch"]["median_us"] / row["eager_tgvkv"]["median_us"]
     return row
 
 
@@ -212,6 +244,11 @@ def main(argv=None) -> int:
                 print(f"decode_evict_layers_ {name} B={B} keep={kr:g} (one call, {shape.layers} "
                       f"layers): eager {r['fused_eager']['median_us']:.1f} us/layer, same as "
                       f"per-layer {r['fused_same_as_per_layer']}; {ftxt}", flush=True)
+                ap = r["append"]
+                print(f"decode_append_ {name} B={B} keep={kr:g}: eager "
+                      f"{ap['eager_tgvkv']['median_us']:.1f} us/layer vs torch "
+                      f"{ap['eager_torch']['median_us']:.1f} ({ap['eager_speedup']:.2f}x), same "
+                      f"{ap['same_result_as_torch']}", flush=True)
     rep["decode"] = rows
     caps = [r["graph"] for r in rows] + [r["fused_graph"] for r in rows]
     rep["graph_capture"] = (
@@ -222,7 +259,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rep, f, indent=2, default=str)
-    ok = all(r["same_result_as_torch"] and r["fused_same_as_per_layer"] for r in rows) and \
+    ok = all(r["same_result_as_torch"] and r["fused_same_as_per_layer"]
+             and r["append"]["same_result_as_torch"] for r in rows) and \
         rep["graph_capture"].get("ok", True)
     print(f"gpu_extra: {'ok' if ok else 'MISMATCH or capture failure'} ({rep['wall_s']} s)")
     return 0 if ok else 1
