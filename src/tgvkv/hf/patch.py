@@ -146,8 +146,7 @@ def _make_attention(base_name: str):
         if layer.compacted:
             if query.shape[2] != 1:
                 raise NotImplementedError("tgvkv: one query token per decode step after eviction")
-            kw = {k: v for k, v in kwargs.items() if k not in ("sliding_window", "s_aux")}
-            out = sdpa_attention_forward(module, query, key, value, layer.mask, **kw)
+            out = _decode_attention(module, query, key, value, layer.mask, scaling, kwargs)
             # the eviction of this step runs once for all layers, after the last one attended
             cache.capture_query(layer_idx, query[:, :, -1], scaling)
             return out
@@ -164,6 +163,23 @@ def _make_attention(base_name: str):
 
     tgvkv_attention.__name__ = f"tgvkv_attention_{base_name}"
     return tgvkv_attention
+
+
+def _decode_attention(module, query, key, value, mask, scaling, kwargs):
+    """Attention of a decode step over a compacted cache: SDPA with the live-slot mask [B, 1, 1, S].
+
+    On CPU, SDPA is called with ``enable_gqa`` and the mask: transformers' sdpa_attention_forward
+    uses GQA only without a mask and otherwise repeats K/V to all query heads every step, which
+    measured 28x slower per layer on CPU at LLaVA-NeXT-7B shapes (32 query / 8 KV heads, 300
+    slots: 9.4 ms vs 0.33 ms, torch 2.13). Elsewhere (CUDA: masked GQA would fall back to the math
+    kernel) transformers' function runs as is. Returns ``(out [B, q_len, Hq, D], None)`` like it."""
+    if query.device.type != "cpu":
+        kw = {k: v for k, v in kwargs.items() if k not in ("sliding_window", "s_aux")}
+        return sdpa_attention_forward(module, query, key, value, mask, **kw)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=float(kwargs.get("dropout", 0.0) or 0.0),
+        scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _eager_forward(module):
