@@ -914,16 +914,7 @@ def main():
     print(f"test accuracy {acc:.4f} (n={len(tqs)}) {acc_type}, blank image {acc_blank:.4f}, "
           f"train {train_s/60:.1f} min", flush=True)
 
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
     info = {
-        "trained_with": "scripts/train_tiny_vlm.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "bench_steps")),
-        "seed": args.seed, "threads": args.threads, "steps": step, "train_minutes": round(train_s / 60, 2),
-        "total_minutes": round((time.time() - t0) / 60, 2), "params": n_params,
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "test_questions": len(tqs), "test_accuracy": round(acc, 4),
         "test_accuracy_by_type": acc_type,
         "test_accuracy_blank_image": round(acc_blank, 4),
@@ -931,12 +922,9 @@ def main():
         "vision_probe_test_shape": None if probe[0] is None else round(probe[0], 4),
         "vision_probe_test_colour": None if probe[1] is None else round(probe[1], 4),
         "test_majority_yes_no_share": round(yes_no, 4),
-        "prompt": prompt_text("<question>"), "response": f"{ANSWER_LEAD} <answer> </s>",
-        "answer_lead": ANSWER_LEAD, "num_image_tokens": NUM_IMAGE_TOKENS,
+        "prompt": prompt_text("<question>"), "num_image_tokens": NUM_IMAGE_TOKENS,
     }
-    with open(os.path.join(out, "training_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    print(json.dumps(info, indent=2))
+    save_subject(model, processor, args, info, step, train_s, t0, n_params)
 
 
 if __name__ == "__main__":
