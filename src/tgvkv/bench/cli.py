@@ -203,21 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
                                     "bytes and peak memory of model.generate() with TGV-KV.")
     _gen_args(pg)
     _common(pg)
-    pa = sub.add_parser("accuracy", help="the accuracy harness (the grid subject on easy-vqa-grid)",
+    pa = sub.add_parser("accuracy", help="the accuracy harness (a committed subject on its dataset)",
                         description="Runs tgvkv.eval (accuracy of eviction policies vs keep ratio "
                                     "on a VQA set) and prints its table. Default: the committed "
-                                    "subject tiny-llava-grid (8 layers, 256 image tokens) on "
-                                    "easy-vqa-grid (500 questions), every policy.")
+                                    "subject tgvkv.eval.DEFAULT_SUBJECT on its own dataset, every "
+                                    "policy, keep 0.5 0.2 0.1 0.05.")
     ga = pa.add_argument_group("accuracy")
     ga.add_argument("--model", metavar="PATH", default=None,
                     help="local VLM checkpoint (default: the committed subject of --subject)")
     ga.add_argument("--subject", default=None, choices=("tiny-llava-grid", "tiny-llava-easyvqa"),
-                    help="a committed subject (default tiny-llava-grid; tiny-llava-easyvqa is the "
-                         "3-layer, 64-image-token one)")
+                    help="a committed subject (default tgvkv.eval.DEFAULT_SUBJECT, "
+                         "tiny-llava-easyvqa: 3 layers, 64 image tokens; tiny-llava-grid, 8 "
+                         "layers, 256 image tokens, is not committed yet)")
     ga.add_argument("--dataset", default=None,
                     help="easy-vqa | easy-vqa-full | easy-vqa-grid | a JSONL file (default: the "
-                         "subject's own: easy-vqa-grid, easy-vqa for tiny-llava-easyvqa or "
-                         "--model)")
+                         "subject's own: easy-vqa for tiny-llava-easyvqa and --model, "
+                         "easy-vqa-grid for tiny-llava-grid)")
     ga.add_argument("--policy", nargs="+", default=None,
                     help="eviction policies (default: all of tgvkv.eval.POLICIES)")
     ga.add_argument("--keep-ratio", type=_keep_ratio, nargs="+", default=None,

@@ -33,10 +33,13 @@ DEFAULT_POLICIES = POLICIES
 
 # the committed subjects (tgvkv/data/<name>) and the built-in dataset each was trained for
 SUBJECTS = {
-    "tiny-llava-grid": "easy-vqa-grid",  # 8 layers, 256 image tokens, questions about one cell
     "tiny-llava-easyvqa": "easy-vqa",    # 3 layers, 64 image tokens: the fast test subject
+    # 8 layers, 256 image tokens, questions about one cell of a grid: scripts/train_tiny_vlm.py
+    # --task grid; NOT committed yet (issue 14: no training run has met its accuracy bars)
+    "tiny-llava-grid": "easy-vqa-grid",
 }
-DEFAULT_SUBJECT = "tiny-llava-grid"  # of `tgvkv-bench accuracy`
+# the subject of `tgvkv-bench accuracy`; becomes "tiny-llava-grid" once that one is committed
+DEFAULT_SUBJECT = "tiny-llava-easyvqa"
 
 
 def subject_path(name: str = DEFAULT_SUBJECT) -> str:
