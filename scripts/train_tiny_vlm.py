@@ -45,6 +45,36 @@ The committed model was made with the defaults (see ``training_info.json`` besid
 Result: 97.2 % on the 9,673 easy-VQA test questions (shape 97.9 %, colour 100 %, yes/no 96.6 %),
 56.7 % with blank images (the yes/no prior); 0.93 M parameters; 14.1 min in all on the 2 threads of
 a 2-core Xeon (stage 1 1.8 min, stage 2 11.8 min, 4,010 steps of 64 questions).
+
+The grid subject (``--task grid``)
+---------------------------------
+The second subject, ``src/tgvkv/data/tiny-llava-grid``, is shaped more like the paper's models:
+8 decoder layers (GQA, 4 query / 2 KV heads), 256 image tokens per prompt (a 128x128 image, patch
+8) and a chat-template prompt with a system text before the image and the question after it::
+
+    <s> SYSTEM : the image is a grid of four pictures . answer the question about one of them
+    with one word . USER : <image>x256 what color is the triangle ? ASSISTANT :
+
+The image is a 2x2 grid of easy-VQA images and the question picks one cell, by position or by
+attribute (:mod:`tgvkv.eval.easy_vqa_grid`, the built-in dataset ``easy-vqa-grid``), so which image
+tokens matter depends on the question. Train grids are made of train-split images only, test grids
+of test-split images. Recipe, all with the settings of ``GRID_DEFAULTS``:
+
+1. Stage 1 (``pretrain_vision_grid``): the vision tower as a shape + colour classifier of the cells
+   of random train grids, a linear head on every patch predicting its cell's classes (cells
+   randomly flipped), so that every image token carries what its cell shows.
+2. Stage 2: projector + language model on a fixed pool of ``--train-grids`` train grids (the frozen
+   tower's features cached), each training row one grid with ``--questions-per-row`` of the
+   questions it allows as chat turns (``encode_packed``: the first turn is exactly the test
+   prompt; the later ones reuse the image prefix, four answers for the price of ~1.2 rows).
+
+Status: **not committed**: no run has met the bars yet (``bench/results/grid_subject_attempts.md``).
+``python scripts/train_tiny_vlm.py --task grid`` (the ``GRID_DEFAULTS``, run 3) reached 39.6 % on
+the 500 test questions (24.8 % blanked; majority 19.0 %) in 17 min: the tower tells the cells
+apart (probe 93.5 % shape, 99.6 % colour) but 300 stage-2 steps do not teach the language model to
+read the right cell; stage 2 needs several times more steps.
+It writes ``training_info.json`` (full-cache and blank-image accuracy, the majority answer's
+share, minutes, versions) beside the weights.
 """
 from __future__ import annotations
 
@@ -57,37 +87,61 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import sys
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+try:  # the grid task and the easy-VQA labels live in the package (tgvkv.eval.easy_vqa_grid)
+    from tgvkv.eval import easy_vqa_grid as grid_data
+except ImportError:  # a checkout without an install
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    from tgvkv.eval import easy_vqa_grid as grid_data
+SHAPES = grid_data.SHAPES
+image_labels = grid_data.image_labels
+yes_no_group = grid_data.yes_no_group
 
 IMAGE_SIZE = 64
 PATCH_SIZE = 8
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 64; the CLS token is dropped ("default")
 ANSWER_LEAD = "the answer is"
 TEMPLATE_WORDS = ["USER", ":", "ASSISTANT", "the", "answer", "is", ".", "?"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER : "
-    "{% if message['content'] is string %}{{ message['content'] }} "
-    "{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% elif message['role'] == 'assistant' %}ASSISTANT : "
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{% endif %} </s> {% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
-)
 
 
-def prompt_text(question: str) -> str:
+def chat_template(system=None):
+    """The processor's chat template; with ``system``, a system turn (the message's own, else
+    ``system``) comes first, as in real chat templates that add a default system prompt."""
+    head = ""
+    if system is not None:
+        head = ("{% if messages[0]['role'] == 'system' %}SYSTEM : {{ messages[0]['content'] }} "
+                "{% else %}SYSTEM : " + system + " {% endif %}")
+    return head + (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}USER : "
+        "{% if message['content'] is string %}{{ message['content'] }} "
+        "{% else %}{% for c in message['content'] %}"
+        "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}"
+        "{% endfor %}{% endif %}"
+        "{% elif message['role'] == 'assistant' %}ASSISTANT : "
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %} </s> {% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
+    )
+
+
+CHAT_TEMPLATE = chat_template()
+
+
+def prompt_text(question: str, system=None) -> str:
     """The prompt of one question, as the processor's chat template writes it."""
-    return f"USER : <image> {question} ASSISTANT :"
+    head = "" if system is None else f"SYSTEM : {system} "
+    return f"{head}USER : <image> {question} ASSISTANT :"
 
 
-def build_tokenizer(words):
+def build_tokenizer(words, max_length=256):
     """Word-level tokenizer over ``words`` (+ specials), as a PreTrainedTokenizerFast."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -105,43 +159,46 @@ def build_tokenizer(words):
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
-        model_max_length=256, padding_side="left")
+        model_max_length=max_length, padding_side="left")
     fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return fast
 
 
-def build_processor(tokenizer):
+def build_processor(tokenizer, image_size=IMAGE_SIZE, template=CHAT_TEMPLATE):
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         do_center_crop=True, do_resize=True, do_rescale=True, do_normalize=True,
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True)
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                           patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, image_token="<image>",
-                          chat_template=CHAT_TEMPLATE)
+                          chat_template=template)
 
 
 def build_model(tokenizer, args):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+    image_size = getattr(args, "image_size", IMAGE_SIZE)
+    n_image = (image_size // PATCH_SIZE) ** 2
     vision = CLIPVisionConfig(
         hidden_size=args.vision_hidden, intermediate_size=2 * args.vision_hidden,
-        num_hidden_layers=args.vision_layers, num_attention_heads=4, image_size=IMAGE_SIZE,
+        num_hidden_layers=args.vision_layers, num_attention_heads=4, image_size=image_size,
         patch_size=PATCH_SIZE, projection_dim=args.hidden, hidden_act="gelu")
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+        num_hidden_layers=args.layers, num_attention_heads=getattr(args, "heads", 4),
+        num_key_value_heads=getattr(args, "kv_heads", 2),
+        max_position_embeddings=getattr(args, "max_positions", 256), rms_norm_eps=1e-5, rope_theta=10000.0,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=bool(args.tie_embeddings))
     cfg = LlavaConfig(
         vision_config=vision, text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default", vision_feature_layer=-1,
-        projector_hidden_act="gelu", image_seq_length=NUM_IMAGE_TOKENS)
+        projector_hidden_act="gelu", image_seq_length=n_image)
     cfg.pad_token_id = tokenizer.pad_token_id
     cfg.tie_word_embeddings = bool(args.tie_embeddings)
     model = LlavaForConditionalGeneration(cfg)
@@ -169,56 +226,30 @@ def load_split(split, processor):
     return torch.cat(pix).float(), qs, ans, ids
 
 
-def encode_batch(tokenizer, questions, answers, image_token_id):
+def encode_batch(tokenizer, questions, answers, image_token_id, n_image=NUM_IMAGE_TOKENS,
+                 system=None):
     """Right-padded input ids, attention mask and labels (response tokens only)."""
     seqs, labels = [], []
-    img = [image_token_id] * NUM_IMAGE_TOKENS
     for q, a in zip(questions, answers):
-        p = tokenizer(prompt_text(q).replace("<image>", "<image>" * NUM_IMAGE_TOKENS))["input_ids"]
-        assert p.count(image_token_id) == NUM_IMAGE_TOKENS, q
+        p = tokenizer(prompt_text(q, system).replace("<image>", "<image>" * n_image))["input_ids"]
+        assert p.count(image_token_id) == n_image, q
         r = tokenizer(f"{ANSWER_LEAD} {a}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         seqs.append(p + r)
         labels.append([-100] * len(p) + r)
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), tokenizer.pad_token_id, dtype=torch.long)
-    lab = torch.full((len(seqs), T), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
+    return pad_rows(list(zip(seqs, labels)), tokenizer.pad_token_id)
+
+
+def pad_rows(rows, pad_id):
+    """Right-padded (input ids, attention mask, labels) of ``rows`` [(ids, labels), ...]."""
+    T = max(len(s) for s, _ in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    lab = torch.full((len(rows), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (s, l) in enumerate(rows):
         ids[i, :len(s)] = torch.tensor(s)
         lab[i, :len(l)] = torch.tensor(l)
         mask[i, :len(s)] = 1
     return ids, mask, lab
-
-
-SHAPES = ("circle", "rectangle", "triangle")
-
-
-def image_labels(questions, answers, image_ids, n_images, colours):
-    """Per-image shape and colour class (-1 where no question of the split tells it).
-
-    Read off the split's own question/answer pairs: "what shape ...? circle", "what color ...?
-    red", "what color is the circle?" (names the shape), and yes/no questions whose statement is
-    true ("is there a red shape?" yes, "is there not a circle?" no).
-    """
-    shape = [-1] * n_images
-    colour = [-1] * n_images
-    for q, a, i in zip(questions, answers, image_ids):
-        words = q.replace("?", " ").split()
-        if a in SHAPES:
-            shape[i] = SHAPES.index(a)
-        elif a in colours:
-            colour[i] = colours.index(a)
-        elif (a == "yes") != yes_no_group(q)[1]:  # a yes/no question whose statement holds
-            for w in words:
-                if w in SHAPES:
-                    shape[i] = SHAPES.index(w)
-                elif w in colours:
-                    colour[i] = colours.index(w)
-        if a not in ("yes", "no") and "color" in words:
-            for w in words:  # "what color is the triangle?"
-                if w in SHAPES:
-                    shape[i] = SHAPES.index(w)
-    return torch.tensor(shape), torch.tensor(colour)
 
 
 def patch_features(model, pix):
@@ -280,13 +311,6 @@ def pretrain_vision(model, pix, shape, colour, test, args, n_colours):
     m = tcolour >= 0
     acc_c = (o[m, ns:].argmax(1) == tcolour[m]).float().mean().item()
     return acc_s, acc_c
-
-
-def yes_no_group(question):
-    """(attribute, negated) of a yes/no question: ("colour", False) for "is there a red shape?"."""
-    words = question.replace("?", " ").split()
-    return ("shape" if any(w in SHAPES for w in words) else "colour",
-            "not" in words or "no" in words)
 
 
 def repeats(questions, answers, open_weight, balance_yes_no):
@@ -368,9 +392,10 @@ def synthetic_yes_no(questions, answers, shape, colour, colours, gen, extra_true
 
 
 def forward_logits(model, ids, mask, feats, img_index):
-    """Logits of the whole sequence from the patch features ``feats`` [n_images, 64, Hv] of the
-    unique images of the batch (see :func:`patch_features`); ``img_index`` [B] picks each row's."""
-    feats = model.model.multi_modal_projector(feats)[img_index]  # [B, 64, H]
+    """Logits of the whole sequence from the patch features ``feats`` [n_images, n_image, Hv] of
+    the unique images of the batch (see :func:`patch_features`); ``img_index`` [B] picks each
+    row's."""
+    feats = model.model.multi_modal_projector(feats)[img_index]  # [B, n_image, H]
     emb = model.get_input_embeddings()(ids)
     is_img = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(emb)
     emb = emb.masked_scatter(is_img, feats.to(emb.dtype))
@@ -378,9 +403,26 @@ def forward_logits(model, ids, mask, feats, img_index):
     return model.lm_head(h)
 
 
+def lm_step(model, opt, sched, ids, mask, lab, feats, img_index):
+    """One optimiser step of the answer loss (teacher forcing on the response tokens)."""
+    logits = forward_logits(model, ids, mask, feats, img_index)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss
+
+
+def cosine_schedule(opt, warmup, total):
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, pix, qs, ans, ids_, answers_vocab, limit=None, blank=False, bs=256,
-             by_type=False):
+             by_type=False, n_image=NUM_IMAGE_TOKENS, system=None):
     """Teacher-forced accuracy of the answer word (= greedy with the full cache when the model
     emits the lead-in, which it always does after training), restricted to the 13 answers.
     With ``by_type``: ``(accuracy, {"shape": acc, "colour": acc, "yes/no": acc})``."""
@@ -392,7 +434,7 @@ def evaluate(model, tokenizer, pix, qs, ans, ids_, answers_vocab, limit=None, bl
     lead = len(tokenizer(ANSWER_LEAD, add_special_tokens=False)["input_ids"])
     for s in range(0, n, bs):
         q, a, im = qs[s:s + bs], ans[s:s + bs], ids_[s:s + bs]
-        ids, mask, lab = encode_batch(tokenizer, q, a, model.config.image_token_id)
+        ids, mask, lab = encode_batch(tokenizer, q, a, model.config.image_token_id, n_image, system)
         uniq, inv = torch.unique(torch.tensor(im), return_inverse=True)
         p = pix[uniq]
         if blank:
@@ -412,6 +454,344 @@ def evaluate(model, tokenizer, pix, qs, ans, ids_, answers_vocab, limit=None, bl
     if by_type:
         return correct / n, {k: round(c / max(1, m), 4) for k, (c, m) in per_type.items()}
     return correct / n
+
+
+# ---- the grid task (--task grid): 2x2 grids of easy-VQA images, questions about one cell ------
+GRID_SYSTEM = ("the image is a grid of four pictures . answer the question about one of them "
+               "with one word .")
+GRID_WORDS = ["SYSTEM", "grid", "of", "four", "pictures", "about", "one", "them", "with", "word",
+              "question", "which", "in", "top", "bottom", "left", "right", "shape", "what",
+              "color"]
+
+
+def cell_pixels(paths, ids):
+    """[len(ids), 3, 64, 64] float32 easy-VQA images, normalised as the processor does
+    ((x / 255 - 0.5) / 0.5): a grid's pixel values are its four cells' side by side."""
+    from PIL import Image
+
+    out = torch.empty(len(ids), 3, grid_data.CELL_SIZE, grid_data.CELL_SIZE)
+    for k, i in enumerate(ids):
+        with Image.open(paths[i]) as im:
+            a = np.asarray(im.convert("RGB"), dtype=np.float32)
+        out[k] = torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0
+    return out
+
+
+def compose_pixels(cells):
+    """[B, 4, 3, 64, 64] cells -> [B, 3, 128, 128] grids (cell order of grid_data.POSITIONS)."""
+    top = torch.cat([cells[:, 0], cells[:, 1]], dim=-1)
+    bottom = torch.cat([cells[:, 2], cells[:, 3]], dim=-1)
+    return torch.cat([top, bottom], dim=-2)
+
+
+def encode_packed(tokenizer, turns, image_token_id, n_image, system):
+    """Like :func:`encode_batch`, one row per grid with several questions about it as chat turns:
+    ``turns`` [[(question, answer), ...], ...]. The first turn is exactly the single-question
+    prompt of the test (system, image, question); each later turn is ``USER : q ASSISTANT :``
+    after the previous answer's ``</s>``. Labels: every answer (lead-in, word, ``</s>``)."""
+    rows = []
+    for qa in turns:
+        q, a = qa[0]
+        ids, _, lab = encode_batch(tokenizer, [q], [a], image_token_id, n_image, system)
+        seq, labels = ids[0].tolist(), lab[0].tolist()
+        for q, a in qa[1:]:
+            p = tokenizer(f"USER : {q} ASSISTANT :", add_special_tokens=False)["input_ids"]
+            r = (tokenizer(f"{ANSWER_LEAD} {a}", add_special_tokens=False)["input_ids"]
+                 + [tokenizer.eos_token_id])
+            seq += p + r
+            labels += [-100] * len(p) + r
+        rows.append((seq, labels))
+    return pad_rows(rows, tokenizer.pad_token_id)
+
+
+def patch_cells(n_patches):
+    """[n_patches] the grid cell (0..3, grid_data.POSITIONS order) of each patch, raster order."""
+    side = int(round(n_patches ** 0.5))
+    r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return ((r // (side // 2)) * 2 + c // (side // 2)).reshape(-1)
+
+
+def quadrant_means(x):
+    """[B, n, C] per-patch values of a square patch grid -> [B, 4, C], the mean of each cell."""
+    B, n, C = x.shape
+    side = int(round(n ** 0.5))
+    return x.reshape(B, 2, side // 2, 2, side // 2, C).mean((2, 4)).reshape(B, 4, C)
+
+
+def pretrain_vision_grid(model, cpix, cls, test, args, n_colours):
+    """Stage 1 of the grid task: the vision tower as a shape + colour classifier of the cells of
+    random train grids: a linear head on *every patch's* features predicts the classes of the
+    patch's cell (each cell randomly flipped), so that each image token carries what its cell
+    shows, as a pretrained tower's patch features do; the test accuracy is that of the
+    cell-averaged logits.
+    ``cpix`` [n, 3, 64, 64] labelled train images, ``cls`` [n, 2] their (shape, colour) classes;
+    ``test``: (test cell pixels, test classes). Returns the head's test (shape, colour) accuracy
+    on random test grids. The head is thrown away."""
+    tower = model.model.vision_tower
+    ns = len(SHAPES)
+    head = torch.nn.Linear(tower.config.hidden_size, ns + n_colours)
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=args.vision_lr,
+                            weight_decay=0.05)
+    steps = args.vision_steps
+    sched = cosine_schedule(opt, 50, steps)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    bs = 32
+    cell_of = patch_cells((args.image_size // PATCH_SIZE) ** 2)
+
+    def draw(pix, lab, b, g, flip):
+        idx = torch.randint(len(pix), (b, 4), generator=g)
+        cells = pix[idx]
+        if flip:
+            f = torch.rand(2, b, 4, generator=g) < 0.5
+            cells = torch.where(f[0, :, :, None, None, None], cells.flip(-1), cells)
+            cells = torch.where(f[1, :, :, None, None, None], cells.flip(-2), cells)
+        return compose_pixels(cells), lab[idx]  # [b, 3, 128, 128], [b, 4, 2]
+
+    tower.train()
+    t0 = time.time()
+    for step in range(steps):
+        grids, y = draw(cpix, cls, bs, gen, True)
+        if args.vision_objective == "patch":
+            o = head(patch_features(model, grids))  # [b, n_patches, ns + nc]
+            y = y[:, cell_of]  # [b, n_patches, 2]: the classes of each patch's cell
+        else:  # "cell": the mean of each cell's patch features
+            o = head(quadrant_means(patch_features(model, grids)))  # [b, 4, ns + nc]
+        loss = (F.cross_entropy(o[..., :ns].reshape(-1, ns), y[..., 0].reshape(-1))
+                + F.cross_entropy(o[..., ns:].reshape(-1, n_colours), y[..., 1].reshape(-1)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            print(f"vision step {step+1}/{steps} loss {loss.item():.4f} {time.time()-t0:.0f}s",
+                  flush=True)
+    tower.eval()
+    g = torch.Generator().manual_seed(args.seed + 3)
+    right = torch.zeros(2)
+    n = 0
+    with torch.no_grad():
+        for _ in range(8):
+            grids, y = draw(test[0], test[1], 64, g, False)
+            o = quadrant_means(head(patch_features(model, grids)))
+            right[0] += (o[..., :ns].argmax(-1) == y[..., 0]).sum()
+            right[1] += (o[..., ns:].argmax(-1) == y[..., 1]).sum()
+            n += y[..., 0].numel()
+    return (right / n).tolist()
+
+
+def init_vision_from(model, path):
+    """Start the vision tower from the tower of a committed LLaVA subject (``path``): the first
+    subject's tower already tells easy-VQA shapes and colours on one 64x64 image, as a pretrained
+    CLIP does. Its position embeddings are tiled over the grid (each cell's patch gets the
+    embedding of the same patch of a single image; the CLS keeps its own)."""
+    from safetensors.torch import load_file
+
+    src = load_file(os.path.join(path, "model.safetensors"))
+    pre = "vision_tower."  # how LlavaForConditionalGeneration saves it
+    tower = model.model.vision_tower
+    own = tower.state_dict()
+    new = {}
+    for k, v in own.items():
+        w = src.get(pre + k)
+        if w is None:
+            raise ValueError(f"--vision-init {path}: no {pre + k}")
+        if k.endswith("position_embedding.weight") and w.shape != v.shape:
+            side, s0 = int(round((v.shape[0] - 1) ** 0.5)), int(round((w.shape[0] - 1) ** 0.5))
+            r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+            src_idx = 1 + (r % s0) * s0 + (c % s0)
+            w = torch.cat([w[:1], w[src_idx.reshape(-1)]])
+        elif k.endswith("position_ids") and w.shape != v.shape:
+            w = v
+        if w.shape != v.shape:
+            raise ValueError(f"--vision-init {path}: {k} has shape {tuple(w.shape)}, "
+                             f"expected {tuple(v.shape)}")
+        new[k] = w
+    tower.load_state_dict(new)
+
+
+def grid_split(split):
+    """(cell pixels [n, 3, 64, 64], {image id: row}, labels {image id: (shape, colour)}, classes
+    [n, 2]) of the labelled images of an easy-VQA split."""
+    paths, labels = grid_data.split_labels(split)
+    ids = sorted(labels)
+    cw = grid_data.colours()
+    cls = torch.tensor([[SHAPES.index(labels[i][0]), cw.index(labels[i][1])] for i in ids])
+    return cell_pixels(paths, ids), {i: r for r, i in enumerate(ids)}, labels, cls
+
+
+def main_grid(args):
+    """Train the grid subject (``--task grid``): see the module docstring, "The grid subject"."""
+    import easy_vqa
+
+    t0 = time.time()
+    answers_vocab = easy_vqa.get_answers()
+    n_image = (args.image_size // PATCH_SIZE) ** 2
+    words = (list(TEMPLATE_WORDS) + GRID_WORDS + answers_vocab + GRID_SYSTEM.split()
+             + [w for p in grid_data.POSITIONS for w in p.split()])
+    tokenizer = build_tokenizer(words, max_length=args.max_positions)
+    processor = build_processor(tokenizer, args.image_size, chat_template(GRID_SYSTEM))
+    model = build_model(tokenizer, args)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params/1e6:.2f}M vocab {len(tokenizer)} image tokens {n_image} "
+          f"threads {torch.get_num_threads()}", flush=True)
+    cpix, row, labels, cls = grid_split("train")
+    tcpix, trow, tlabels, tcls = grid_split("test")
+    colours = grid_data.colours()
+    print(f"data: {len(cpix)} labelled train images, {len(tcpix)} test, {time.time()-t0:.0f}s",
+          flush=True)
+    if args.vision_init:
+        init_vision_from(model, args.vision_init)
+        print(f"vision tower initialised from {args.vision_init}", flush=True)
+    t1 = time.time()
+    probe = pretrain_vision_grid(model, cpix, cls, (tcpix, tcls), args, len(colours))
+    vision_s = time.time() - t1
+    print(f"stage 1 done in {vision_s/60:.1f} min: test cells shape {probe[0]:.4f}, colour "
+          f"{probe[1]:.4f} (linear head on each cell's mean patch features)", flush=True)
+    tower = model.model.vision_tower
+    tower.requires_grad_(False)
+    tower.eval()
+
+    # stage 2: a fixed pool of train grids, their frozen-tower features cached, every question
+    # each grid allows (grid_data.questions_of_cells)
+    rng = random.Random(args.seed + 4)
+    ids = sorted(labels)
+    grids, qs, ans, gid = [], [], [], []
+    for g in range(args.train_grids):
+        cells = grid_data.sample_cells(rng, ids)
+        grids.append([row[c] for c in cells])
+        for _, q, a, _ in grid_data.questions_of_cells(cells, labels):
+            qs.append(q)
+            ans.append(a)
+            gid.append(g)
+    grids = torch.tensor(grids)
+    t1 = time.time()
+    with torch.no_grad():
+        cached = torch.cat([patch_features(model, compose_pixels(cpix[grids[s:s + 128]]))
+                            for s in range(0, len(grids), 128)])
+    print(f"stage 2: {len(grids)} train grids ({len(qs)} questions), features cached in "
+          f"{time.time()-t1:.0f}s", flush=True)
+    test = grid_data.grid_questions("test", args.eval_questions, grid_data.TEST_SEED)
+    tpix = compose_pixels(tcpix[torch.tensor([[trow[c] for c in g["cells"]] for g in test])])
+    tqs, tans = [g["question"] for g in test], [g["answer"] for g in test]
+    tim = list(range(len(test)))
+    ev = dict(n_image=n_image, system=GRID_SYSTEM, bs=100)
+
+    per_grid = {}
+    for k, g in enumerate(gid):
+        per_grid.setdefault(g, []).append(k)
+    # one row per grid: --questions-per-row of its questions as chat turns (encode_packed)
+    steps_per_epoch = math.ceil(len(grids) / args.batch_size)
+    total = int(args.epochs * steps_per_epoch) if not args.bench_steps else args.bench_steps
+    groups = [{"params": [p for n, p in model.named_parameters()
+                          if not n.startswith("model.vision_tower.")]}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = cosine_schedule(opt, min(100, total // 10), total)
+    gen = torch.Generator().manual_seed(args.seed)
+    model.train()
+    tower.eval()
+    step, t_train, ema = 0, time.time(), None
+    for idx in batches([(list(range(len(grids))), None)], args.batch_size, gen):
+        if step >= total:
+            break
+        turns = []
+        for g in idx:
+            mine = per_grid[g]
+            pick = torch.randperm(len(mine), generator=gen)[:args.questions_per_row].tolist()
+            turns.append([(qs[mine[j]], ans[mine[j]]) for j in pick])
+        ids_, mask, lab = encode_packed(tokenizer, turns, model.config.image_token_id, n_image,
+                                        GRID_SYSTEM)
+        loss = lm_step(model, opt, sched, ids_, mask, lab, cached[torch.tensor(idx)],
+                       torch.arange(len(idx)))
+        step += 1
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        el = time.time() - t_train
+        if step % 25 == 0 or step == total:
+            print(f"step {step}/{total} loss {ema:.4f} lr {sched.get_last_lr()[0]:.2e} {el:.0f}s",
+                  flush=True)
+        if args.eval_every and step % args.eval_every == 0:
+            acc = evaluate(model, tokenizer, tpix, tqs, tans, tim, answers_vocab, limit=500, **ev)
+            print(f"  test[:500] acc {acc:.4f}", flush=True)
+            tower.eval()
+        if el > args.max_minutes * 60:
+            print(f"time limit reached at step {step} (schedule not finished)", flush=True)
+            total = step
+    train_s = time.time() - t_train
+    if args.bench_steps:
+        print(f"{args.bench_steps} steps in {train_s:.1f}s -> {train_s/args.bench_steps:.2f}s/step, "
+              f"epoch ~{steps_per_epoch*train_s/args.bench_steps/60:.1f} min")
+        return
+    acc, acc_type = evaluate(model, tokenizer, tpix, tqs, tans, tim, answers_vocab, by_type=True, **ev)
+    acc_blank = evaluate(model, tokenizer, tpix, tqs, tans, tim, answers_vocab, blank=True, **ev)
+    kinds = {}
+    preds_ok = {}
+    for k in grid_data.KINDS:
+        sel = [i for i, g in enumerate(test) if g["kind"] == k]
+        kinds[k] = round(evaluate(model, tokenizer, tpix[sel], [tqs[i] for i in sel],
+                                  [tans[i] for i in sel], list(range(len(sel))), answers_vocab,
+                                  **ev), 4)
+    counts = {}
+    for a in tans:
+        counts[a] = counts.get(a, 0) + 1
+    major = max(counts, key=counts.get)
+    print(f"test accuracy {acc:.4f} (n={len(tqs)}) {acc_type} {kinds}, blank image {acc_blank:.4f}, "
+          f"majority '{major}' {counts[major]/len(tans):.4f}, train {train_s/60:.1f} min", flush=True)
+    info = {
+        "task": "grid", "dataset": "tgvkv.eval dataset 'easy-vqa-grid' (tgvkv.eval.easy_vqa_grid)",
+        "test_questions": len(tqs), "test_grids_seed": grid_data.TEST_SEED,
+        "test_accuracy": round(acc, 4), "test_accuracy_by_kind": kinds,
+        "test_accuracy_by_type": {k: v for k, v in acc_type.items() if k != "yes/no"},
+        "test_accuracy_blank_image": round(acc_blank, 4),
+        "test_majority_answer": major, "test_majority_share": round(counts[major] / len(tans), 4),
+        "vision_pretrain_minutes": round(vision_s / 60, 2),
+        "vision_probe_test_cell_shape": round(probe[0], 4),
+        "vision_probe_test_cell_colour": round(probe[1], 4),
+        "vision_init": os.path.relpath(os.path.abspath(args.vision_init), os.path.dirname(
+            os.path.dirname(os.path.abspath(__file__)))) if args.vision_init else None,
+        "train_grids": len(grids), "train_questions": len(qs),
+        "prompt": prompt_text("<question>", GRID_SYSTEM), "num_image_tokens": n_image,
+    }
+    save_subject(model, processor, args, info, step, train_s, t0, n_params)
+
+
+def save_subject(model, processor, args, info, step, train_s, t0, n_params):
+    """Write the model, its processor and training_info.json (``info`` + the run's facts)."""
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    full = {
+        "trained_with": "scripts/train_tiny_vlm.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if k not in ("out", "bench_steps")),
+        "seed": args.seed, "threads": args.threads, "steps": step,
+        "train_minutes": round(train_s / 60, 2), "total_minutes": round((time.time() - t0) / 60, 2),
+        "params": n_params, "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "answer_lead": ANSWER_LEAD, "response": f"{ANSWER_LEAD} <answer> </s>",
+    }
+    full.update(info)
+    with open(os.path.join(out, "training_info.json"), "w") as f:
+        json.dump(full, f, indent=2)
+    print(json.dumps(full, indent=2))
+
+
+def _seed_everything(args):
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True)
+
+
+# the settings of run 3 (python scripts/train_tiny_vlm.py --task grid), see bench/results/grid_subject_attempts.md
+GRID_DEFAULTS = dict(
+    out=os.path.join(os.path.dirname(__file__), "..", "src", "tgvkv", "data", "tiny-llava-grid"),
+    image_size=2 * IMAGE_SIZE, layers=8, hidden=64, heads=4, kv_heads=2, max_positions=512,
+    vision_hidden=128, vision_layers=2, vision_steps=1200, vision_lr=1e-3, train_grids=9600,
+    vision_init=os.path.join(os.path.dirname(__file__), "..", "src", "tgvkv", "data",
+                             "tiny-llava-easyvqa"),
+    epochs=1.0, batch_size=32, questions_per_row=8, lr=2e-3, eval_every=0, eval_questions=500,
+    max_minutes=11.0)
 
 
 def main():
@@ -447,15 +827,35 @@ def main():
     ap.add_argument("--max-minutes", type=float, default=28.0, help="stop training after this long")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--bench-steps", type=int, default=0, help="only time this many steps")
-    args = ap.parse_args()
+    g = ap.add_argument_group("the grid subject (--task grid; its defaults: GRID_DEFAULTS)")
+    g.add_argument("--task", choices=("easy-vqa", "grid"), default="easy-vqa",
+                   help="easy-vqa: the first subject; grid: 2x2 grids of easy-VQA images")
+    g.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    g.add_argument("--heads", type=int, default=4, help="LM query heads")
+    g.add_argument("--kv-heads", type=int, default=2, help="LM KV heads (GQA)")
+    g.add_argument("--max-positions", type=int, default=256)
+    g.add_argument("--vision-steps", type=int, default=0,
+                   help="grid stage 1: steps (32 random train grids each)")
+    g.add_argument("--train-grids", type=int, default=0, help="grid stage 2: fixed train grids")
+    g.add_argument("--vision-init", default="",
+                   help="grid stage 1: start the tower from this LLaVA folder's (init_vision_from)")
+    g.add_argument("--vision-objective", choices=("cell", "patch"), default="cell",
+                   help="grid stage 1: classify each cell's mean patch features, or every patch")
+    g.add_argument("--questions-per-row", type=int, default=1,
+                   help="grid stage 2: questions about one grid per training row (chat turns)")
+    g.add_argument("--eval-questions", type=int, default=0,
+                   help="grid: test questions evaluated (the first 500 are 'easy-vqa-grid')")
+    argv = sys.argv[1:]
+    if ap.parse_known_args(argv)[0].task == "grid":
+        ap.set_defaults(**GRID_DEFAULTS)
+    args = ap.parse_args(argv)
+    if args.task == "grid":
+        _seed_everything(args)
+        return main_grid(args)
     if args.synthetic_yes_no and not args.vision_epochs:
         ap.error("--synthetic-yes-no 1 needs the stage-1 image labels (--vision-epochs > 0)")
 
-    torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True)
+    _seed_everything(args)
     t0 = time.time()
 
     import easy_vqa
@@ -515,8 +915,7 @@ def main():
     if not frozen:
         groups.append({"params": list(tower.parameters()), "lr": args.lr * args.vision_lr_scale})
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    sched = cosine_schedule(opt, warmup, total)
     gen = torch.Generator().manual_seed(args.seed)
     all_img = torch.tensor(img_ids)
     model.train()
@@ -534,13 +933,7 @@ def main():
             feats = cached[torch.randint(len(cached), (len(uniq),), generator=gen), uniq]
         else:
             feats = patch_features(model, pix[uniq])
-        logits = forward_logits(model, ids, mask, feats, img_index)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss = lm_step(model, opt, sched, ids, mask, lab, feats, img_index)
         step += 1
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         el = time.time() - t_train
@@ -564,16 +957,7 @@ def main():
     print(f"test accuracy {acc:.4f} (n={len(tqs)}) {acc_type}, blank image {acc_blank:.4f}, "
           f"train {train_s/60:.1f} min", flush=True)
 
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
     info = {
-        "trained_with": "scripts/train_tiny_vlm.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "bench_steps")),
-        "seed": args.seed, "threads": args.threads, "steps": step, "train_minutes": round(train_s / 60, 2),
-        "total_minutes": round((time.time() - t0) / 60, 2), "params": n_params,
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "test_questions": len(tqs), "test_accuracy": round(acc, 4),
         "test_accuracy_by_type": acc_type,
         "test_accuracy_blank_image": round(acc_blank, 4),
@@ -581,12 +965,9 @@ def main():
         "vision_probe_test_shape": None if probe[0] is None else round(probe[0], 4),
         "vision_probe_test_colour": None if probe[1] is None else round(probe[1], 4),
         "test_majority_yes_no_share": round(yes_no, 4),
-        "prompt": prompt_text("<question>"), "response": f"{ANSWER_LEAD} <answer> </s>",
-        "answer_lead": ANSWER_LEAD, "num_image_tokens": NUM_IMAGE_TOKENS,
+        "prompt": prompt_text("<question>"), "num_image_tokens": NUM_IMAGE_TOKENS,
     }
-    with open(os.path.join(out, "training_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    print(json.dumps(info, indent=2))
+    save_subject(model, processor, args, info, step, train_s, t0, n_params)
 
 
 if __name__ == "__main__":

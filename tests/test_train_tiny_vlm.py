@@ -89,3 +89,25 @@ def test_repeats(T):
     assert T.yes_no_group("is there not a circle?") == ("shape", True)
     assert T.yes_no_group("is no red shape present?") == ("colour", True)
     assert T.yes_no_group("does the image contain a teal shape?") == ("colour", False)
+
+
+def test_grid_rows_start_with_the_test_prompt(T):
+    """--task grid packs several questions about one grid as chat turns: the first turn is the
+    exact single-question prompt of the test, and every answer (only the answers) is a label."""
+    words = (list(T.TEMPLATE_WORDS) + T.GRID_WORDS + easy_vqa.get_answers()
+             + T.GRID_SYSTEM.split() + [w for p in T.grid_data.POSITIONS for w in p.split()])
+    tok = T.build_tokenizer(words, 512)
+    img = tok.convert_tokens_to_ids("<image>")
+    turns = [[("what color is the triangle?", "red"), ("which shape is blue?", "circle")],
+             [("what shape is in the top left?", "circle")]]
+    ids, mask, lab = T.encode_packed(tok, turns, img, 256, T.GRID_SYSTEM)
+    for row, qa in enumerate(turns):
+        one, _, one_lab = T.encode_batch(tok, [qa[0][0]], [qa[0][1]], img, 256, T.GRID_SYSTEM)
+        n = one.shape[1]
+        assert torch.equal(ids[row, :n], one[0]) and torch.equal(lab[row, :n], one_lab[0])
+        said = tok.decode([int(t) for t in lab[row] if t >= 0])
+        assert said.split() == " ".join(f"the answer is {a} </s>" for _, a in qa).split()
+        assert int((ids[row] == img).sum()) == 256
+    assert mask.sum(1).tolist()[1] < mask.shape[1]  # the shorter row is padded
+    assert T.patch_cells(256).reshape(16, 16)[0, 8].item() == 1  # top right cell
+    assert T.patch_cells(256).reshape(16, 16)[15, 0].item() == 2  # bottom left cell

@@ -203,18 +203,27 @@ def build_parser() -> argparse.ArgumentParser:
                                     "bytes and peak memory of model.generate() with TGV-KV.")
     _gen_args(pg)
     _common(pg)
-    pa = sub.add_parser("accuracy", help="the accuracy harness (tiny VLM on easy-vqa)",
+    pa = sub.add_parser("accuracy", help="the accuracy harness (a committed subject on its dataset)",
                         description="Runs tgvkv.eval (accuracy of eviction policies vs keep ratio "
-                                    "on a VQA set) and prints its table.")
+                                    "on a VQA set) and prints its table. Default: the committed "
+                                    "subject tgvkv.eval.DEFAULT_SUBJECT on its own dataset, every "
+                                    "policy, keep 0.5 0.2 0.1 0.05.")
     ga = pa.add_argument_group("accuracy")
     ga.add_argument("--model", metavar="PATH", default=None,
-                    help="local VLM checkpoint (default: the committed tiny easy-VQA LLaVA)")
-    ga.add_argument("--dataset", default="easy-vqa",
-                    help="easy-vqa | easy-vqa-full | a JSONL file (default easy-vqa)")
+                    help="local VLM checkpoint (default: the committed subject of --subject)")
+    ga.add_argument("--subject", default=None, choices=("tiny-llava-grid", "tiny-llava-easyvqa"),
+                    help="a committed subject (default tgvkv.eval.DEFAULT_SUBJECT, "
+                         "tiny-llava-easyvqa: 3 layers, 64 image tokens; tiny-llava-grid, 8 "
+                         "layers, 256 image tokens, is not committed yet)")
+    ga.add_argument("--dataset", default=None,
+                    help="easy-vqa | easy-vqa-full | easy-vqa-grid | a JSONL file (default: the "
+                         "subject's own: easy-vqa for tiny-llava-easyvqa and --model, "
+                         "easy-vqa-grid for tiny-llava-grid)")
     ga.add_argument("--policy", nargs="+", default=None,
                     help="eviction policies (default: all of tgvkv.eval.POLICIES)")
     ga.add_argument("--keep-ratio", type=_keep_ratio, nargs="+", default=None,
-                    help="keep ratios (default 1.0 0.5 0.2 0.1 0.05)")
+                    help="keep ratios (default 0.5 0.2 0.1 0.05; add 1.0 for the passthrough "
+                         "check: every policy must then give the full-cache predictions)")
     ga.add_argument("--limit", type=_pos_int, default=None, help="first N samples only")
     ga.add_argument("--max-new-tokens", type=_pos_int, default=32)
     ga.add_argument("--quick", action="store_true",
@@ -278,7 +287,8 @@ def run_accuracy_section(args, device, progress=True, quick=False) -> dict:
     from .accuracy import run_accuracy
 
     return run_accuracy(
-        model=getattr(args, "model", None), dataset=getattr(args, "dataset", "easy-vqa"),
+        model=getattr(args, "model", None), dataset=getattr(args, "dataset", None),
+        subject=getattr(args, "subject", None),
         policies=getattr(args, "policy", None), keep_ratios=getattr(args, "keep_ratio", None),
         limit=getattr(args, "limit", None), max_new_tokens=getattr(args, "max_new_tokens", 32),
         device=device, quick=quick or getattr(args, "quick", False), progress=progress,
@@ -334,8 +344,9 @@ def _run_command(cmd, args, report, device, dtype, dtype_name, progress) -> list
 
 
 def _default_run(args, report, device, dtype, dtype_name, progress) -> None:
-    """The argument-less run: small ops shapes, the tiny model, a tiny accuracy subset; each
-    table is printed as soon as its section is done."""
+    """The argument-less run: small ops shapes, the tiny model, a tiny accuracy subset (of the
+    subject :data:`tgvkv.bench.accuracy.QUICK_SUBJECT`, named in its table); each table is printed
+    as soon as its section is done."""
     from .generate import generate_table
     from .ops import ops_table, run_ops
     from .shapes import DEFAULT_OPS_SHAPE

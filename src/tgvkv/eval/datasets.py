@@ -17,6 +17,15 @@ Built-in names
     reference answer each, primary metric exact match.
 ``"easy-vqa-full"``
     All 9,673 easy-VQA test questions.
+``"easy-vqa-grid"``
+    500 questions, each on its own 2x2 grid (128x128) of four easy-VQA **test** images, about
+    one cell picked by position or attribute ("what shape is in the top left?", "what color is
+    the triangle?", "which shape is red?"; answers are easy-VQA answer words): the fixed subset
+    :func:`tgvkv.eval.easy_vqa_grid.grid_questions` ``("test", 500, seed=14)`` (kinds drawn
+    uniformly, cells redrawn until the kind can pick one; see that module). One reference
+    answer each, primary metric exact match. Majority answer: "rectangle", 19.0 %. The subject
+    for it, ``tgvkv/data/tiny-llava-grid`` (``scripts/train_tiny_vlm.py --task grid``, train
+    grids from the train split only), is not committed yet.
 
 Your own data: JSONL + image folder
 -----------------------------------
@@ -113,10 +122,13 @@ def load_dataset(dataset="easy-vqa", limit=None):
         data = _easy_vqa(EASY_VQA_STRIDE)
     elif dataset == "easy-vqa-full":
         data = _easy_vqa(1)
+    elif dataset == "easy-vqa-grid":
+        from .easy_vqa_grid import load_grid_samples
+        data = load_grid_samples("test")
     elif isinstance(dataset, str) and (dataset.endswith(".jsonl") or os.path.isfile(dataset)):
         data = _jsonl(dataset)
     else:
-        raise ValueError(f"unknown dataset {dataset!r}: use 'easy-vqa', 'easy-vqa-full' or the "
+        raise ValueError(f"unknown dataset {dataset!r}: use 'easy-vqa', 'easy-vqa-full', 'easy-vqa-grid' or the "
                          "path of a .jsonl file (see tgvkv.eval.datasets)")
     if limit is not None:
         data = data[: int(limit)]

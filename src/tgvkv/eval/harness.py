@@ -24,17 +24,36 @@ from .baselines import POLICIES, make_policy
 from .datasets import load_dataset
 from .metrics import METRICS, extract_answer
 
-__all__ = ["run", "format_table", "default_model_path", "load_model", "DEFAULT_KEEP_RATIOS",
-           "DEFAULT_POLICIES"]
+__all__ = ["run", "format_table", "default_model_path", "subject_path", "load_model",
+           "DEFAULT_KEEP_RATIOS", "DEFAULT_POLICIES", "SUBJECTS", "DEFAULT_SUBJECT"]
 
 DEFAULT_KEEP_RATIOS = (1.0, 0.5, 0.2, 0.1, 0.05)
 DEFAULT_POLICIES = POLICIES
 
 
-def default_model_path() -> str:
-    """The committed tiny LLaVA trained on easy-VQA (``tgvkv/data/tiny-llava-easyvqa``)."""
+# the committed subjects (tgvkv/data/<name>) and the built-in dataset each was trained for
+SUBJECTS = {
+    "tiny-llava-easyvqa": "easy-vqa",    # 3 layers, 64 image tokens: the fast test subject
+    # 8 layers, 256 image tokens, questions about one cell of a grid: scripts/train_tiny_vlm.py
+    # --task grid; NOT committed yet (issue 14: no training run has met its accuracy bars)
+    "tiny-llava-grid": "easy-vqa-grid",
+}
+# the subject of `tgvkv-bench accuracy`; becomes "tiny-llava-grid" once that one is committed
+DEFAULT_SUBJECT = "tiny-llava-easyvqa"
+
+
+def subject_path(name: str = DEFAULT_SUBJECT) -> str:
+    """The folder of a committed subject (:data:`SUBJECTS`): ``tgvkv/data/<name>``."""
+    if name not in SUBJECTS:
+        raise ValueError(f"unknown subject {name!r}; one of {', '.join(SUBJECTS)}")
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
-                        "tiny-llava-easyvqa")
+                        name)
+
+
+def default_model_path() -> str:
+    """The committed tiny LLaVA trained on easy-VQA (``tgvkv/data/tiny-llava-easyvqa``): the
+    default of :func:`run` (``tgvkv-bench accuracy`` defaults to :data:`DEFAULT_SUBJECT`)."""
+    return subject_path("tiny-llava-easyvqa")
 
 
 def load_model(model=None, device="cpu", dtype=None):
@@ -123,8 +142,10 @@ def run(model=None, dataset="easy-vqa", policies=None, keep_ratios=None, limit=N
     ----------
     model : None (the committed tiny easy-VQA LLaVA), a local model folder, or a
         ``(model, processor)`` pair (or the ``(model, processor, name)`` of :func:`load_model`).
-    dataset : "easy-vqa" (fixed 255-question test subset: every 38th test question), "easy-vqa-full", the path of a JSONL
-        file (format: :mod:`tgvkv.eval.datasets`), or a list of sample dicts.
+    dataset : "easy-vqa" (fixed 255-question test subset: every 38th test question),
+        "easy-vqa-full", "easy-vqa-grid" (500 questions on 2x2 grids of test images, for the
+        ``tiny-llava-grid`` subject), the path of a JSONL file (format:
+        :mod:`tgvkv.eval.datasets`), or a list of sample dicts.
     policies : names from :data:`tgvkv.eval.baselines.POLICIES` (default: all). "full" is always
         run (it is the reference of "% of full").
     keep_ratios : default (1.0, 0.5, 0.2, 0.1, 0.05).
