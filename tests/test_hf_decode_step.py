@@ -112,7 +112,45 @@ def test_decode_bookkeeping_allocates_no_per_step_buffers():
             model(input_ids=tok, attention_mask=mask, **kw, use_cache=True)
             assert (layer._mask_buf.data_ptr(), layer.keys.data_ptr()) == ptrs
             # the mask this step attended with: the live prefix before this step's eviction
-            m = layer.mask[:, 0, 0]
+            # (None: all `bound` slots of every sample, what the CPU cache passes when the
+            # samples have equal lengths: always at batch 1)
+            m = (layer.mask[:, 0, 0] if layer.mask is not None else
+                 torch.ones(layer.length.shape[0], layer.bound, dtype=torch.bool))
             n = m.sum(1)
             assert torch.equal(m, torch.arange(m.shape[1])[None] < n[:, None])
             assert ((n - layer.length) >= 0).all() and ((n - layer.length) <= 1).all()
+
+
+@pytest.mark.parametrize("prompts", [[[8, "image", 20]], [[8, "image", 20], [8, "image", 14]]],
+                         ids=["batch1", "batch2-ragged"])
+def test_cpu_decode_attends_over_exactly_the_live_slots(prompts):
+    """On CPU the lengths are read each step (no device sync to avoid): a layer attends over the
+    longest sample's live slots exactly, without a mask when every sample has that many (always
+    at batch 1), with the live-slot mask otherwise; the greedy tokens match the masked oracle
+    (tests/test_hf_models.py) either way, this checks the bookkeeping."""
+    model = tiny.build("tiny-llava")
+    inputs = tiny.make_inputs(model, prompts, seed=3)
+    with tgvkv.apply(model, tgvkv.TGVKV(keep_ratio=0.2)) as h, torch.no_grad():
+        cache = h.new_cache()
+        kw = tgvkv.hf.cache_kwargs(model, cache)
+        out = model(**inputs, **kw, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        mask = inputs["attention_mask"]
+        masked_steps = 0
+        for _ in range(20):  # past the fraction: decode evictions run and shrink the lengths
+            mask = torch.cat([mask, torch.ones_like(tok)], 1)
+            out = model(input_ids=tok, attention_mask=mask, **kw, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            for layer in cache.layers:
+                # what this step attended with: the lengths before its decode eviction
+                n = (layer.mask[:, 0, 0].sum(1) if layer.mask is not None
+                     else torch.full_like(layer.length, layer.bound))
+                assert int(n.max()) == layer.bound
+                assert ((n - layer.length) >= 0).all() and ((n - layer.length) <= 1).all()
+                if layer.mask is None:
+                    assert (n == layer.bound).all()
+                else:
+                    masked_steps += 1
+                    m = layer.mask[:, 0, 0]
+                    assert torch.equal(m, torch.arange(layer.bound)[None] < n[:, None])
+        assert (masked_steps == 0) == (len(prompts) == 1)

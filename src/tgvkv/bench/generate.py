@@ -191,7 +191,7 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
                  progress_factory=None, text_score="all_queries", layers=None) -> dict:
     """End-to-end generate() at several keep ratios and batch sizes (plus the unpatched model).
 
-    Metrics (``reps`` calls per configuration, interleaved across configurations, after one
+    Metrics (``reps`` calls per configuration, interleaved across configurations (the order reversed every other rep), after one
     warm-up call each; medians):
     ``ttft_ms`` generate() start to the end of the first forward (prompt + eviction);
     ``prefill_ms`` the first forward alone (eviction included: it runs in its hook);
@@ -225,9 +225,12 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
         # Interleaved reps (off, keep a, keep b, ..., off, keep a, ...): slow drifts of the machine
         # (clock, neighbours on a shared host) hit every configuration alike instead of the one
         # that happened to run during them; the ratios are taken within one run.
+        # The order is reversed every other rep (off, a, b, b, a, off, ...): a drift within a cycle
+        # and the position in it (e.g. right after the unpatched run) then hit every
+        # configuration alike too.
         res = {kr: [] for kr in configs}
-        for _ in range(reps):
-            for kr in configs:
+        for rep in range(reps):
+            for kr in (configs if rep % 2 == 0 else configs[::-1]):
                 r = _generate_once(model, inputs, new_tokens, device, policies[kr], tgvkv_apply)
                 res[kr].append(r[:4] + ((r[4] if len(res[kr]) == reps - 1 else None),))
         full_bytes = None

@@ -64,8 +64,9 @@ class TGVKVLayer(DynamicLayer):
         self.keep_fraction: torch.Tensor | None = None  # [B] float64 decode target fraction
         self.n_protected: torch.Tensor | None = None  # [B] int64 protected suffix length
         self.bound = 0  # host-side upper bound of length.max()
-        self.mask: torch.Tensor | None = None  # [B, 1, 1, bound] bool, live slots this step
-        self._append = _append_op(None)  # decode_append_ of the policy's ops (set at compaction)
+        # [B, 1, 1, bound] bool, live slots this step; None: all `bound` slots of every sample
+        self.mask: torch.Tensor | None = None
+        self._host_lengths = False  # CPU cache: lengths readable without a device sync
 
     # ---- transformers layer API -------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -78,20 +79,36 @@ class TGVKVLayer(DynamicLayer):
                 "tgvkv: after eviction the cache accepts one new token per step (greedy/sampling "
                 f"decode); got {q_len} tokens (chunked prefill, assisted or speculative decoding, "
                 "or a second prompt on the same cache are not supported)")
-        if self.bound + 1 > self.keys.shape[2]:
-            self._grow(self.bound + 1)
+        S = self.bound + 1
+        if S > self.keys.shape[2]:
+            self._grow(S)
         # one op: the new token to slot length[b] of each sample (K, V, pos), length += 1 and the
-        # live-slot mask over the first `bound` slots (no host sync, nothing allocated)
-        self.bound += 1
-        S = self.bound
-        self._append(self.keys, self.values, self.pos, self.length, self._mask_buf[:, 0, 0, :S],
-                     key_states.to(self.keys.dtype), value_states.to(self.values.dtype),
-                     self.n_virtual)
+        # live-slot mask over the first `bound` slots (no host sync, nothing allocated). narrow(),
+        # not [:, :, :S]: multi-dimensional indexing costs several us per call, a few per layer
+        # and step (on the tiny model ~10% of a decode step).
+        self.bound = S
+        kd = self.keys.dtype
+        if key_states.dtype != kd:
+            key_states, value_states = key_states.to(kd), value_states.to(self.values.dtype)
+        self._append(self.keys, self.values, self.pos, self.length, self._mask2d.narrow(1, 0, S),
+                     key_states, value_states, self.n_virtual)
         self.n_virtual += 1
-        if self.n_virtual % _REBOUND_EVERY == 0:  # decode evictions shrink lengths: re-tighten
-            self.bound = S = max(1, int(self.length.max()))
-        self.mask = self._mask_buf[:, :, :, :S]
-        return self.keys[:, :, :S], self.values[:, :, :S]
+        if self._host_lengths:
+            # CPU: the lengths are host memory, reading them costs no sync: attend over exactly
+            # the longest sample's slots, and without a mask when every sample has that many (a
+            # masked SDPA costs ~2x an unmasked one at small shapes)
+            if self.length.shape[0] == 1:
+                lo = S = max(1, int(self.length))
+            else:
+                lo, S = (int(x) for x in self.length.aminmax())
+                S = max(1, S)
+            self.bound = S
+            self.mask = None if lo == S else self._mask_buf.narrow(3, 0, S)
+        else:
+            if self.n_virtual % _REBOUND_EVERY == 0:  # decode evictions shrink lengths: re-tighten
+                self.bound = S = max(1, int(self.length.max()))
+            self.mask = self._mask_buf.narrow(3, 0, S)
+        return self.keys.narrow(2, 0, S), self.values.narrow(2, 0, S)
 
     def get_seq_length(self) -> int:
         return self.n_virtual
@@ -154,6 +171,7 @@ class TGVKVLayer(DynamicLayer):
         B, _, cap, _ = self.keys.shape
         dev = self.keys.device
         self._mask_buf = torch.zeros(B, 1, 1, cap, dtype=torch.bool, device=dev)
+        self._mask2d = self._mask_buf[:, 0, 0]  # [B, cap] view: what decode_append_ writes
 
     def _compact_to(self, keep_idx_l, n_kept_l, n_kept_host, keep_fraction_l, n_protected_l,
                     ops=None):
@@ -169,6 +187,7 @@ class TGVKVLayer(DynamicLayer):
         self.bound = S
         self.compacted = True
         self._append = _append_op(ops)
+        self._host_lengths = dev.type == "cpu"
         self._alloc_step_buffers()
 
 
@@ -309,6 +328,10 @@ class TGVKVCache(DynamicCache):
 
     # ---- decode -------------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.phase == "done":  # decode after compaction: straight to the layer
+            if layer_idx == 0:
+                self.n_seen += key_states.shape[-2]
+            return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
         if self.phase == "empty":
             raise RuntimeError(
                 "tgvkv: a TGVKVCache must be fed through the top-level forward/generate of a model "
@@ -316,8 +339,8 @@ class TGVKVCache(DynamicCache):
                 "it was updated before any such call")
         if self.phase == "prefill" and self.layers[layer_idx].n_virtual > 0:
             self.finalize()  # lazily, when no post-forward hook ran
-        if self.phase == "done" and layer_idx == 0:
-            self.n_seen += key_states.shape[-2]
+            if layer_idx == 0:
+                self.n_seen += key_states.shape[-2]
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _bind_decode_state(self) -> None:
@@ -354,7 +377,7 @@ class TGVKVCache(DynamicCache):
         k = [layer.keys for layer in layers]
         v = [layer.values for layer in layers]
         pos = [layer.pos for layer in layers]
-        if any(sc != scales[0] for sc in scales):  # layers with their own scaling: one by one
+        if scales.count(scales[0]) != len(scales):  # layers with their own scaling: one by one
             for l, layer in enumerate(layers):
                 self.policy.decode_step_layers(k[l:l + 1], v[l:l + 1], pos[l:l + 1],
                                                self.length[l:l + 1], qs[l:l + 1], self.n_seen,

@@ -148,7 +148,7 @@ def _make_attention(base_name: str):
                 raise NotImplementedError("tgvkv: one query token per decode step after eviction")
             out = _decode_attention(module, query, key, value, layer.mask, scaling, kwargs)
             # the eviction of this step runs once for all layers, after the last one attended
-            cache.capture_query(layer_idx, query[:, :, -1], scaling)
+            cache.capture_query(layer_idx, query.select(2, -1), scaling)
             return out
         out = base(module, query, key, value, attention_mask, **kwargs)
         if cache.phase == "prefill":
@@ -166,7 +166,8 @@ def _make_attention(base_name: str):
 
 
 def _decode_attention(module, query, key, value, mask, scaling, kwargs):
-    """Attention of a decode step over a compacted cache: SDPA with the live-slot mask [B, 1, 1, S].
+    """Attention of a decode step over a compacted cache: SDPA with the live-slot mask [B, 1, 1, S]
+    (None: every one of the S slots is live in every sample; the CPU cache passes None then).
 
     On CPU, SDPA is called with ``enable_gqa`` and the mask: transformers' sdpa_attention_forward
     uses GQA only without a mask and otherwise repeats K/V to all query heads every step, which
