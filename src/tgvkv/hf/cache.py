@@ -66,6 +66,7 @@ class TGVKVLayer(DynamicLayer):
         self.bound = 0  # host-side upper bound of length.max()
         # [B, 1, 1, bound] bool, live slots this step; None: all `bound` slots of every sample
         self.mask: torch.Tensor | None = None
+        self._views: dict = {}
         self._host_lengths = False  # CPU cache: lengths readable without a device sync
 
     # ---- transformers layer API -------------------------------------------------------------
@@ -83,14 +84,13 @@ class TGVKVLayer(DynamicLayer):
         if S > self.keys.shape[2]:
             self._grow(S)
         # one op: the new token to slot length[b] of each sample (K, V, pos), length += 1 and the
-        # live-slot mask over the first `bound` slots (no host sync, nothing allocated). narrow(),
-        # not [:, :, :S]: multi-dimensional indexing costs several us per call, a few per layer
-        # and step (on the tiny model ~10% of a decode step).
+        # live-slot mask over the first `bound` slots (no host sync, nothing allocated); the views
+        # of the step are reused while the bound stays (_view)
         self.bound = S
         kd = self.keys.dtype
         if key_states.dtype != kd:
             key_states, value_states = key_states.to(kd), value_states.to(self.values.dtype)
-        self._append(self.keys, self.values, self.pos, self.length, self._mask2d.narrow(1, 0, S),
+        self._append(self.keys, self.values, self.pos, self.length, self._view("append", S),
                      key_states, value_states, self.n_virtual)
         self.n_virtual += 1
         if self._host_lengths:
@@ -103,12 +103,30 @@ class TGVKVLayer(DynamicLayer):
                 lo, S = (int(x) for x in self.length.aminmax())
                 S = max(1, S)
             self.bound = S
-            self.mask = None if lo == S else self._mask_buf.narrow(3, 0, S)
+            k, v, m = self._view("attend", S)
+            self.mask = None if lo == S else m
         else:
             if self.n_virtual % _REBOUND_EVERY == 0:  # decode evictions shrink lengths: re-tighten
                 self.bound = S = max(1, int(self.length.max()))
-            self.mask = self._mask_buf.narrow(3, 0, S)
-        return self.keys.narrow(2, 0, S), self.values.narrow(2, 0, S)
+            k, v, self.mask = self._view("attend", S)
+        return k, v
+
+    def _view(self, kind: str, S: int):
+        """The views of a decode step over the first ``S`` slots, made once per (kind, S) and
+        reused while S stays (a layer at its decode-time fraction appends one slot and evicts one
+        per step): a view costs ~5 us here (torch 2.13, CPU), several per layer and step.
+        ``"append"``: the [B, S] mask view decode_append_ writes; ``"attend"``: (K [B, H, S, D],
+        V, mask [B, 1, 1, S]) of the attention."""
+        hit = self._views.get(kind)
+        if hit is not None and hit[0] == S:
+            return hit[1]
+        if kind == "append":
+            v = self._mask2d.narrow(1, 0, S)
+        else:
+            v = (self.keys.narrow(2, 0, S), self.values.narrow(2, 0, S),
+                 self._mask_buf.narrow(3, 0, S))
+        self._views[kind] = (S, v)
+        return v
 
     def get_seq_length(self) -> int:
         return self.n_virtual
@@ -172,6 +190,7 @@ class TGVKVLayer(DynamicLayer):
         dev = self.keys.device
         self._mask_buf = torch.zeros(B, 1, 1, cap, dtype=torch.bool, device=dev)
         self._mask2d = self._mask_buf[:, 0, 0]  # [B, cap] view: what decode_append_ writes
+        self._views = {}  # see _view(); the buffers were (re)allocated: no view of old ones
 
     def _compact_to(self, keep_idx_l, n_kept_l, n_kept_host, keep_fraction_l, n_protected_l,
                     ops=None):
