@@ -412,6 +412,7 @@ def decode_evict_layers_(k_cache, v_cache, pos, length, queries, n_seen, keep_fr
             for l, (k, v, p, q) in enumerate(zip(k_cache, v_cache, pos, queries))]
     return torch.stack(rows) if rows else length.new_full(tuple(length.shape), -1)
 
+
 def decode_append_(k, v, pos, length, mask, k_new, v_new, position):
     """Plain-PyTorch ``decode_append_``: the new token scattered to slot ``length[b]`` of each
     sample (no host sync), the count incremented and the mask recomputed (six ATen ops). A

@@ -191,8 +191,8 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
                  progress_factory=None, text_score="all_queries", layers=None) -> dict:
     """End-to-end generate() at several keep ratios and batch sizes (plus the unpatched model).
 
-    Metrics (``reps`` calls per configuration, interleaved across configurations (the order reversed every other rep), after one
-    warm-up call each; medians):
+    Metrics (``reps`` calls per configuration, interleaved across configurations with the order
+    reversed every other rep, after one warm-up call each; medians):
     ``ttft_ms`` generate() start to the end of the first forward (prompt + eviction);
     ``prefill_ms`` the first forward alone (eviction included: it runs in its hook);
     ``decode_ms_per_step`` / ``decode_tok_s`` the median over every decode step of every call of
@@ -222,12 +222,11 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
                     for kr in configs}
         for kr in configs:  # one warm-up call per configuration
             _generate_once(model, inputs, 2, device, policies[kr], tgvkv_apply)
-        # Interleaved reps (off, keep a, keep b, ..., off, keep a, ...): slow drifts of the machine
-        # (clock, neighbours on a shared host) hit every configuration alike instead of the one
-        # that happened to run during them; the ratios are taken within one run.
-        # The order is reversed every other rep (off, a, b, b, a, off, ...): a drift within a cycle
-        # and the position in it (e.g. right after the unpatched run) then hit every
-        # configuration alike too.
+        # Interleaved reps, the order reversed every other rep (off, a, b, b, a, off, off, a, ...):
+        # slow drifts of the machine (clock, neighbours on a shared host), a drift within a cycle
+        # and the position in it (e.g. right after the unpatched run) hit every configuration
+        # alike instead of the one that happened to run during them; the ratios are taken within
+        # one run.
         res = {kr: [] for kr in configs}
         for rep in range(reps):
             for kr in (configs if rep % 2 == 0 else configs[::-1]):

@@ -347,10 +347,6 @@ class TGVKVCache(DynamicCache):
 
     # ---- decode -------------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if self.phase == "done":  # decode after compaction: straight to the layer
-            if layer_idx == 0:
-                self.n_seen += key_states.shape[-2]
-            return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
         if self.phase == "empty":
             raise RuntimeError(
                 "tgvkv: a TGVKVCache must be fed through the top-level forward/generate of a model "
@@ -358,8 +354,10 @@ class TGVKVCache(DynamicCache):
                 "it was updated before any such call")
         if self.phase == "prefill" and self.layers[layer_idx].n_virtual > 0:
             self.finalize()  # lazily, when no post-forward hook ran
+        if self.phase == "done":  # decode after compaction: straight to the layer
             if layer_idx == 0:
                 self.n_seen += key_states.shape[-2]
+            return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _bind_decode_state(self) -> None:
