@@ -7,7 +7,8 @@ the whole ``evict``, each against the fastest plain-PyTorch composition in the s
 
 Usage::
 
-    python bench/cpu_evict.py [--out bench/results] [--reps 20] [--threads N] [--keep-ratio ...]
+    python bench/cpu_evict.py [--out bench/results] [--reps 20] [--warmup 2] [--threads N]
+                              [--keep-ratio ...] [--preset P] [--text-score all_queries|guidance]
 
 Take the committed measurement on a quiet machine: the markdown records the load average before
 and after the run (CPU timings of OpenMP kernels are meaningless when other processes compete for
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls before the timed ones")
     ap.add_argument("--min-time", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--keep-ratio", type=float, nargs="+", default=[0.1, 0.05])
@@ -68,8 +70,8 @@ def main(argv=None) -> int:
             js = os.path.join(tmp, "r.json")
             a = ["ops", "--preset", args.preset, "--dtype", dt, "--device", "cpu",
                  "--keep-ratio", *map(str, args.keep_ratio), "--reps", str(args.reps),
-                 "--min-time", str(args.min_time), "--json", js, "--no-progress",
-                 "--text-score", args.text_score]
+                 "--warmup", str(args.warmup), "--min-time", str(args.min_time), "--json", js,
+                 "--no-progress", "--text-score", args.text_score]
             if args.threads:
                 a += ["--threads", str(args.threads)]
             rc = cli.main(a)
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
              f"- copy bandwidth (tensor.copy_, read+write): "
              + ", ".join(f"{s['ops']['dtype']} run {s['ops']['copy_bandwidth_gbs']:.1f} GB/s"
                          for s in sections),
-             "- timing: perf_counter after warm-up, median (min-max) over >= "
+             f"- timing: perf_counter after {args.warmup} warm-up calls, median (min-max) over >= "
              f"{args.reps} calls; in-place ops get their cache restored outside the timed region",
              f"- peak = extra memory allocated during one call ({first['ops']['memory_method']}); "
              "the plain-PyTorch composition returns new compacted tensors, the op compacts in "
