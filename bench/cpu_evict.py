@@ -9,6 +9,11 @@ Usage::
 
     python bench/cpu_evict.py [--out bench/results] [--reps 20] [--warmup 2] [--threads N]
                               [--keep-ratio ...] [--preset P] [--text-score all_queries|guidance]
+                              [--op OP ...] [--no-memory]
+
+``--op`` / ``--no-memory`` pass through to ``tgvkv-bench ops``: a subset of the ops, and no
+peak-memory call (e.g. llava-next-7b in all_queries mode, whose plain-PyTorch calls take a minute
+each: ``--op score_text_vision evict --warmup 0 --reps 1 --min-time 0 --no-memory``).
 
 Take the committed measurement on a quiet machine: the markdown records the load average before
 and after the run (CPU timings of OpenMP kernels are meaningless when other processes compete for
@@ -59,6 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--text-score", default="all_queries", choices=["all_queries", "guidance"],
                     help="text ranking of score_text_vision / evict (default all_queries)")
+    ap.add_argument("--op", nargs="+", default=None, help="these ops only (default: every op)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     me = "python bench/cpu_evict.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -74,6 +81,10 @@ def main(argv=None) -> int:
                  "--no-progress", "--text-score", args.text_score]
             if args.threads:
                 a += ["--threads", str(args.threads)]
+            if args.op:
+                a += ["--op", *args.op]
+            if args.no_memory:
+                a.append("--no-memory")
             rc = cli.main(a)
             if rc != 0:
                 return rc
@@ -116,7 +127,8 @@ def main(argv=None) -> int:
                          for s in sections),
              f"- timing: perf_counter after {args.warmup} warm-up calls, median (min-max) over >= "
              f"{args.reps} calls; in-place ops get their cache restored outside the timed region",
-             f"- peak = extra memory allocated during one call ({first['ops']['memory_method']}); "
+             "- peak = extra memory allocated during one call ("
+             f"{first['ops']['memory_method'] or 'not measured: --no-memory'}); "
              "the plain-PyTorch composition returns new compacted tensors, the op compacts in "
              "place", "- speedup = plain-PyTorch median / tgvkv median", ""]
     for s in sections:
@@ -158,7 +170,8 @@ def main(argv=None) -> int:
                 lines.append(f"- float32, score_text_vision: {r['pct_matmul']:.0f}% of "
                              f"torch.matmul (>= 80% {'met' if r['pct_matmul'] >= 80 else 'NOT met'})")
         slower = [r["op"] for r in rows if r["speedup"] < 1.0]
-        lines.append(f"- {s['ops']['dtype']}: ops slower than plain PyTorch: "
+        timed = f" (of the ops timed: {', '.join(args.op)})" if args.op else ""
+        lines.append(f"- {s['ops']['dtype']}: ops slower than plain PyTorch{timed}: "
                      f"{', '.join(slower) if slower else 'none'}; kept slots identical: "
                      f"{'yes' if all(r.get('same_result') is not False for r in rows) else 'NO'}")
     lines.append("")
