@@ -38,13 +38,14 @@
 namespace tgvkv {
 namespace cpu {
 
-void gemm_nn_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
+void gemm_nt_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
                  int64_t ldb, float* c, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
-  // at::cpu::mm_out: ATen's CPU matmul kernel without the dispatcher round trip
+  // at::cpu::mm_out: ATen's CPU matmul kernel without the dispatcher round trip; b's [K, N] view
+  // of strides (1, ldb) reaches the BLAS as a transposed operand (sgemm 'T'), not copied
   const auto opt = at::TensorOptions().dtype(at::kFloat);
   const at::Tensor A = at::from_blob(const_cast<float*>(a), {M, K}, {lda, 1}, opt);
-  const at::Tensor Bm = at::from_blob(const_cast<float*>(b), {K, N}, {ldb, 1}, opt);
+  const at::Tensor Bm = at::from_blob(const_cast<float*>(b), {K, N}, {1, ldb}, opt);
   at::Tensor C = at::from_blob(c, {M, N}, {ldc, 1}, opt);
   at::cpu::mm_out(C, A, Bm);
 }

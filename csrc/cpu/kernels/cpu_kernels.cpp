@@ -6,7 +6,7 @@
 //
 // No ISA intrinsics here: vector code is at::vec::Vectorized<T> (AVX2, AVX-512, NEON, SVE, VSX
 // from one source, selected by the CPU_CAPABILITY_* macros), GEMMs go through ATen's own GEMM
-// (gemm_nn_f32: MKL / oneDNN / OpenBLAS, whatever torch was built with), threads through
+// (gemm_nt_f32: MKL / oneDNN / OpenBLAS, whatever torch was built with), threads through
 // at::parallel_for, fp16/bf16 through at::vec::convert_to_float.
 //
 // Everything below is in an anonymous namespace (internal linkage) except the table getter, whose
@@ -142,43 +142,32 @@ inline bool softmax_accumulate(float* x, int64_t n, const float* bias, float sca
   return true;
 }
 
-// K^T [D, nk] fp32 (row stride *ldl = nk rounded up to 16) of the keys [0, nk) of one (sample,
-// KV head): kbh its first key, sn / sd the slot and dim strides (elements). fp32 keys of unit dim
-// stride are read in place, others converted into ks first; the transpose runs in 8x8 at::vec
-// blocks into ts: a BLAS handed the transposed view packs it element by element, which cost as
-// much as the GEMM itself (measured with MKL: Q @ K^T-view 21 GFLOP/s, Q @ contiguous K^T
-// 35 GFLOP/s, 1 thread, llava-1.5 head shapes).
+// The keys [0, nk) of one (sample, KV head) as fp32 rows [nk, D] (row stride *ldk_out) for the
+// GEMM's transposed operand: kbh its first key, sn / sd the slot and dim strides (elements). fp32
+// keys of unit dim stride are read in place, others converted into ks first. The BLAS takes K
+// itself as the transposed operand (as torch.matmul(q, k.mT) does): no K^T is written. A K^T
+// staged in 8x8 at::vec blocks cost more than the GEMM on AVX-512 (at::vec's 8x8 transpose runs
+// a 16x16 one there: 28% of the guidance-mode profile, llava-1.5-7b shapes, Zen 5), while MKL's
+// sgemm runs Q.K^T at the same rate from K rows or from a contiguous K^T (74-87 GFLOP/s at
+// 1 thread, [40-48, 128] x [128, 650-2900], default and MKL_ENABLE_INSTRUCTIONS=AVX2).
 template <typename E>
-const float* stage_kt(const E* kbh, int64_t sn, int64_t sd, int64_t nk, int64_t D, Scratch& ks,
-                      Scratch& ts, int64_t* ldl_out) {
-  const float* kp;
-  int64_t ldk;
+const float* stage_k(const E* kbh, int64_t sn, int64_t sd, int64_t nk, int64_t D, Scratch& ks,
+                     int64_t* ldk_out) {
   if (std::is_same_v<E, float> && sd == 1 && sn >= D) {
-    kp = reinterpret_cast<const float*>(kbh);
-    ldk = sn;
-  } else {
-    float* kb = ks.get(nk * D);
-    for (int64_t j = 0; j < nk; ++j) strided_to_f32(kbh + j * sn, sd, kb + j * D, D);
-    kp = kb;
-    ldk = D;
+    *ldk_out = sn;
+    return reinterpret_cast<const float*>(kbh);
   }
-  const int64_t ldl = round_up(nk, 16);
-  float* kt = ts.get(D * ldl);
-  const int64_t nk8 = nk / 8 * 8, D8 = D / 8 * 8;
-  for (int64_t j0 = 0; j0 < nk8; j0 += 8)
-    for (int64_t d0 = 0; d0 < D8; d0 += 8)
-      at::vec::transpose_mxn<float, 8, 8>(kp + j0 * ldk + d0, ldk, kt + d0 * ldl + j0, ldl);
-  for (int64_t j = 0; j < nk; ++j)
-    for (int64_t d = j < nk8 ? D8 : 0; d < D; ++d) kt[d * ldl + j] = kp[j * ldk + d];
-  *ldl_out = ldl;
-  return kt;
+  float* kb = ks.get(nk * D);
+  for (int64_t j = 0; j < nk; ++j) strided_to_f32(kbh + j * sn, sd, kb + j * D, D);
+  *ldk_out = D;
+  return kb;
 }
 
 // Rows [t0, t1) of sample b, the g query heads of KV head hk, accumulated into part [Tmax, N].
 template <typename E>
 void score_head(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b, int64_t b,
                 int64_t hk, int64_t t0, int64_t t1, float* part, Scratch& qs, Scratch& ks,
-                Scratch& ts, Scratch& ls) {
+                Scratch& ls) {
   const int64_t N = sb.N, T = sb.T, D = ly.D;
   const int64_t* qp = sb.q_pos + b * T;
   const int64_t R = t1 - t0, g = ly.Hq / ly.Hkv, M = g * R;
@@ -189,10 +178,11 @@ void score_head(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b,
   for (int64_t gi = 0; gi < g; ++gi)
     row_to_f32(q + ((b * ly.Hq + hk * g + gi) * T + t0) * D, qb + gi * R * D, R * D);
   const E* kbh = static_cast<const E*>(ly.k) + b * ly.k_sb + hk * ly.k_sh;
-  int64_t ldl;
-  const float* kt = stage_kt(kbh, ly.k_sn, ly.k_sd, nk, D, ks, ts, &ldl);
+  int64_t ldk;
+  const float* kp = stage_k(kbh, ly.k_sn, ly.k_sd, nk, D, ks, &ldk);
+  const int64_t ldl = round_up(nk, 16);
   float* lg = ls.get(M * ldl);
-  gemm_nn_f32(M, nk, D, qb, D, kt, ldl, lg, ldl);
+  gemm_nt_f32(M, nk, D, qb, D, kp, ldk, lg, ldl);
   for (int64_t gi = 0; gi < g; ++gi)
     for (int64_t r = 0; r < R; ++r)
       softmax_accumulate(lg + (gi * R + r) * ldl, qp[t0 + r] + 1, bias_b, sb.scale,
@@ -214,11 +204,11 @@ inline int64_t n_groups(int64_t Hkv) {
 template <typename E>
 void score_item(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b, int64_t b,
                 int64_t hk0, int64_t hk1, int64_t t0, int64_t t1, float* part, Scratch& qs,
-                Scratch& ks, Scratch& ts, Scratch& ls) {
+                Scratch& ks, Scratch& ls) {
   const int64_t N = sb.N;
   for (int64_t t = t0; t < t1; ++t) std::memset(part + t * N, 0, sizeof(float) * N);
   for (int64_t hk = hk0; hk < hk1; ++hk)
-    score_head<E>(ly, sb, bias_b, b, hk, t0, t1, part, qs, ks, ts, ls);
+    score_head<E>(ly, sb, bias_b, b, hk, t0, t1, part, qs, ks, ls);
 }
 
 struct Item {
@@ -287,7 +277,7 @@ void score_layers_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb
     const int64_t n_items = static_cast<int64_t>(items.size());
     const int64_t n_launch = at::get_num_threads() > 1 ? std::max<int64_t>(n_items, 2) : n_items;
     at::parallel_for(0, n_launch, 1, [&](int64_t begin, int64_t end) {
-      Scratch qs, ks, ts, ls;
+      Scratch qs, ks, ls;
       for (int64_t i = begin; i < std::min(end, n_items); ++i) {
         const Item& it = items[i];
         const ScoreLayer& ly = layers[it.l];
@@ -297,15 +287,15 @@ void score_layers_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb
         const float* bias_b = bias.data() + it.b * Np;
         switch (ly.dtype) {
           case DType::kF32:
-            score_item<float>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, qs, ks, ts, ls);
+            score_item<float>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, qs, ks, ls);
             break;
           case DType::kF16:
-            score_item<c10::Half>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, qs, ks, ts,
+            score_item<c10::Half>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, qs, ks,
                                   ls);
             break;
           default:
             score_item<c10::BFloat16>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, qs, ks,
-                                      ts, ls);
+                                      ls);
         }
       }
     });
@@ -429,7 +419,7 @@ struct MassItem {
 template <typename E>
 void text_mass_item(const TextMassLayer& ly, const TextMassBatch& tb, const float* bias_b,
                     const int64_t* txt, int64_t ntxt, const MassItem& it, float* part,
-                    Scratch& qs, Scratch& ks, Scratch& ts, Scratch& ls) {
+                    Scratch& qs, Scratch& ks, Scratch& ls) {
   const int64_t D = ly.D, g = ly.Hq / ly.Hkv, R = it.r1 - it.r0, M = g * R;
   const int64_t nk = it.r1;  // keys visible to the last row of the tile
   const int8_t* mod = tb.mod + it.b * tb.N;
@@ -441,12 +431,13 @@ void text_mass_item(const TextMassLayer& ly, const TextMassBatch& tb, const floa
     for (int64_t r = 0; r < R; ++r)
       strided_to_f32(qbase + (it.hk * g + gi) * ly.q_sh + (it.r0 + r) * ly.q_sn, ly.q_sd,
                      qb + (gi * R + r) * D, D);
-  // keys [0, nk) as K^T [D, nk] fp32 (see stage_kt)
+  // keys [0, nk) as fp32 rows (see stage_k)
   const E* kbh = static_cast<const E*>(ly.k) + it.b * ly.k_sb + it.hk * ly.k_sh;
-  int64_t ldl;
-  const float* kt = stage_kt(kbh, ly.k_sn, ly.k_sd, nk, D, ks, ts, &ldl);
+  int64_t ldk;
+  const float* kp = stage_k(kbh, ly.k_sn, ly.k_sd, nk, D, ks, &ldk);
+  const int64_t ldl = round_up(nk, 16);
   float* lg = ls.get(M * ldl);
-  gemm_nn_f32(M, nk, D, qb, D, kt, ldl, lg, ldl);
+  gemm_nt_f32(M, nk, D, qb, D, kp, ldk, lg, ldl);
   const float scale = tb.scale;
   const Vec vs(scale), ninf(kNegInf);
   for (int64_t gi = 0; gi < g; ++gi)
@@ -516,7 +507,7 @@ void text_column_mass_impl(const TextMassLayer* layers, int64_t L, const TextMas
   const int64_t n_items = static_cast<int64_t>(items.size());
   const int64_t n_launch = at::get_num_threads() > 1 ? std::max<int64_t>(n_items, 2) : n_items;
   at::parallel_for(0, n_launch, 1, [&](int64_t begin, int64_t end) {
-    Scratch qs, ks, ts, ls;
+    Scratch qs, ks, ls;
     for (int64_t i = begin; i < std::min(end, n_items); ++i) {
       const MassItem& it = items[i];
       const TextMassLayer& ly = layers[it.l];
@@ -526,13 +517,13 @@ void text_column_mass_impl(const TextMassLayer* layers, int64_t L, const TextMas
       float* pp = part.data() + it.off;
       switch (ly.dtype) {
         case DType::kF32:
-          text_mass_item<float>(ly, tb, bias_b, tx.data(), nt, it, pp, qs, ks, ts, ls);
+          text_mass_item<float>(ly, tb, bias_b, tx.data(), nt, it, pp, qs, ks, ls);
           break;
         case DType::kF16:
-          text_mass_item<c10::Half>(ly, tb, bias_b, tx.data(), nt, it, pp, qs, ks, ts, ls);
+          text_mass_item<c10::Half>(ly, tb, bias_b, tx.data(), nt, it, pp, qs, ks, ls);
           break;
         default:
-          text_mass_item<c10::BFloat16>(ly, tb, bias_b, tx.data(), nt, it, pp, qs, ks, ts, ls);
+          text_mass_item<c10::BFloat16>(ly, tb, bias_b, tx.data(), nt, it, pp, qs, ks, ls);
       }
     }
   });

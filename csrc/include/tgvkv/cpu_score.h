@@ -3,8 +3,8 @@
 //
 // The first pass (csrc/cpu/kernels/cpu_kernels.cpp, compiled per CPU capability): per (layer,
 // sample, group of KV heads, chunk of guidance rows) work item, for each KV head of the group in
-// order, K^T is transposed once (8x8 at::vec blocks) and the logits of the rows of its query
-// heads are one GEMM through ATen (MKL / oneDNN / OpenBLAS), followed by a masked fp32 softmax
+// order, the logits of the rows of its query heads are one GEMM through ATen (MKL / oneDNN /
+// OpenBLAS) with the keys as its transposed operand, followed by a masked fp32 softmax
 // per row (at::vec) accumulated into the group's partial head sum, query heads in order. The
 // groups (at most 8 per layer; a function of Hkv only) have their partial sums added in the
 // fixed order 0..G-1, in parallel over rows (deterministic whatever the thread count: every
