@@ -154,6 +154,26 @@ def test_all_queries_strided_q_and_pad_rows_ignored():
         OPS.score_text_vision(q3, k, q_pos, mod, 0.2)
 
 
+@pytest.mark.parametrize("text_score", ["all_queries", "guidance"])
+def test_huge_finite_queries_are_not_reported_as_non_finite(text_score):
+    """The finiteness check of q reads one fp32 sum per sample (a NaN / inf makes it non-finite);
+    a sum that overflows although every element is finite falls back to the element-wise check:
+    no false 'NaN or inf' error, the reference's scores."""
+    mod = _modality("system_prompt")
+    q_pos = ref.guidance_positions(mod)
+    B, N = mod.shape
+    q = randn((B, 8, N, 32), torch.float32, 11)
+    k = randn((B, 2, N, 32), torch.float32, 12)
+    q[0, :, :, 0] = 1e37  # sample 0's sum: 8 heads x N rows x 1e37 > the fp32 maximum
+    if text_score == "guidance":
+        q = _rows(q, q_pos)
+    assert float(q[0].sum()) == float("inf")
+    got, st = OPS.score_text_vision(q, k, q_pos, mod, 0.2, text_score)
+    exp, est = ref.score_text_vision(q, k, q_pos, mod, 0.2, text_score)
+    assert_scores_close(got, exp, mod, 1e-4)
+    assert_stats_close(st, est, 1e-4)
+
+
 def test_text_score_errors_name_op_argument_and_expectation():
     mod = _modality("system_prompt")
     q_pos = ref.guidance_positions(mod)
