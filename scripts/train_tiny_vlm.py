@@ -193,7 +193,9 @@ def build_model(tokenizer, args):
         vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=3 * args.hidden,
         num_hidden_layers=args.layers, num_attention_heads=getattr(args, "heads", 4),
         num_key_value_heads=getattr(args, "kv_heads", 2),
-        max_position_embeddings=getattr(args, "max_positions", 256), rms_norm_eps=1e-5, rope_theta=10000.0,
+        head_dim=getattr(args, "head_dim", 0) or args.hidden // getattr(args, "heads", 4),
+        max_position_embeddings=getattr(args, "max_positions", 256), rms_norm_eps=1e-5,
+        rope_theta=float(getattr(args, "rope_theta", 10000.0)),
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=bool(args.tie_embeddings))
     cfg = LlavaConfig(
@@ -539,6 +541,8 @@ def pretrain_vision_grid(model, cpix, cls, test, args, n_colours):
                             + list(where.parameters()), lr=args.vision_lr,
                             weight_decay=0.05)
     steps = args.vision_steps
+    if steps == 0:  # the tower as --vision-init left it (e.g. a --stage1-out of an earlier run)
+        return [float("nan"), float("nan")]
     sched = cosine_schedule(opt, 50, steps)
     gen = torch.Generator().manual_seed(args.seed + 1)
     bs = 32
@@ -655,6 +659,12 @@ def main_grid(args):
     t1 = time.time()
     probe = pretrain_vision_grid(model, cpix, cls, (tcpix, tcls), args, len(colours))
     vision_s = time.time() - t1
+    if args.stage1_out:
+        from safetensors.torch import save_file
+        os.makedirs(args.stage1_out, exist_ok=True)
+        save_file({"vision_tower." + k: v.contiguous() for k, v in
+                   model.model.vision_tower.state_dict().items()},
+                  os.path.join(args.stage1_out, "model.safetensors"))
     print(f"stage 1 done in {vision_s/60:.1f} min: test cells shape {probe[0]:.4f}, colour "
           f"{probe[1]:.4f} (linear head on each cell's mean patch features)", flush=True)
     tower = model.model.vision_tower
@@ -855,6 +865,10 @@ def main():
                    help="grid stage 1: classify each cell's mean patch features, or every patch")
     g.add_argument("--questions-per-row", type=int, default=1,
                    help="grid stage 2: questions about one grid per training row (chat turns)")
+    g.add_argument("--head-dim", type=int, default=0, help="LM head size (0: hidden / heads)")
+    g.add_argument("--rope-theta", type=float, default=10000.0, help="LM RoPE base")
+    g.add_argument("--stage1-out", default="",
+                   help="grid: also save the stage-1 tower here (a --vision-init for later runs)")
     g.add_argument("--eval-questions", type=int, default=0,
                    help="grid: test questions evaluated (the first 500 are 'easy-vqa-grid')")
     argv = sys.argv[1:]
