@@ -285,6 +285,26 @@ def test_generate_json_schema_and_plot(tmp_path):
     assert sec["rows"][2]["cache_bytes"] < full  # 0.2: a smaller cache
     assert 0.1 < sec["rows"][2]["kept_fraction"] < 0.35
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    # one rep: the paired ratio is that rep's ratio, its interval a point; unpatched: exactly 1
+    assert sec["rows"][0]["decode_speedup_paired"] == 1.0
+    for r in sec["rows"]:
+        lo, hi = r["decode_speedup_paired_ci95"]
+        assert 0 < lo == r["decode_speedup_paired"] == hi
+
+
+def test_paired_speedup_median_and_interval():
+    from tgvkv.bench.generate import _paired_speedup
+
+    got = _paired_speedup([2.0, 4.0, 3.0], [1.0, 2.0, 1.5])
+    assert got == {"decode_speedup_paired": 2.0, "decode_speedup_paired_ci95": [2.0, 2.0]}
+    # per-rep ratios 0.9 .. 1.1 in steps of 0.01: median 1.0, an interval around it, seeded
+    base = [1.0] * 21
+    mine = [1.0 / (0.9 + 0.01 * i) for i in range(21)]
+    a, b = _paired_speedup(base, mine), _paired_speedup(base, mine)
+    assert a == b and abs(a["decode_speedup_paired"] - 1.0) < 1e-12
+    lo, hi = a["decode_speedup_paired_ci95"]
+    assert 0.93 < lo < 1.0 < hi < 1.07
+    assert _paired_speedup(None, [1.0])["decode_speedup_paired"] is None
 
 
 def test_version():

@@ -45,7 +45,9 @@ JSON report (``--json FILE``), schema ``tgvkv-bench/1``::
         "rows": [{"keep_ratio": float|null (null: unpatched model), "batch": int,
                   "prefill_ms", "ttft_ms", "decode_tok_s", "decode_ms_per_step",
                   "cache_bytes", "cache_bytes_full", "kept_fraction", "peak_bytes",
-                  "peak_method", "decode_speedup_vs_unpatched", "ttft_ratio_vs_unpatched"}],
+                  "peak_method", "decode_speedup_vs_unpatched", "ttft_ratio_vs_unpatched",
+                  "decode_speedup_paired": float|null,   # median over reps of per-rep ratios
+                  "decode_speedup_paired_ci95": [lo, hi]|null}],  # its bootstrap 95% interval
         "max_batch": {...} (CUDA only)},
       "accuracy": {...the result of tgvkv.eval.run()..., "table": str,
                    "rows": [{"policy", "keep_ratio" (null: full cache), "accuracy",

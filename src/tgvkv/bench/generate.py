@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import statistics
 import time
 
@@ -199,6 +200,12 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
     the interval from the end of one forward to the end of the next (generation overheads
     included; the last step ends with generate()), ``batch`` tokens per step;
     ``decode_ms_per_step_mean`` the mean over calls of the mean step;
+    ``decode_speedup_paired`` the median over reps of (the unpatched call's median step / this
+    configuration's median step in the same rep): each ratio compares calls a few hundred ms
+    apart, so the slow phases of a shared machine (steps 20-40% slower for seconds at a time,
+    seen on the 2-core VMs) cancel instead of landing on one configuration; with
+    ``decode_speedup_paired_ci95``, a bootstrap 95% interval of that median (2,000 resamples of
+    the reps, seeded): a ratio inside it is what this run can tell apart from noise;
     ``cache_bytes`` bytes held by the KV cache after generate(); ``peak_bytes`` peak extra memory
     of one generate() call (see :func:`peak_extra_bytes`).
     """
@@ -233,6 +240,7 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
                 r = _generate_once(model, inputs, new_tokens, device, policies[kr], tgvkv_apply)
                 res[kr].append(r[:4] + ((r[4] if len(res[kr]) == reps - 1 else None),))
         full_bytes = None
+        rep_medians = {}
         for kr in configs:
             policy = policies[kr]
             rr = res.pop(kr)
@@ -241,6 +249,7 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
             # pooled median of every decode step of every rep: one preempted step does not move it
             dec = statistics.median(s for r in rr for s in r[2])
             dec_mean = statistics.mean(sum(r[2]) / len(r[2]) for r in rr)
+            rep_medians[kr] = [statistics.median(r[2]) for r in rr]
             facts = _cache_facts(rr[-1][4])
             del rr
             peak, method = peak_extra_bytes(
@@ -254,7 +263,8 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
                          "decode_ms_per_step_mean": dec_mean * 1e3,
                          "cache_bytes": facts["cache_bytes"], "cache_bytes_full": full_bytes,
                          "kept_fraction": facts["kept_fraction"], "peak_bytes": peak,
-                         "peak_method": method})
+                         "peak_method": method,
+                         **_paired_speedup(rep_medians.get(None), rep_medians[kr])})
             if bar is not None:
                 bar.set_postfix_str(f"batch {B} keep {kr if kr is not None else 'off'}")
                 bar.update(1)
@@ -280,6 +290,20 @@ def run_generate(model_path=None, preset=None, device="cpu", dtype=torch.float32
                 new_tokens, device, tgvkv_apply,
                 seed, name)}
     return sec
+
+
+def _paired_speedup(base, mine, resamples=2000, seed=0) -> dict:
+    """Median over reps of base[i] / mine[i] (per-rep median decode steps of the unpatched model
+    and of a configuration) and its bootstrap 95% interval; see :func:`run_generate`."""
+    if not base or not mine:
+        return {"decode_speedup_paired": None, "decode_speedup_paired_ci95": None}
+    ratios = [b / m for b, m in zip(base, mine)]
+    rng = random.Random(seed)
+    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios)))
+                  for _ in range(resamples))
+    return {"decode_speedup_paired": statistics.median(ratios),
+            "decode_speedup_paired_ci95": [boot[int(0.025 * resamples)],
+                                           boot[int(0.975 * resamples) - 1]]}
 
 
 def _max_batch(model, policy, new_tokens, device, tgvkv_apply, seed, name, cap=4096):
@@ -312,18 +336,25 @@ def _max_batch(model, policy, new_tokens, device, tgvkv_apply, seed, name, cap=4
     return {"max_batch": lo}
 
 
+def _fmt_paired(r) -> str:
+    p, ci = r.get("decode_speedup_paired"), r.get("decode_speedup_paired_ci95")
+    if p is None or r["keep_ratio"] is None:
+        return "-"
+    return f"{p:.2f}x ({ci[0]:.2f}-{ci[1]:.2f})"
+
+
 def generate_table(sec: dict) -> str:
     title = (f"generate: {sec['model']} ({sec['model_kind']}, {sec['dtype']}), prompt "
              f"{sec['prompt_tokens']} tokens, {sec['new_tokens']} new tokens, ops backend "
              f"{sec['backend']}, text_score {sec.get('text_score', 'guidance')}")
     hdr = ["keep", "batch", "TTFT ms", "prefill ms", "decode ms/step", "decode tok/s",
-           "vs unpatched", "kept", "KV cache", "peak extra"]
+           "vs unpatched", "paired (95% CI)", "kept", "KV cache", "peak extra"]
     out = []
     for r in sec["rows"]:
         out.append(["off (unpatched)" if r["keep_ratio"] is None else f"{r['keep_ratio']:g}",
                     str(r["batch"]), fmt(r["ttft_ms"], ".1f"), fmt(r["prefill_ms"], ".1f"),
                     fmt(r["decode_ms_per_step"], ".2f"), fmt(r["decode_tok_s"], ".1f"),
-                    fmt(r["decode_speedup_vs_unpatched"], ".2f") + "x",
+                    fmt(r["decode_speedup_vs_unpatched"], ".2f") + "x", _fmt_paired(r),
                     fmt(r["kept_fraction"], ".3f"), fmt_bytes(r["cache_bytes"]),
                     fmt_bytes(r["peak_bytes"])])
     txt = table(hdr, out, title)
