@@ -154,25 +154,34 @@ inline bool softmax_accumulate(float* x, int64_t n, const float* bias, float sca
   return true;
 }
 
-// The keys [0, nk) of one (sample, KV head) as fp32 rows [nk, D] (row stride *ldk_out) for the
-// GEMM's transposed operand: kbh its first key, sn / sd the slot and dim strides (elements). fp32
-// keys of unit dim stride are read in place, others converted into ks first. The BLAS takes K
-// itself as the transposed operand (as torch.matmul(q, k.mT) does): no K^T is written. A K^T
-// staged in 8x8 at::vec blocks cost more than the GEMM on AVX-512 (at::vec's 8x8 transpose runs
-// a 16x16 one there: 28% of the guidance-mode profile, llava-1.5-7b shapes, Zen 5), while MKL's
-// sgemm runs Q.K^T at the same rate from K rows or from a contiguous K^T (74-87 GFLOP/s at
-// 1 thread, [40-48, 128] x [128, 650-2900], default and MKL_ENABLE_INSTRUCTIONS=AVX2).
+// Logits [M, *ldl_out] (row stride nk rounded up to 16, in ls) of the M fp32 query rows qb
+// [M, D] against the keys [0, nk) of one (sample, KV head): kbh its first key, sn / sd the slot
+// and dim strides (elements). The keys are the GEMM's transposed operand (as in
+// torch.matmul(q, k.mT)): fp32 keys of unit dim stride are read in place, others converted to
+// fp32 rows in ks first; no K^T is written. A K^T staged in 8x8 at::vec blocks cost more than
+// the GEMM on AVX-512 (at::vec's 8x8 transpose runs a 16x16 one there: 28% of the guidance-mode
+// profile, llava-1.5-7b shapes, Zen 5), while MKL's sgemm runs Q.K^T at the same rate from K rows
+// or from a contiguous K^T (74-87 GFLOP/s at 1 thread, [40-48, 128] x [128, 650-2900], default
+// and MKL_ENABLE_INSTRUCTIONS=AVX2).
 template <typename E>
-const float* stage_k(const E* kbh, int64_t sn, int64_t sd, int64_t nk, int64_t D, Scratch& ks,
-                     int64_t* ldk_out) {
+float* qk_logits(const float* qb, int64_t M, const E* kbh, int64_t sn, int64_t sd, int64_t nk,
+                 int64_t D, Scratch& ks, Scratch& ls, int64_t* ldl_out) {
+  const float* kp;
+  int64_t ldk;
   if (std::is_same_v<E, float> && sd == 1 && sn >= D) {
-    *ldk_out = sn;
-    return reinterpret_cast<const float*>(kbh);
+    kp = reinterpret_cast<const float*>(kbh);
+    ldk = sn;
+  } else {
+    float* kb = ks.get(nk * D);
+    for (int64_t j = 0; j < nk; ++j) strided_to_f32(kbh + j * sn, sd, kb + j * D, D);
+    kp = kb;
+    ldk = D;
   }
-  float* kb = ks.get(nk * D);
-  for (int64_t j = 0; j < nk; ++j) strided_to_f32(kbh + j * sn, sd, kb + j * D, D);
-  *ldk_out = D;
-  return kb;
+  const int64_t ldl = round_up(nk, 16);
+  float* lg = ls.get(M * ldl);
+  gemm_nt_f32(M, nk, D, qb, D, kp, ldk, lg, ldl);
+  *ldl_out = ldl;
+  return lg;
 }
 
 // Rows [t0, t1) of sample b, the g query heads of KV head hk, accumulated into part [Tmax, N].
@@ -190,11 +199,8 @@ void score_head(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b,
   for (int64_t gi = 0; gi < g; ++gi)
     row_to_f32(q + ((b * ly.Hq + hk * g + gi) * T + t0) * D, qb + gi * R * D, R * D);
   const E* kbh = static_cast<const E*>(ly.k) + b * ly.k_sb + hk * ly.k_sh;
-  int64_t ldk;
-  const float* kp = stage_k(kbh, ly.k_sn, ly.k_sd, nk, D, ks, &ldk);
-  const int64_t ldl = round_up(nk, 16);
-  float* lg = ls.get(M * ldl);
-  gemm_nt_f32(M, nk, D, qb, D, kp, ldk, lg, ldl);
+  int64_t ldl;
+  float* lg = qk_logits(qb, M, kbh, ly.k_sn, ly.k_sd, nk, D, ks, ls, &ldl);
   for (int64_t gi = 0; gi < g; ++gi)
     for (int64_t r = 0; r < R; ++r)
       softmax_accumulate(lg + (gi * R + r) * ldl, qp[t0 + r] + 1, bias_b, sb.scale,
@@ -444,13 +450,9 @@ void text_mass_item(const TextMassLayer& ly, const TextMassBatch& tb, const floa
     for (int64_t r = 0; r < R; ++r)
       strided_to_f32(qbase + (it.hk * g + gi) * ly.q_sh + (it.r0 + r) * ly.q_sn, ly.q_sd,
                      qb + (gi * R + r) * D, D);
-  // keys [0, nk) as fp32 rows (see stage_k)
   const E* kbh = static_cast<const E*>(ly.k) + it.b * ly.k_sb + it.hk * ly.k_sh;
-  int64_t ldk;
-  const float* kp = stage_k(kbh, ly.k_sn, ly.k_sd, nk, D, ks, &ldk);
-  const int64_t ldl = round_up(nk, 16);
-  float* lg = ls.get(M * ldl);
-  gemm_nt_f32(M, nk, D, qb, D, kp, ldk, lg, ldl);
+  int64_t ldl;
+  float* lg = qk_logits(qb, M, kbh, ly.k_sn, ly.k_sd, nk, D, ks, ls, &ldl);
   const float scale = tb.scale;
   const Vec vs(scale), ninf(kNegInf);
   for (int64_t gi = 0; gi < g; ++gi)
