@@ -531,6 +531,8 @@ def pretrain_vision_grid(model, cpix, cls, test, args, n_colours):
     ``cpix`` [n, 3, 64, 64] labelled train images, ``cls`` [n, 2] their (shape, colour) classes;
     ``test``: (test cell pixels, test classes). Returns the head's test (shape, colour) accuracy
     on random test grids. The head is thrown away."""
+    if args.vision_steps == 0:  # the tower as --vision-init left it (a --stage1-out of a run)
+        return [float("nan"), float("nan")]
     tower = model.model.vision_tower
     ns = len(SHAPES)
     head = torch.nn.Linear(tower.config.hidden_size, ns + n_colours)
@@ -541,8 +543,6 @@ def pretrain_vision_grid(model, cpix, cls, test, args, n_colours):
                             + list(where.parameters()), lr=args.vision_lr,
                             weight_decay=0.05)
     steps = args.vision_steps
-    if steps == 0:  # the tower as --vision-init left it (e.g. a --stage1-out of an earlier run)
-        return [float("nan"), float("nan")]
     sched = cosine_schedule(opt, 50, steps)
     gen = torch.Generator().manual_seed(args.seed + 1)
     bs = 32
