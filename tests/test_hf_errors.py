@@ -178,3 +178,18 @@ def test_foreign_cache_in_patched_model_is_a_clear_error(llava):
             llava(**inp, **hf.cache_kwargs(llava, DynamicCache(config=llava.config)), use_cache=True)
     with torch.no_grad():  # unpatched again: a DynamicCache is fine
         llava(**inp, **hf.cache_kwargs(llava, DynamicCache(config=llava.config)), use_cache=True)
+
+
+def test_cache_under_both_names_is_a_clear_error(llava):
+    # `cache=` (transformers >= 5.24) and `past_key_values=` at once: which one would be evicted?
+    inp = tiny.make_inputs(llava, [[4, "image", 6]])
+    with hf.apply(llava, TGVKV(keep_ratio=0.2)) as h:
+        with pytest.raises(ValueError, match="not both"):
+            llava(**inp, cache=h.new_cache(), past_key_values=h.new_cache(), use_cache=True)
+        with pytest.raises(ValueError, match="not both"):
+            llava.generate(**inp, cache=h.new_cache(), past_key_values=h.new_cache(), **GEN)
+        # the installed version's name alone, the other one None, is the cache
+        cache = h.new_cache()
+        other = "past_key_values" if hf.cache_arg_name(llava) == "cache" else "cache"
+        llava(**inp, **hf.cache_kwargs(llava, cache), **{other: None}, use_cache=True)
+        assert cache.phase == "done" and cache.result is not None

@@ -347,6 +347,8 @@ class TGVKVCache(DynamicCache):
 
     # ---- decode -------------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.phase == "passthrough":  # as DynamicCache (no offloading here): straight on
+            return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
         if self.phase == "empty":
             raise RuntimeError(
                 "tgvkv: a TGVKVCache must be fed through the top-level forward/generate of a model "

@@ -107,10 +107,10 @@ def output_cache(output):
 
 def _given_cache(kwargs: dict):
     """The cache a caller passed under either name (None when none was given)."""
-    given = [kwargs[n] for n in CACHE_ARGS if kwargs.get(n) is not None]
-    if len(given) > 1:
+    new, old = kwargs.get(CACHE_ARGS[0]), kwargs.get(CACHE_ARGS[1])  # no loop: runs every step
+    if new is not None and old is not None:
         raise ValueError("tgvkv: pass the cache once, as `cache=` or `past_key_values=`, not both")
-    return given[0] if given else None
+    return old if new is None else new
 
 
 def _refuse_foreign(cache) -> None:
@@ -135,7 +135,8 @@ def _make_attention(base_name: str):
         base = (ALL_ATTENTION_FUNCTIONS[base_name] if base_name != "eager"
                 else _eager_forward(module))
         rt = getattr(module, "_tgvkv_runtime", None)
-        cache = rt.cache if rt is not None else None
+        # the thread's cache (_Runtime.cache without the property's call: this runs per layer)
+        cache = getattr(rt._local, "cache", None) if rt is not None else None
         if cache is None or cache.passthrough:
             return base(module, query, key, value, attention_mask, **kwargs)
         layer_idx = module.layer_idx
