@@ -111,3 +111,22 @@ def test_grid_rows_start_with_the_test_prompt(T):
     assert mask.sum(1).tolist()[1] < mask.shape[1]  # the shorter row is padded
     assert T.patch_cells(256).reshape(16, 16)[0, 8].item() == 1  # top right cell
     assert T.patch_cells(256).reshape(16, 16)[15, 0].item() == 2  # bottom left cell
+
+
+def test_grid_oracle_diagnostic_runs_and_reports_per_kind(T, monkeypatch, capsys, tmp_path):
+    """--oracle-features (stage 2 on perfect patch features, a diagnostic) trains a few steps,
+    logs the teacher-forced answer accuracy of every question kind, and writes nothing."""
+    out = tmp_path / "subject"
+    monkeypatch.setattr("sys.argv", [
+        SCRIPT, "--task", "grid", "--out", str(out), "--vision-init", "", "--vision-steps", "0",
+        "--oracle-features", "--train-grids", "8", "--batch-size", "4", "--epochs", "25",
+        "--layers", "1", "--questions-per-row", "2", "--init-std", "0.08", "--threads", "1"])
+    T.main()
+    log = capsys.readouterr().out
+    line = [l for l in log.splitlines() if l.startswith("step 50/50 ")][0]
+    accs = {k: float(line.split(k + " ")[1].split()[0]) for k in T.grid_data.KINDS}
+    assert all(0.0 <= a <= 1.0 for a in accs.values()) and len(accs) == 4
+    assert sum(accs.values()) > 0, line  # some answers right (argmax of the answer word)
+    first = [l for l in log.splitlines() if l.startswith("step 25/50 ")][0]
+    assert float(line.split(" loss ")[1].split()[0]) < float(first.split(" loss ")[1].split()[0])
+    assert "oracle features: 50 steps" in log and not out.exists()
