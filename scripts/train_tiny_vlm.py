@@ -89,6 +89,7 @@ share, minutes, versions) beside the weights.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -676,7 +677,9 @@ def main_grid(args):
         init_vision_from(model, args.vision_init)
         print(f"vision tower initialised from {args.vision_init}", flush=True)
     t1 = time.time()
-    probe = pretrain_vision_grid(model, cpix, cls, (tcpix, tcls), args, len(colours))
+    # --oracle-features never uses the tower's features: no stage 1 for them
+    probe = ([float("nan")] * 2 if args.oracle_features
+             else pretrain_vision_grid(model, cpix, cls, (tcpix, tcls), args, len(colours)))
     vision_s = time.time() - t1
     if args.stage1_out:
         from safetensors.torch import save_file
@@ -741,7 +744,8 @@ def main_grid(args):
     model.train()
     tower.eval()
     answer_ids = torch.tensor(tokenizer.convert_tokens_to_ids(answers_vocab))
-    seen = {k: [] for k in grid_data.KINDS}  # per kind: the batch's answers right (1) or not (0)
+    # per kind: the last 400 training answers right (1) or not (0)
+    seen = {k: collections.deque(maxlen=400) for k in grid_data.KINDS}
     step, t_train, ema = 0, time.time(), None
     for idx in batches([(list(range(len(grids))), None)], args.batch_size, gen):
         if step >= total:
@@ -766,13 +770,10 @@ def main_grid(args):
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         el = time.time() - t_train
         if step % 25 == 0 or step == total:
-            acc = " ".join(f"{k} {sum(v[-400:]) / max(1, len(v[-400:])):.2f}"
-                           for k, v in seen.items())
+            acc = " ".join(f"{k} {sum(v) / max(1, len(v)):.2f}" for k, v in seen.items())
             print(f"step {step}/{total} loss {ema:.4f} lr {sched.get_last_lr()[0]:.2e} {el:.0f}s "
                   f"train answers (last 400 per kind): {acc}", flush=True)
-        if args.oracle_features:
-            pass
-        elif args.eval_every and step % args.eval_every == 0:
+        if args.eval_every and step % args.eval_every == 0 and not args.oracle_features:
             acc = evaluate(model, tokenizer, tpix, tqs, tans, tim, answers_vocab, limit=500, **ev)
             print(f"  test[:500] acc {acc:.4f}", flush=True)
             tower.eval()

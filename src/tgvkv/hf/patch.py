@@ -135,8 +135,7 @@ def _make_attention(base_name: str):
         base = (ALL_ATTENTION_FUNCTIONS[base_name] if base_name != "eager"
                 else _eager_forward(module))
         rt = getattr(module, "_tgvkv_runtime", None)
-        # the thread's cache (_Runtime.cache without the property's call: this runs per layer)
-        cache = getattr(rt._local, "cache", None) if rt is not None else None
+        cache = rt.cache if rt is not None else None
         if cache is None or cache.passthrough:
             return base(module, query, key, value, attention_mask, **kwargs)
         layer_idx = module.layer_idx
