@@ -113,20 +113,65 @@ def test_grid_rows_start_with_the_test_prompt(T):
     assert T.patch_cells(256).reshape(16, 16)[15, 0].item() == 2  # bottom left cell
 
 
-def test_grid_oracle_diagnostic_runs_and_reports_per_kind(T, monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("attn_weight", ["0", "1"])
+def test_grid_oracle_diagnostic_runs_and_reports_per_kind(T, monkeypatch, capsys, tmp_path,
+                                                          attn_weight):
     """--oracle-features (stage 2 on perfect patch features, a diagnostic) trains a few steps,
-    logs the teacher-forced answer accuracy of every question kind, and writes nothing."""
+    logs the teacher-forced answer accuracy of every question kind, and writes nothing; with
+    the attention loss (--attn-weight 1) it logs that loss too, and it falls."""
     out = tmp_path / "subject"
     monkeypatch.setattr("sys.argv", [
         SCRIPT, "--task", "grid", "--out", str(out), "--vision-init", "", "--vision-steps", "0",
         "--oracle-features", "--train-grids", "8", "--batch-size", "4", "--epochs", "25",
-        "--layers", "1", "--questions-per-row", "2", "--init-std", "0.08", "--threads", "1"])
+        "--layers", "2", "--attn-layer", "1", "--questions-per-row", "2", "--init-std", "0.08",
+        "--threads", "1", "--attn-weight", attn_weight])
     T.main()
     log = capsys.readouterr().out
     line = [l for l in log.splitlines() if l.startswith("step 50/50 ")][0]
+    if attn_weight == "1":
+        first = [l for l in log.splitlines() if l.startswith("step 25/50 ")][0]
+        att = [float(l.split(" attn ")[1].split()[0]) for l in (first, line)]
+        assert 0 < att[1] < att[0], (first, line)
+    else:
+        assert " attn " not in log
     accs = {k: float(line.split(k + " ")[1].split()[0]) for k in T.grid_data.KINDS}
     assert all(0.0 <= a <= 1.0 for a in accs.values()) and len(accs) == 4
     assert sum(accs.values()) > 0, line  # some answers right (argmax of the answer word)
     first = [l for l in log.splitlines() if l.startswith("step 25/50 ")][0]
     assert float(line.split(" loss ")[1].split()[0]) < float(first.split(" loss ")[1].split()[0])
     assert "oracle features: 50 steps" in log and not out.exists()
+
+
+def test_cell_attention_loss_is_the_models_own_attention_mass(T):
+    """CellAttention recomputes one layer's attention for a few query rows from its saved input:
+    it must equal -log of the mass that the model's own (eager) attention weights put on the
+    target cell's image slots, per query and head, averaged."""
+    import types
+
+    tok = T.build_tokenizer(list(T.TEMPLATE_WORDS) + ["a", "b"], max_length=128)
+    args = types.SimpleNamespace(vision_hidden=32, vision_layers=1, hidden=32, layers=4, heads=4,
+                                 kv_heads=2, head_dim=0, max_positions=128, rope_theta=1e4,
+                                 tie_embeddings=0, image_size=64)
+    torch.manual_seed(0)
+    m = T.build_model(tok, args)
+    m.model.language_model.config._attn_implementation = "eager"
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)  # peaked attention: a wrong slot or head shows
+    ca = T.CellAttention(m, 2, 3)  # query heads 0-2: KV heads 0, 0, 1
+    img, B = m.config.image_token_id, 3
+    ids = torch.randint(0, 10, (B, 100))
+    ids[ids == img] = 1
+    ids[:, 5:69] = img  # 64 image slots: an 8x8 patch grid, 4 cells of 16
+    out = m.model.language_model(inputs_embeds=m.get_input_embeddings()(ids),
+                                 output_attentions=True)
+    cols = torch.tensor([[70, 80, 99], [69, 75, 90], [71, 72, 73]])
+    cells = torch.tensor([[0, 1, 3], [2, 2, 0], [3, 1, 2]])
+    got = ca.loss(ids, img, cols, cells)
+    att, pc = out.attentions[2], T.patch_cells(64)
+    ref = torch.stack([-torch.log(att[b, h, cols[b, i], 5:69][pc == cells[b, i]].sum())
+                       for b in range(B) for i in range(3) for h in range(3)]).mean()
+    assert torch.allclose(got, ref, rtol=1e-5), (got, ref)
+    assert ca.saved is None and abs(ca.last - ref.item()) < 1e-4
+    with torch.no_grad():  # evaluation forwards keep nothing
+        m.model.language_model(inputs_embeds=m.get_input_embeddings()(ids))
+    assert ca.saved is None
