@@ -485,11 +485,11 @@ class CellAttention:
 
 def lm_step(model, opt, sched, ids, mask, lab, feats, img_index, keep_logits=False, aux=None):
     """One optimiser step of the answer loss (teacher forcing on the response tokens), plus
-    ``aux()`` (a loss of the same forward pass) if given; returns the answer loss (and the
-    logits, detached, with ``keep_logits``)."""
+    every ``f()`` of ``aux`` (losses of the same forward pass) if given; returns the answer loss
+    (and the logits, detached, with ``keep_logits``)."""
     logits = forward_logits(model, ids, mask, feats, img_index)
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1))
-    total = loss if aux is None else loss + aux()
+    total = loss if aux is None else loss + sum(f() for f in aux)
     opt.zero_grad(set_to_none=True)
     total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -833,7 +833,7 @@ def main_grid(args):
             row_targets.append([targets[mine[j]] for j in pick])
         ids_, mask, lab = encode_packed(tokenizer, turns, model.config.image_token_id, n_image,
                                         GRID_SYSTEM)
-        aux = None
+        aux = []  # the extra losses of this step, as closures over its forward pass
         if cell_attn is not None:
             # the attention loss's queries: per turn, the last prompt token and the response's
             # lead-in ("the answer is"), i.e. every position whose next token is a label but
@@ -844,20 +844,18 @@ def main_grid(args):
             # (every row has --questions-per-row turns of 4 such positions)
             cols = qpos.nonzero(as_tuple=True)[1].view(len(idx), -1)
             tcell = torch.tensor(row_targets).gather(1, turn.gather(1, cols))
-            aux = lambda: args.attn_weight * cell_attn.loss(  # noqa: E731
-                ids_, model.config.image_token_id, cols, tcell)
+            aux.append(lambda: args.attn_weight * cell_attn.loss(
+                ids_, model.config.image_token_id, cols, tcell))
         if pool_attn is not None:
             # the pooling loss's queries: every 4th image slot, each pooling its own cell
             img_pos = (ids_[0] == model.config.image_token_id).nonzero()[:, 0]
             pc = patch_cells(len(img_pos))
             pcols = img_pos[3::4].expand(len(idx), -1)
             pcell = pc[3::4].expand(len(idx), -1)
-            aux_q = aux
-            aux = lambda: (args.pool_weight * pool_attn.loss(  # noqa: E731
-                ids_, model.config.image_token_id, pcols, pcell)
-                + (aux_q() if aux_q is not None else 0))
+            aux.append(lambda: args.pool_weight * pool_attn.loss(
+                ids_, model.config.image_token_id, pcols, pcell))
         loss, logits = lm_step(model, opt, sched, ids_, mask, lab, cached[torch.tensor(idx)],
-                               torch.arange(len(idx)), keep_logits=True, aux=aux)
+                               torch.arange(len(idx)), keep_logits=True, aux=aux or None)
         # teacher-forced accuracy of the answer words (one per turn, in row order) by kind: on
         # grids not seen before while stage 2 is in its first epoch
         tgt = lab[:, 1:]

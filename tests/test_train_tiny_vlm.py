@@ -128,8 +128,8 @@ def test_grid_oracle_diagnostic_runs_and_reports_per_kind(T, monkeypatch, capsys
     T.main()
     log = capsys.readouterr().out
     line = [l for l in log.splitlines() if l.startswith("step 50/50 ")][0]
+    first = [l for l in log.splitlines() if l.startswith("step 25/50 ")][0]
     if attn_weight == "1":
-        first = [l for l in log.splitlines() if l.startswith("step 25/50 ")][0]
         att = [float(l.split(" attn ")[1].split()[0]) for l in (first, line)]
         assert 0 < att[1] < att[0], (first, line)
     else:
@@ -137,7 +137,6 @@ def test_grid_oracle_diagnostic_runs_and_reports_per_kind(T, monkeypatch, capsys
     accs = {k: float(line.split(k + " ")[1].split()[0]) for k in T.grid_data.KINDS}
     assert all(0.0 <= a <= 1.0 for a in accs.values()) and len(accs) == 4
     assert sum(accs.values()) > 0, line  # some answers right (argmax of the answer word)
-    first = [l for l in log.splitlines() if l.startswith("step 25/50 ")][0]
     assert float(line.split(" loss ")[1].split()[0]) < float(first.split(" loss ")[1].split()[0])
     assert "oracle features: 50 steps" in log and not out.exists()
 
