@@ -21,6 +21,18 @@ def check_plot_deps(path: str | None) -> None:
         raise UserError(f"--plot {path}: directory {d} does not exist")
 
 
+def _keep_ratio_axis(ax, keep_ratios) -> None:
+    """A log x axis labelled at the measured keep ratios only (0.05, 0.1, ...)."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ticks = sorted(set(keep_ratios))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{k:g}" for k in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("keep ratio")
+
+
 def _plot_gen_speed(ax, gen) -> None:
     """Decode tokens/s vs keep ratio, one line per batch size."""
     for i, b in enumerate(sorted({r["batch"] for r in gen["rows"]})):
@@ -33,8 +45,7 @@ def _plot_gen_speed(ax, gen) -> None:
         if base:
             ax.axhline(base[0]["decode_tok_s"], ls="--", color=c, alpha=0.6,
                        label=f"unpatched, batch {b}")
-    ax.set_xscale("log")
-    ax.set_xlabel("keep ratio")
+    _keep_ratio_axis(ax, [r["keep_ratio"] for r in gen["rows"] if r["keep_ratio"]])
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"generate: {gen.get('model')}")
     ax.legend(fontsize=8)
@@ -52,8 +63,7 @@ def _plot_gen_mem(ax, gen) -> None:
             ax.plot([r["keep_ratio"] for r in rs],
                     [(r["peak_bytes"] or 0) / 2**20 for r in rs], "s:", color=c,
                     label=f"peak extra memory of generate(), batch {b}")
-    ax.set_xscale("log")
-    ax.set_xlabel("keep ratio")
+    _keep_ratio_axis(ax, [r["keep_ratio"] for r in gen["rows"] if r["keep_ratio"]])
     ax.set_ylabel("MiB")
     ax.set_title("memory vs keep ratio")
     ax.legend(fontsize=8)
@@ -86,14 +96,17 @@ def _plot_acc(ax, acc) -> None:
     for pol in sorted({r["policy"] for r in acc["rows"] if r["keep_ratio"] is not None}):
         rs = sorted([r for r in acc["rows"] if r["policy"] == pol
                      and r["keep_ratio"] is not None], key=lambda r: r["keep_ratio"])
-        ax.plot([r["keep_ratio"] for r in rs], [100 * r["accuracy"] for r in rs], "o-",
-                label=pol)
+        # TGV-KV's own rows solid (the default one thicker), its variants dotted, the rest dashed
+        style = "o-" if pol == "tgvkv" else "o:" if pol.startswith("tgvkv") else "s--"
+        ax.plot([r["keep_ratio"] for r in rs], [100 * r["accuracy"] for r in rs], style,
+                label=pol, lw=2.4 if pol == "tgvkv" else 1.2)
     if full:
-        ax.axhline(100 * full[0]["accuracy"], ls="--", color="gray", label="full KV")
-    ax.set_xscale("log")
-    ax.set_xlabel("keep ratio")
+        ax.axhline(100 * full[0]["accuracy"], ls="-", color="gray", alpha=0.6, label="full KV")
+    _keep_ratio_axis(ax, [r["keep_ratio"] for r in acc["rows"] if r["keep_ratio"] is not None])
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"accuracy, {acc.get('dataset')} ({acc.get('n_samples')} samples)")
+    who = f"{acc['subject']}, " if acc.get("subject") else ""
+    ax.set_title(f"accuracy: {who}{acc.get('dataset')} ({acc.get('n_samples')} samples)",
+                 fontsize=10)
     ax.legend(fontsize=7)
 
 
