@@ -215,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="local VLM checkpoint (default: the committed subject of --subject)")
     ga.add_argument("--subject", default=None, choices=("tiny-llava-grid", "tiny-llava-easyvqa"),
                     help="a committed subject (default tgvkv.eval.DEFAULT_SUBJECT, "
-                         "tiny-llava-easyvqa: 3 layers, 64 image tokens; tiny-llava-grid, 8 "
-                         "layers, 256 image tokens, is not committed yet)")
+                         "tiny-llava-grid: 8 layers, 256 image tokens, a question about one "
+                         "cell of a 2x2 grid; tiny-llava-easyvqa: 3 layers, 64 image tokens)")
     ga.add_argument("--dataset", default=None,
                     help="easy-vqa | easy-vqa-full | easy-vqa-grid | a JSONL file (default: the "
                          "subject's own: easy-vqa for tiny-llava-easyvqa and --model, "

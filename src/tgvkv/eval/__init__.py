@@ -6,8 +6,9 @@ ratios; ``tgvkv.eval.format_table(result)`` renders the result. The committed su
 (:data:`SUBJECTS`): ``tiny-llava-easyvqa`` (3 layers, 64 image tokens, dataset ``easy-vqa``) and
 ``tiny-llava-grid`` (8 layers, GQA, 256 image tokens, a system prompt before the image, dataset
 ``easy-vqa-grid``: questions about one cell of a 2x2 grid; trained by ``scripts/train_tiny_vlm.py
---task grid``, **not committed yet**: no run has met its accuracy bars). The built-in datasets come from the ``easy-vqa`` package (the ``eval`` extra: ``pip
-install "tgvkv[eval]"``; offline).
+--task grid``; the default subject of ``tgvkv-bench accuracy``, :data:`DEFAULT_SUBJECT`). The
+built-in datasets come from the ``easy-vqa`` package (the ``eval`` extra: ``pip install
+"tgvkv[eval]"``; offline).
 """
 
 from .baselines import POLICIES, make_policy, policy_class

@@ -24,8 +24,8 @@ Built-in names
     :func:`tgvkv.eval.easy_vqa_grid.grid_questions` ``("test", 500, seed=14)`` (kinds drawn
     uniformly, cells redrawn until the kind can pick one; see that module). One reference
     answer each, primary metric exact match. Majority answer: "rectangle", 19.0 %. The subject
-    for it, ``tgvkv/data/tiny-llava-grid`` (``scripts/train_tiny_vlm.py --task grid``, train
-    grids from the train split only), is not committed yet.
+    for it is ``tgvkv/data/tiny-llava-grid`` (``scripts/train_tiny_vlm.py --task grid``, train
+    grids from the train split only).
 
 Your own data: JSONL + image folder
 -----------------------------------
