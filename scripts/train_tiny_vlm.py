@@ -78,7 +78,10 @@ Committed: the weights of the default command itself, ``python scripts/train_tin
 grid`` (seed 0, 2 threads, 1,950 stage-2 steps, 39.3 min in all; the CPU model was not recorded): **90.4 %**
 on the 500 test questions (position->shape 95.6, position->colour 99.1, shape->colour 77.5,
 colour->shape 90.1 %), **21.4 %** with the image blanked (majority "rectangle" 19.0 %), 0.74 M
-parameters, 2.9 MB; ``training_info.json`` beside them. History (``bench/results/grid_subject_attempts.md``):
+parameters, 2.9 MB; ``training_info.json`` beside them. Re-running the command (with
+``--max-minutes 60``, on a machine shared with other work) wrote the same ``model.safetensors``
+bit for bit (sha256 ``8c9e1896...70b8``). The 37-minute safety stop is wall-clock: on a much
+slower machine it would cut stage 2 short (reported) and give other weights. History (``bench/results/grid_subject_attempts.md``):
 Run 3 (1.0 epoch of stage 2, no cell-id loss) reached 39.6 % on the 500 test questions (24.8 %
 blanked; majority 19.0 %) in 17 min. Run 4 (stage 1 also teaches every patch its own cell,
 ``--cell-id-weight``; 3.3 epochs of stage 2) was at 46.0 % / 51.0 % after 330 / 660 of its 990
