@@ -8,7 +8,8 @@ QUICK_ACCURACY = {"policies": ["tgvkv"], "keep_ratios": [1.0, 0.2, 0.05], "limit
                   "max_new_tokens": 8}
 # The subject of the argument-less run (named in its table): the default subject, since it keeps
 # the quick accuracy part well under two minutes (4 x 24 generate() calls of at most 8 tokens:
-# 33 s on a 2-core EPYC Zen 4 whose cores a training run shared; tiny-llava-easyvqa about 1 s).
+# 2.5 s on a quiet 2-core EPYC Zen 4, the whole argument-less run 13.6 s; 33 s with a training
+# run on both cores).
 QUICK_SUBJECT = "tiny-llava-grid"
 # the keep ratios of `tgvkv-bench accuracy` (the paper's budgets); keep 1.0, the bit-exact
 # passthrough check, is one more full pass (--keep-ratio 1.0 0.5 ...) and is tested instead
