@@ -39,28 +39,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import tgvkv  # noqa: E402
 from tgvkv.bench.env import cpu_model  # noqa: E402
 from tgvkv.eval import load_dataset, load_model, make_policy, subject_path  # noqa: E402
+from tgvkv.eval.easy_vqa_grid import patch_cells  # noqa: E402
 from tgvkv.eval.harness import _prepare  # noqa: E402
 
 POLICIES = ("tgvkv", "tgvkv-no-tpr", "tgvkv-guidance-text", "h2o", "snapkv", "pyramidkv",
             "streamingllm", "random")
 
 
-def patch_cell(n_image: int) -> torch.Tensor:
-    """[n_image] cell (0 top left .. 3 bottom right) of each image slot, row-major patches."""
-    side = int(round(n_image ** 0.5))
-    assert side * side == n_image and side % 2 == 0, n_image
-    r = torch.arange(n_image) // side
-    c = torch.arange(n_image) % side
-    return (r // (side // 2)) * 2 + c // (side // 2)
+def image_slots(model, x):
+    """([n_image] prompt positions of the image slots, [n_image] the grid cell of each)."""
+    img_pos = torch.nonzero(x["input_ids"][0] == model.config.image_token_id)[:, 0]
+    return img_pos, patch_cells(len(img_pos))
 
 
-def measure(model, processor, samples, inputs, policy_name, keep_ratio):
-    image_id = model.config.image_token_id
+def measure(model, samples, inputs, policy_name, keep_ratio):
     text = image = in_cell = no_image = pairs = 0
     for s, x in zip(samples, inputs):
-        ids = x["input_ids"][0]
-        img_pos = torch.nonzero(ids == image_id)[:, 0]
-        cell_of = dict(zip(img_pos.tolist(), patch_cell(len(img_pos)).tolist()))
+        cell_of = dict(zip(*(t.tolist() for t in image_slots(model, x))))
         with tgvkv.apply(model, make_policy(policy_name, keep_ratio)) as handle:
             with torch.inference_mode():
                 model.generate(**x, max_new_tokens=1, do_sample=False, num_beams=1)
@@ -85,12 +80,10 @@ def attention_on_cell(model, samples, inputs):
     impl = model.config._attn_implementation, model.config.text_config._attn_implementation
     model.config._attn_implementation = model.config.text_config._attn_implementation = "eager"
     try:
-        image_id = model.config.image_token_id
         last = guided = None
         for s, x in zip(samples, inputs):
-            ids = x["input_ids"][0]
-            img_pos = torch.nonzero(ids == image_id)[:, 0]
-            in_cell = patch_cell(len(img_pos)) == s["target"]
+            img_pos, cells = image_slots(model, x)
+            in_cell = cells == s["target"]
             first_text = int(img_pos.max()) + 1
             with torch.inference_mode():
                 att = model(**x, output_attentions=True).attentions  # L x [1, H, N, N]
@@ -119,12 +112,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    model, processor, name = load_model(subject_path("tiny-llava-grid"), "cpu")
+    model, processor, _ = load_model(subject_path("tiny-llava-grid"), "cpu")
     samples = load_dataset("easy-vqa-grid", args.limit)
     inputs = _prepare(processor, samples, "cpu")
     n = int(inputs[0]["input_ids"].shape[1])
-    n_img = int((inputs[0]["input_ids"][0] == model.config.image_token_id).sum())
-    rows = [measure(model, processor, samples, inputs, p, k)
+    n_img = len(image_slots(model, inputs[0])[0])
+    rows = [measure(model, samples, inputs, p, k)
             for p in args.policy for k in args.keep_ratio]
     print(f"tiny-llava-grid on the first {len(samples)} questions of easy-vqa-grid: prompt "
           f"{n} slots = {n_img} image + {n - n_img} text (first question), "

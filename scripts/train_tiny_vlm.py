@@ -132,6 +132,7 @@ from tgvkv.bench.env import cpu_model  # noqa: E402
 SHAPES = grid_data.SHAPES
 image_labels = grid_data.image_labels
 yes_no_group = grid_data.yes_no_group
+patch_cells = grid_data.patch_cells
 
 IMAGE_SIZE = 64
 PATCH_SIZE = 8
@@ -594,13 +595,6 @@ def encode_packed(tokenizer, turns, image_token_id, n_image, system):
             labels += [-100] * len(p) + r
         rows.append((seq, labels))
     return pad_rows(rows, tokenizer.pad_token_id)
-
-
-def patch_cells(n_patches):
-    """[n_patches] the grid cell (0..3, grid_data.POSITIONS order) of each patch, raster order."""
-    side = int(round(n_patches ** 0.5))
-    r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    return ((r // (side // 2)) * 2 + c // (side // 2)).reshape(-1)
 
 
 def quadrant_means(x):

@@ -201,11 +201,13 @@ def _kept_slots_script():
 
 
 def test_patch_cell_matches_the_composed_grid(test_samples):
-    """bench/grid_kept_slots.py's cell of each image slot (row-major 8x8 patches) is the cell the
-    grid builder pasted there: the patches of cell k are exactly the pixels of cell k's image."""
-    mod = _kept_slots_script()
-    cell = mod.patch_cell(256)
+    """The cell of each image slot (G.patch_cells: row-major 8x8 patches, used by training and
+    bench/grid_kept_slots.py) is the cell the grid builder pasted there: the patches of cell k
+    are exactly the pixels of cell k's image."""
+    cell = G.patch_cells(256)
     assert [int((cell == k).sum()) for k in range(4)] == [64] * 4
+    with pytest.raises(ValueError, match="patch_cells"):
+        G.patch_cells(255)
     paths = easy_vqa.get_test_image_paths()
     s = test_samples[0]
     grid = np.asarray(s["image"])
@@ -227,11 +229,11 @@ def test_tgvkv_keeps_no_image_slot_when_the_text_exceeds_the_budget(grid_model, 
     inputs = _prepare(processor, samples, "cpu")
     n_text = int((inputs[0]["input_ids"][0] != model.config.image_token_id).sum())
     assert n_text == 35
-    t = mod.measure(model, processor, samples, inputs, "tgvkv", 0.05)
+    t = mod.measure(model, samples, inputs, "tgvkv", 0.05)
     assert t["image_slots"] == 0 and t["no_image"] == 1.0
     assert 0 < t["text_slots"] < n_text
-    r = mod.measure(model, processor, samples, inputs, "random", 0.05)
+    r = mod.measure(model, samples, inputs, "random", 0.05)
     assert r["image_slots"] > 0
-    half = mod.measure(model, processor, samples, inputs, "tgvkv", 0.5)
+    half = mod.measure(model, samples, inputs, "tgvkv", 0.5)
     assert half["text_slots"] > n_text - 2 and half["image_slots"] > 90
     assert 0.0 <= half["in_cell"] <= 1.0

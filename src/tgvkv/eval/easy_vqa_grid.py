@@ -29,7 +29,7 @@ import random
 __all__ = ["SHAPES", "POSITIONS", "KINDS", "CELL_SIZE", "GRID_SIZE", "TEST_SEED",
            "TEST_QUESTIONS", "image_labels", "yes_no_group", "split_labels", "colours",
            "sample_cells", "question_of", "questions_of_cells", "grid_questions",
-           "compose_grid"]
+           "patch_cells", "compose_grid"]
 
 SHAPES = ("circle", "rectangle", "triangle")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
@@ -178,6 +178,18 @@ def grid_questions(split, n, seed):
         q, a, t = qa
         out.append({"cells": cells, "kind": kind, "question": q, "answer": a, "target": t})
     return out
+
+
+def patch_cells(n_patches):
+    """[n_patches] the grid cell (0..3, :data:`POSITIONS` order) of each image patch of a grid,
+    patches in raster order (as CLIP's tower emits them; a square number of patches)."""
+    import torch
+
+    side = int(round(n_patches ** 0.5))
+    if side * side != n_patches or side % 2:
+        raise ValueError(f"patch_cells: {n_patches} patches are not an even square grid")
+    r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return ((r // (side // 2)) * 2 + c // (side // 2)).reshape(-1)
 
 
 def compose_grid(images):
