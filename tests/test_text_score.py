@@ -78,6 +78,23 @@ def test_score_text_vision_both_modes_match_reference(layout, dtype):
     assert_scores_close(ti, exp_a, mod, rtol)
 
 
+@pytest.mark.parametrize("rows_per_chunk", [1, 7, 32, 10_000])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_plain_text_column_mass_chunks_match_reference(layout, rows_per_chunk):
+    """The baseline's row chunks (each against its causal keys [0, r1) only) give the reference's
+    text scores at any chunk size: one row, a size that divides nothing, and one chunk."""
+    mod = _modality(layout)
+    q_pos = ref.guidance_positions(mod)
+    B, N = mod.shape
+    q = randn((B, 6, N, 16), torch.float32, 3)  # GQA 6/3
+    k = randn((B, 3, N, 16), torch.float32, 4)
+    exp, _ = ref.score_text_vision(q, k, q_pos, mod, 0.25, "all_queries")
+    got = torch_impl.text_column_mass(q, k, mod, 0.25, rows_per_chunk=rows_per_chunk)
+    txt = mod == TEXT
+    torch.testing.assert_close(got[txt], exp[txt], rtol=1e-5, atol=1e-6)
+    assert bool((got[mod == PAD] == 0).all())
+
+
 def test_evict_all_queries_matches_reference_and_evicts_text():
     mod = _modality("text_between_images")
     q_pos = ref.guidance_positions(mod)
