@@ -462,7 +462,7 @@ void text_mass_item(const TextMassLayer& ly, const TextMassBatch& tb, const floa
     for (int64_t r = 0; r < R; ++r) {
       const int64_t i = it.r0 + r;
       if (mod[i] == kPad || txt[0] > i) continue;  // pad rows neither score nor count
-      const float* x = lg + (gi * R + r) * ldl;
+      float* x = lg + (gi * R + r) * ldl;  // the row's logits, overwritten by their exps below
       const int64_t n = i + 1;
       // the row's logsumexp over its keys [0, i] (pad keys masked by the bias): max, sum of exp
       Vec vmax = ninf;
@@ -476,18 +476,25 @@ void text_mass_item(const TextMassLayer& ly, const TextMassBatch& tb, const floa
       }
       const float mx = lanes_max(vmax);
       if (!(mx > kNegInf)) continue;
+      // exp(logit - max) of every key, stored over the logits (the row is in cache): the text
+      // columns below read their numerators from the same exps that make the denominator (no
+      // scalar exp per text column: that was half the row's cost at head_dim 64)
       const Vec vm(mx);
       Vec vsum(0.0f);
-      for (j = 0; j + kW <= n; j += kW)
-        vsum = vsum + (at::vec::fmadd(Vec::loadu(x + j), vs, Vec::loadu(bias_b + j)) - vm).exp_u20();
+      for (j = 0; j + kW <= n; j += kW) {
+        const Vec ej = (at::vec::fmadd(Vec::loadu(x + j), vs, Vec::loadu(bias_b + j)) - vm).exp_u20();
+        ej.store(x + j);
+        vsum = vsum + ej;
+      }
       if (rem > 0) {
         const Vec v = at::vec::fmadd(Vec::loadu(x + j, rem), vs, Vec::loadu(bias_b + j, rem));
-        vsum = vsum + Vec::set(Vec(0.0f), (Vec::set(ninf, v, rem) - vm).exp_u20(), rem);
+        const Vec ej = Vec::set(Vec(0.0f), (Vec::set(ninf, v, rem) - vm).exp_u20(), rem);
+        ej.store(x + j, static_cast<int>(rem));
+        vsum = vsum + ej;
       }
       const float inv = 1.0f / lanes_sum(vsum);
       // only the text columns p <= i are kept (txt ascending; text slots are never pad)
-      for (int64_t c = 0; c < ntxt && txt[c] <= i; ++c)
-        part[c] += std::exp(x[txt[c]] * scale - mx) * inv;
+      for (int64_t c = 0; c < ntxt && txt[c] <= i; ++c) part[c] += x[txt[c]] * inv;
     }
 }
 
