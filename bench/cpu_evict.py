@@ -45,23 +45,6 @@ def _isa() -> str:
     return " ".join(have) + ("" if "avx512f" in flags or "asimd" in flags else " (no AVX-512)")
 
 
-def _cpu_id() -> str:
-    """``family F model M`` of /proc/cpuinfo (the model name alone, e.g. "AMD EPYC", does not tell
-    Zen 3 from Zen 5)."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for ln in f:
-                key = ln.split(":", 1)[0].strip()
-                if key in ("cpu family", "model") and key not in fields:
-                    fields[key] = ln.split(":", 1)[1].strip()
-                if len(fields) == 2:
-                    break
-    except OSError:
-        pass
-    return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
-
-
 # environment variables that force a lower code path (a proxy for another CPU, not that CPU)
 _FORCING = ("TGVKV_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 
@@ -118,7 +101,7 @@ def main(argv=None) -> int:
     load_after = [round(x, 2) for x in os.getloadavg()]
     first = sections[0]
     result = {"schema": "tgvkv-bench-cpu-evict/1", "command": me, "tgvkv_bench_commands": commands,
-              "device": first["device"], "versions": first["versions"], "cpu_id": _cpu_id(),
+              "device": first["device"], "versions": first["versions"],
               "forced_env": {v: os.environ[v] for v in _FORCING if os.environ.get(v)},
               "load_avg_before": load_before, "load_avg_after": load_after,
               "wall_s": round(time.time() - t0, 1),
@@ -132,7 +115,7 @@ def main(argv=None) -> int:
     build = first["versions"].get("tgvkv_build") or {}
     lines = [f"# CPU `evict` of a {args.preset}-shaped cache: tgvkv vs plain PyTorch", "",
              f"- device: {dev['cpu']}, {dev['cpu_count']} cores, {dev['torch_threads']} torch "
-             f"threads; {_cpu_id()}; ISA: {_isa()}",
+             f"threads; {dev.get('cpu_id', '?')}; ISA: {_isa()}",
              "- forced by the environment: " + (", ".join(
                  f"{v}={os.environ[v]}" for v in _FORCING if os.environ.get(v)) or "nothing"),
              f"- CPU capability: tgvkv kernels {build.get('cpu_capability', '?')} (compiled: "

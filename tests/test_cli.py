@@ -209,6 +209,7 @@ def _check_common(rep, argv):
         assert k in rep["versions"], k
     assert rep["device"]["device"] == "cpu"
     assert rep["device"]["cpu"]
+    assert rep["device"]["cpu_id"].startswith("family ")
     assert rep["wall_s"] >= 0
 
 

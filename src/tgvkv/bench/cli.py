@@ -23,7 +23,7 @@ JSON report (``--json FILE``), schema ``tgvkv-bench/1``::
       "command": "tgvkv-bench ops --preset tiny",     # the exact command line (shell-quoted)
       "argv": [...], "started_utc": "...", "wall_s": 12.3,
       "versions": {"tgvkv", "tgvkv_build", "torch", "transformers", "python"},
-      "device": {"device", "cpu", "cpu_count", "torch_threads", "load_avg_1_5_15",
+      "device": {"device", "cpu", "cpu_id", "cpu_count", "torch_threads", "load_avg_1_5_15",
                  "gpu", "gpu_memory_gib", "cuda" (CUDA only)},
       "ops": {                                         # present when ops were timed
         "shape": {"layers", "heads", "kv_heads", "head_dim", "tokens", "vision_tokens",

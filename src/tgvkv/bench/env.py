@@ -20,8 +20,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_id() -> str:
+    """``family F model M`` of /proc/cpuinfo (x86; "?" elsewhere): the model name alone, e.g.
+    "AMD EPYC" on a VM, does not tell Zen 3 (AVX2) from Zen 5 (AVX-512)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                key = ln.split(":", 1)[0].strip()
+                if key in ("cpu family", "model") and key not in fields:
+                    fields[key] = ln.split(":", 1)[1].strip()
+                if len(fields) == 2:
+                    break
+    except OSError:
+        pass
+    return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+
+
 def device_info(device: str) -> dict:
-    info = {"device": device, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+    info = {"device": device, "cpu": cpu_model(), "cpu_id": cpu_id(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
     try:
