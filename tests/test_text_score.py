@@ -95,6 +95,34 @@ def test_plain_text_column_mass_chunks_match_reference(layout, rows_per_chunk):
     assert bool((got[mod == PAD] == 0).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_all_queries_any_guidance_rows_counted_once(dtype):
+    """The fused path (op and plain composition) takes the guidance rows' share of a text score
+    from their attention and the other rows' share from the text-mass pass: with guidance rows
+    that are not the trailing text (rows in the middle, a vision row, rows followed by more
+    text, a sample with none) every real row still counts exactly once, as in the reference."""
+    mod = _modality("system_prompt")
+    B, N = mod.shape
+    q_pos = torch.full((B, 5), -1, dtype=torch.int64)
+    v0 = int((mod[0] == VISION).nonzero()[0])
+    q_pos[0, :4] = torch.tensor([3, 17, v0 + 2, N - 3])  # middle text, a vision row, near the end
+    # sample 1: no guidance rows at all
+    Hq, Hkv, D = 6, 2, 32
+    q = randn((B, Hq, N, D), dtype, 41)
+    k = randn((B, Hkv, N, D), dtype, 42)
+    rtol = 1e-4 if dtype == torch.float32 else 1e-3
+    exp, est = ref.score_text_vision(q, k, q_pos, mod, 0.2, "all_queries")
+    got, st = OPS.score_text_vision(q, k, q_pos, mod, 0.2)
+    assert_scores_close(got, exp, mod, rtol)
+    assert_stats_close(st, est, rtol)
+    ti, _ = torch_impl.score_text_vision(q, k, q_pos, mod, 0.2)
+    assert_scores_close(ti, exp, mod, rtol)
+    # the text scores really are all rows' mass: sample 1's equal the plain column mass
+    full = torch_impl.text_column_mass(q, k, mod, 0.2)
+    txt = mod[1] == TEXT
+    torch.testing.assert_close(got[1][txt], full[1][txt], rtol=rtol, atol=1e-6)
+
+
 def test_evict_all_queries_matches_reference_and_evicts_text():
     mod = _modality("text_between_images")
     q_pos = ref.guidance_positions(mod)

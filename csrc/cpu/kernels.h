@@ -25,8 +25,9 @@ struct Kernels {
   void (*decode_probs)(const void* q, const void* k, DType dt, int64_t sn, int64_t sd, int64_t n,
                        int64_t D, int64_t g, float scale, float* scratch, float* probs,
                        int64_t ldp);
-  // text_score="all_queries": overwrites the text slots of every layer's scores [B, N] with
-  // their attention mass over all query rows (cpu_text_mass.h), parallel inside, deterministic.
+  // text_score="all_queries", after score_layers: adds to the text slots of every layer's
+  // scores [B, N] (the guidance rows' mass) the mass of every other non-pad query row
+  // (cpu_text_mass.h), parallel inside, deterministic.
   void (*text_column_mass)(const TextMassLayer* layers, int64_t L, const TextMassBatch& tb);
 };
 

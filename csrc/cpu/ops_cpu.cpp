@@ -30,7 +30,6 @@
 #include "checks.h"
 #include "cpu/kernels.h"
 #include "op_args.h"
-#include "query_rows.h"
 #include "tgvkv/common.h"
 #include "tgvkv/cpu_score.h"
 #include "tgvkv/cpu_select.h"
@@ -196,14 +195,23 @@ bool sample_evicts(const SampleInfo& si, int64_t n_sink) {
 // ------------------------------------------------------------------------------------------------
 // score_text_vision
 // ------------------------------------------------------------------------------------------------
-cpu::ScoreLayer make_layer(const Tensor& qc, const Tensor& k, float* scores, float* stats) {
+// q: the guidance rows [B, Hq, T, D] (text_score="guidance"), or the full query states
+// [B, Hq, N, D] whose rows q_pos[b, t] are the guidance rows (rows_are_slots, "all_queries"),
+// any strides.
+cpu::ScoreLayer make_layer(const Tensor& q, bool rows_are_slots, const Tensor& k, float* scores,
+                           float* stats) {
   cpu::ScoreLayer ly;
-  ly.q = qc.data_ptr();
+  ly.q = q.data_ptr();
   ly.k = k.data_ptr();
   ly.dtype = to_dtype(k);
-  ly.Hq = qc.size(1);
+  ly.Hq = q.size(1);
   ly.Hkv = k.size(1);
   ly.D = k.size(3);
+  ly.q_sb = q.stride(0);
+  ly.q_sh = q.stride(1);
+  ly.q_sn = q.stride(2);
+  ly.q_sd = q.stride(3);
+  ly.q_rows_are_slots = rows_are_slots;
   ly.k_sb = k.stride(0);
   ly.k_sh = k.stride(1);
   ly.k_sn = k.stride(2);
@@ -213,8 +221,9 @@ cpu::ScoreLayer make_layer(const Tensor& qc, const Tensor& k, float* scores, flo
   return ly;
 }
 
-// Scores [L, B, N] and stats [L, B, 2] of L layers (q/k lists already checked).
-void score_all(const std::vector<Tensor>& qs, TensorList ks, const Tensor& q_pos_c,
+// Scores [L, B, N] and stats [L, B, 2] of L layers (q/k lists already checked); qs[l] as q of
+// make_layer.
+void score_all(TensorList qs, bool rows_are_slots, TensorList ks, const Tensor& q_pos_c,
                const Tensor& mod_c, const std::vector<SampleInfo>& info, double scale,
                bool want_mi, Tensor& scores, Tensor& stats) {
   const int64_t L = static_cast<int64_t>(ks.size());
@@ -230,7 +239,7 @@ void score_all(const std::vector<Tensor>& qs, TensorList ks, const Tensor& q_pos
   float* sc = scores.data_ptr<float>();
   float* st = stats.data_ptr<float>();
   for (int64_t l = 0; l < L; ++l)
-    layers.push_back(make_layer(qs[l], ks[l], sc + l * B * N, st + l * B * 2));
+    layers.push_back(make_layer(qs[l], rows_are_slots, ks[l], sc + l * B * N, st + l * B * 2));
   cpu::ScoreBatch sb;
   sb.q_pos = q_pos_c.data_ptr<int64_t>();
   sb.mod = mod_c.data_ptr<int8_t>();
@@ -285,10 +294,11 @@ void check_finite_real_rows(const Tensor& q, const Tensor& mod_c, const char* op
   }
 }
 
-// text_score="all_queries": overwrites the text slots of scores [L, B, N] with their attention
-// mass over all query rows, from the full query states qs[l] [B, Hq, N, D] (any strides).
-void text_mass_all(TensorList qs, TensorList ks, const Tensor& mod_c, double scale,
-                   Tensor& scores) {
+// text_score="all_queries", after score_all: the text slots of scores [L, B, N] hold the mass
+// the guidance rows q_pos give them (score_all's text scores); this adds the mass of every other
+// non-pad query row, from the full query states qs[l] [B, Hq, N, D] (any strides).
+void text_mass_all(TensorList qs, TensorList ks, const Tensor& q_pos_c, const Tensor& mod_c,
+                   const std::vector<SampleInfo>& info, double scale, Tensor& scores) {
   const int64_t L = static_cast<int64_t>(ks.size());
   const int64_t B = mod_c.size(0), N = mod_c.size(1);
   std::vector<cpu::TextMassLayer> layers(static_cast<size_t>(L));
@@ -313,8 +323,13 @@ void text_mass_all(TensorList qs, TensorList ks, const Tensor& mod_c, double sca
     ly.k_sd = k.stride(3);
     ly.scores = sc + l * B * N;
   }
+  std::vector<int64_t> n_rows(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) n_rows[b] = info[b].n_rows;
   cpu::TextMassBatch tb;
   tb.mod = mod_c.data_ptr<int8_t>();
+  tb.q_pos = q_pos_c.data_ptr<int64_t>();
+  tb.n_rows = n_rows.data();
+  tb.T = q_pos_c.size(1);
   tb.B = B;
   tb.N = N;
   tb.scale = static_cast<float>(scale);
@@ -335,11 +350,15 @@ std::tuple<Tensor, Tensor> score_text_vision_cpu(const Tensor& q, const Tensor& 
   const auto info = analyze_samples(q_pos_c, mod_c, op);
   Tensor scores = at::empty({1, B, N}, k.options().dtype(at::kFloat));
   Tensor stats = at::empty({1, B, 2}, k.options().dtype(at::kFloat));
-  std::vector<Tensor> qs{all ? guidance_rows(q, q_pos_c) : q.contiguous()};
-  check_finite_rows(qs[0], info, op, "q");
-  if (all) check_finite_real_rows(q, mod_c, op, "q");
-  score_all(qs, TensorList(&k, 1), q_pos_c, mod_c, info, scale, /*want_mi=*/true, scores, stats);
-  if (all) text_mass_all(TensorList(&q, 1), TensorList(&k, 1), mod_c, scale, scores);
+  // all_queries: every non-pad row is checked (the guidance rows among them: q_pos never points
+  // at a pad slot) and the guidance rows are read in place
+  if (all)
+    check_finite_real_rows(q, mod_c, op, "q");
+  else
+    check_finite_rows(q, info, op, "q");
+  score_all(TensorList(&q, 1), all, TensorList(&k, 1), q_pos_c, mod_c, info, scale,
+            /*want_mi=*/true, scores, stats);
+  if (all) text_mass_all(TensorList(&q, 1), TensorList(&k, 1), q_pos_c, mod_c, info, scale, scores);
   check_finite_scores(scores, mod_c, op,
                       "the attention scores of 'q' against 'k' must be finite (NaN or inf in 'k', "
                       "or a scale that overflows the logits?)");
@@ -581,16 +600,15 @@ Tensor4 evict_cpu(TensorList k_cache, TensorList v_cache, TensorList queries, co
     for (const auto& si : info) any = any || sample_evicts(si, n_sink);
   }
   if (any) {
-    std::vector<Tensor> qs;
-    qs.reserve(static_cast<size_t>(L));
     for (int64_t l = 0; l < L; ++l) {
-      qs.push_back(all ? guidance_rows(queries[l], q_pos_c) : queries[l].contiguous());
-      check_finite_rows(qs.back(), info, op, "queries", l);
-      if (all) check_finite_real_rows(queries[l], mod_c, op, "queries", l);
+      if (all)
+        check_finite_real_rows(queries[l], mod_c, op, "queries", l);
+      else
+        check_finite_rows(queries[l], info, op, "queries", l);
     }
-    score_all(qs, k_cache, q_pos_c, mod_c, info, scale, /*want_mi=*/mode == kBudgetMI, scores,
-              stats);
-    if (all) text_mass_all(queries, k_cache, mod_c, scale, scores);
+    score_all(queries, all, k_cache, q_pos_c, mod_c, info, scale,
+              /*want_mi=*/mode == kBudgetMI, scores, stats);
+    if (all) text_mass_all(queries, k_cache, q_pos_c, mod_c, info, scale, scores);
     check_finite_scores(scores, mod_c, op,
                         "the attention scores of 'queries' against 'k_cache' must be finite "
                         "(NaN or inf in 'k_cache'?)");

@@ -9,8 +9,9 @@ does, but vectorised the way a good PyTorch programmer would write it:
   ``view`` of the queries as ``[B, Hkv, g*T, D]`` (no ``repeat_interleave`` copy of the keys), one
   additive mask shared by all layers, softmax, head mean, text weights by a ``gather`` of the
   guidance columns, vision scores by one ``bmm``, text scores by a column sum, statistics in fp64;
-  ``text_score="all_queries"`` text scores over chunks of 32 query rows, each against its causal
-  keys only (:func:`text_column_mass`: half the FLOPs of one N×N product, softmax in cache);
+  ``text_score="all_queries"`` text scores: the guidance rows' column sums plus the mass of the
+  other rows, over chunks of 32 query rows, each against its causal keys only
+  (:func:`text_column_mass`: half the FLOPs of one N×N product, softmax in cache);
 - budgets: vectorised over layers and samples (``torch.round`` is half-to-even like the SPEC);
 - selection: one ``sort`` of a packed int64 key ``(class, fp32 score bits, slot)`` per row (exact:
   non-negative floats order like their bit patterns), dropped slots by ``scatter``, ascending kept
@@ -154,7 +155,8 @@ def gather_rows(q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
 
 
 def text_column_mass(q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor, scale: float,
-                     rows_per_chunk: int = 32) -> torch.Tensor:
+                     rows_per_chunk: int = 32,
+                     skip_rows: torch.Tensor | None = None) -> torch.Tensor:
     """``text_score="all_queries"``: ``[B, N]`` fp32 column sums of the head-averaged causal
     attention over **all** non-pad query rows (the released code's H2O-style text score).
 
@@ -166,17 +168,24 @@ def text_column_mass(q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor, s
     one chunk's ``[B, Hq, rows_per_chunk, N]`` probabilities. 32 rows was within ~10% of the best
     of 16 / 32 / 64 at each 7B preset (64 was 5-12% faster at llava-1.5-7b, 16 or 32 at
     llava-next-7b; no size won everywhere).
+
+    skip_rows : ``[B, N]`` bool, optional: rows left out of the sum (:func:`score_text_vision`
+    skips the guidance rows, whose share it has from their attention already); the chunks stop
+    after the last row that counts.
     """
     B, N = modality.shape
     real = modality != PAD
     allowed = causal_allowed(torch.arange(N, device=modality.device), modality)
     allowed |= ~real.unsqueeze(-1)  # pad rows attend anything (finite), zeroed below
     bias = bias_from_allowed(allowed)  # [B, 1, N, N]
-    row_w = real.to(torch.float32).unsqueeze(-1)  # [B, N, 1]: pad rows count 0
+    counted = real if skip_rows is None else real & ~skip_rows.to(real.device)
+    row_w = counted.to(torch.float32).unsqueeze(-1)  # [B, N, 1]: pad (and skipped) rows count 0
+    rows = counted.any(0).nonzero()
+    n_rows = int(rows[-1]) + 1 if rows.numel() else 0
     kf = k.to(torch.float32)  # once, not per chunk
     out = torch.zeros(B, N, dtype=torch.float32, device=k.device)
-    for r0 in range(0, N, rows_per_chunk):
-        r1 = min(N, r0 + rows_per_chunk)
+    for r0 in range(0, n_rows, rows_per_chunk):
+        r1 = min(n_rows, r0 + rows_per_chunk)
         A = head_averaged_attention(q[:, :, r0:r1], kf[:, :, :r1], bias[:, :, r0:r1, :r1], scale)
         out[:, :r1] += A.mul_(row_w[:, r0:r1]).sum(1)  # [B, R, r1] -> [B, r1]
     return out
@@ -192,7 +201,14 @@ def score_text_vision(q, k, q_pos, modality, scale, masks: GuidanceMasks | None 
     rows = gather_rows(q, q_pos) if text_score == "all_queries" else q
     scores, stats = scores_from_attention(text_attention(rows, k, m, scale), m, need_mi)
     if text_score == "all_queries":
-        scores = torch.where(m.text, text_column_mass(q, k, modality, scale), scores)
+        # the text slots hold the guidance rows' column sums already (the "guidance" text
+        # score); the other rows' mass is added, so no guidance row is multiplied twice
+        B, N = m.real.shape
+        idx = torch.where(m.row_valid, m.q_idx, N)  # unused entries go to a spare column
+        guid = torch.zeros(B, N + 1, dtype=torch.bool, device=m.real.device)
+        guid = guid.scatter_(1, idx, True)[:, :N]
+        mass = text_column_mass(q, k, modality, scale, skip_rows=guid)
+        scores = torch.where(m.text, scores + mass, scores)
     return scores, stats
 
 

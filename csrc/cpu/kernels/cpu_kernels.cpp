@@ -195,9 +195,12 @@ void score_head(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b,
   const int64_t nk = qp[t1 - 1] + 1;  // keys visible to the last row of the chunk
   // queries of the group, rows t0..t1 of each head: [g * R, D] fp32
   float* qb = qs.get(M * D);
-  const E* q = static_cast<const E*>(ly.q);
+  const E* qh = static_cast<const E*>(ly.q) + b * ly.q_sb + hk * g * ly.q_sh;
   for (int64_t gi = 0; gi < g; ++gi)
-    row_to_f32(q + ((b * ly.Hq + hk * g + gi) * T + t0) * D, qb + gi * R * D, R * D);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t row = ly.q_rows_are_slots ? qp[t0 + r] : t0 + r;
+      strided_to_f32(qh + gi * ly.q_sh + row * ly.q_sn, ly.q_sd, qb + (gi * R + r) * D, D);
+    }
   const E* kbh = static_cast<const E*>(ly.k) + b * ly.k_sb + hk * ly.k_sh;
   int64_t ldl;
   float* lg = qk_logits(qb, M, kbh, ly.k_sn, ly.k_sd, nk, D, ks, ls, &ldl);
@@ -422,7 +425,7 @@ void decode_probs_impl(const void* q, const void* k, DType dt, int64_t sn, int64
 // ------------------------------------------------------------------------------------------------
 // text_score="all_queries": the mass every text column receives from ALL query rows
 // (cpu_text_mass.h). Separate from score_item / score_layers_impl on purpose: it runs after them
-// and overwrites the text slots of the scores they wrote.
+// and adds the non-guidance rows' mass to the guidance rows' mass they wrote into the text slots.
 // ------------------------------------------------------------------------------------------------
 // GEMM rows per work item: g query heads x R rows with R = min(64, max(8, 256 / g)): a function
 // of the head shape only, never of the thread count, so every row's logits come from the same GEMM
@@ -438,13 +441,14 @@ struct MassItem {
 };
 
 // One item: part[c] = Σ_{g heads} Σ_{rows i in [r0, r1), not pad, i >= txt[c]} P_h[i, txt[c]].
+// skip_b [N]: the rows that neither score nor count here (pad rows; guidance rows, whose mass
+// the scoring pass gave already).
 template <typename E>
 void text_mass_item(const TextMassLayer& ly, const TextMassBatch& tb, const float* bias_b,
-                    const int64_t* txt, int64_t ntxt, const MassItem& it, float* part,
-                    Scratch& qs, Scratch& ks, Scratch& ls) {
+                    const int8_t* skip_b, const int64_t* txt, int64_t ntxt, const MassItem& it,
+                    float* part, Scratch& qs, Scratch& ks, Scratch& ls) {
   const int64_t D = ly.D, g = ly.Hq / ly.Hkv, R = it.r1 - it.r0, M = g * R;
   const int64_t nk = it.r1;  // keys visible to the last row of the tile
-  const int8_t* mod = tb.mod + it.b * tb.N;
   std::memset(part, 0, sizeof(float) * static_cast<size_t>(ntxt));
   // queries of the group, rows r0..r1 of each head: [g * R, D] fp32
   float* qb = qs.get(M * D);
@@ -461,7 +465,7 @@ void text_mass_item(const TextMassLayer& ly, const TextMassBatch& tb, const floa
   for (int64_t gi = 0; gi < g; ++gi)
     for (int64_t r = 0; r < R; ++r) {
       const int64_t i = it.r0 + r;
-      if (mod[i] == kPad || txt[0] > i) continue;  // pad rows neither score nor count
+      if (skip_b[i] || txt[0] > i) continue;
       float* x = lg + (gi * R + r) * ldl;  // the row's logits, overwritten by their exps below
       const int64_t n = i + 1;
       // the row's logsumexp over its keys [0, i] (pad keys masked by the bias): max, sum of exp
@@ -503,13 +507,19 @@ void text_column_mass_impl(const TextMassLayer* layers, int64_t L, const TextMas
   if (L == 0 || B == 0 || N == 0) return;
   const int64_t Np = round_up(N, kW);
   std::vector<float> bias(static_cast<size_t>(B * Np), 0.0f);
+  std::vector<int8_t> skip(static_cast<size_t>(B * N), 0);
   std::vector<std::vector<int64_t>> txt(static_cast<size_t>(B));
-  for (int64_t b = 0; b < B; ++b)
+  // rows [txt[b][0], row_end[b]) go into tiles: past row_end every row is pad or guidance
+  std::vector<int64_t> row_end(static_cast<size_t>(B), N);
+  for (int64_t b = 0; b < B; ++b) {
     for (int64_t j = 0; j < N; ++j) {
       const int8_t m = tb.mod[b * N + j];
-      if (m == kPad) bias[b * Np + j] = kNegInf;
+      if (m == kPad) bias[b * Np + j] = kNegInf, skip[b * N + j] = 1;
       if (m == kText) txt[b].push_back(j);
     }
+    for (int64_t t = 0; t < tb.n_rows[b]; ++t) skip[b * N + tb.q_pos[b * tb.T + t]] = 1;
+    while (row_end[b] > 0 && skip[b * N + row_end[b] - 1]) --row_end[b];
+  }
   // items in a fixed order: layer, sample, KV head, row tile (rows from the first text slot on)
   std::vector<MassItem> items;
   int64_t total = 0;
@@ -520,8 +530,8 @@ void text_column_mass_impl(const TextMassLayer* layers, int64_t L, const TextMas
       const int64_t nt = static_cast<int64_t>(txt[b].size());
       if (nt == 0) continue;
       for (int64_t hk = 0; hk < layers[l].Hkv; ++hk)
-        for (int64_t r0 = txt[b][0]; r0 < N; r0 += R) {
-          items.push_back({l, b, hk, r0, std::min(N, r0 + R), total});
+        for (int64_t r0 = txt[b][0]; r0 < row_end[b]; r0 += R) {
+          items.push_back({l, b, hk, r0, std::min(row_end[b], r0 + R), total});
           total += nt;
         }
     }
@@ -540,20 +550,23 @@ void text_column_mass_impl(const TextMassLayer* layers, int64_t L, const TextMas
       const std::vector<int64_t>& tx = txt[it.b];
       const int64_t nt = static_cast<int64_t>(tx.size());
       const float* bias_b = bias.data() + it.b * Np;
+      const int8_t* skip_b = skip.data() + it.b * N;
       float* pp = part.data() + it.off;
       switch (ly.dtype) {
         case DType::kF32:
-          text_mass_item<float>(ly, tb, bias_b, tx.data(), nt, it, pp, qs, ks, ls);
+          text_mass_item<float>(ly, tb, bias_b, skip_b, tx.data(), nt, it, pp, qs, ks, ls);
           break;
         case DType::kF16:
-          text_mass_item<c10::Half>(ly, tb, bias_b, tx.data(), nt, it, pp, qs, ks, ls);
+          text_mass_item<c10::Half>(ly, tb, bias_b, skip_b, tx.data(), nt, it, pp, qs, ks, ls);
           break;
         default:
-          text_mass_item<c10::BFloat16>(ly, tb, bias_b, tx.data(), nt, it, pp, qs, ks, ls);
+          text_mass_item<c10::BFloat16>(ly, tb, bias_b, skip_b, tx.data(), nt, it, pp, qs, ks,
+                                        ls);
       }
     }
   });
-  // the items of each (layer, sample) summed in their fixed order, in double, then / Hq
+  // the items of each (layer, sample) summed in their fixed order, in double, then / Hq, plus
+  // the guidance rows' mass already in the text slots
   std::vector<double> acc;
   int64_t i = 0;
   for (int64_t l = 0; l < L; ++l)
@@ -568,7 +581,8 @@ void text_column_mass_impl(const TextMassLayer* layers, int64_t L, const TextMas
       }
       float* sc = layers[l].scores + b * N;
       const double hq = static_cast<double>(layers[l].Hq);
-      for (int64_t c = 0; c < nt; ++c) sc[tx[c]] = static_cast<float>(acc[c] / hq);
+      for (int64_t c = 0; c < nt; ++c)
+        sc[tx[c]] = static_cast<float>(acc[c] / hq + static_cast<double>(sc[tx[c]]));
     }
 }
 

@@ -85,7 +85,8 @@ static void test_finish_scores() {
   float A[4] = {0.2f, 0.6f, 0.8f, 0.4f};
   float scores[4], stats[2];
   cpu::ScoreBatch sb{qp, mod, rows, 1, 1, 4, 1.0f, true};
-  cpu::ScoreLayer ly{nullptr, nullptr, cpu::DType::kF32, 2, 1, 8, 0, 0, 0, 0, scores, stats};
+  cpu::ScoreLayer ly{nullptr, nullptr, cpu::DType::kF32, 2, 1, 8, 0, 0, 0, 0, false, 0, 0, 0, 0,
+                     scores, stats};
   double colw[4], cols[4], w[1];
   cpu::finish_scores(ly, sb, 0, A, colw, cols, w);
   auto near = [](float x, double y) { return std::fabs(x - y) <= 1e-6; };

@@ -38,10 +38,15 @@ inline float* align64(float* p) {
 // Work description
 // ------------------------------------------------------------------------------------------------
 struct ScoreLayer {
-  const void* q;  // [B, Hq, T, D] contiguous
+  // Guidance row t of sample b, query head h: q + b*q_sb + h*q_sh + row*q_sn (dim stride q_sd,
+  // elements), row = t, or row = q_pos[b, t] when q_rows_are_slots (q: the full query states
+  // [B, Hq, N, D] of text_score="all_queries", read in place: no [B, Hq, T, D] gather).
+  const void* q;
   const void* k;  // [B, Hkv, N, D] with strides k_sb, k_sh, k_sn, k_sd (elements)
   DType dtype;
   int64_t Hq, Hkv, D;
+  int64_t q_sb, q_sh, q_sn, q_sd;
+  bool q_rows_are_slots;
   int64_t k_sb, k_sh, k_sn, k_sd;
   float* scores;  // [B, N] contiguous
   float* stats;   // [B, 2] contiguous
