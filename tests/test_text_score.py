@@ -201,9 +201,8 @@ def test_all_queries_strided_q_and_pad_rows_ignored():
 
 @pytest.mark.parametrize("text_score", ["all_queries", "guidance"])
 def test_huge_finite_queries_are_not_reported_as_non_finite(text_score):
-    """The finiteness check of q reads one fp32 sum per sample (a NaN / inf makes it non-finite);
-    a sum that overflows although every element is finite falls back to the element-wise check:
-    no false 'NaN or inf' error, the reference's scores."""
+    """The finiteness check of q (min and max per sample) is exact: huge finite queries whose sum
+    overflows fp32 give no false 'NaN or inf' error, and the reference's scores."""
     mod = _modality("system_prompt")
     q_pos = ref.guidance_positions(mod)
     B, N = mod.shape
@@ -217,6 +216,27 @@ def test_huge_finite_queries_are_not_reported_as_non_finite(text_score):
     exp, est = ref.score_text_vision(q, k, q_pos, mod, 0.2, text_score)
     assert_scores_close(got, exp, mod, 1e-4)
     assert_stats_close(st, est, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("text_score", ["all_queries", "guidance"])
+def test_score_text_vision_allocates_nothing_of_q_size(dtype, text_score):
+    """No temporary of the query block's size (a gather of the guidance rows, an fp32 copy of a
+    half-precision q for the finiteness check): the op's extra memory is its outputs."""
+    from tgvkv.bench.timing import peak_extra_bytes
+    mod = _modality("system_prompt")
+    q_pos = ref.guidance_positions(mod)
+    B, N = mod.shape
+    # 32 heads: an fp32 copy of q would be >= 1 MiB; all_queries reads HF's transposed layout
+    q = randn((B, 32, N, 128), dtype, 51, transposed=True)
+    k = randn((B, 4, N, 128), dtype, 52)
+    if text_score == "guidance":
+        q = _rows(q, q_pos)
+    else:
+        assert not q.is_contiguous() and q.numel() * 4 >= (1 << 20)
+    peak, _ = peak_extra_bytes(lambda: OPS.score_text_vision(q, k, q_pos, mod, 0.1, text_score),
+                               "cpu")
+    assert peak <= 16 * 1024, peak
 
 
 def test_text_score_errors_name_op_argument_and_expectation():
