@@ -44,6 +44,8 @@ class GuidanceMasks:
     bias : [B, 1, T, N] fp32, 0 where guidance row t may attend slot j, -inf elsewhere (rows of
         unused ``q_pos`` entries are all 0 so that softmax stays finite; they are zeroed after).
     row_valid : [B, T] bool. vision, text, real : [B, N] bool. n_valid : [B] int64.
+    guidance_slot : [B, N] bool, the slots of the valid guidance rows (``text_score="all_queries"``
+        leaves them out of its text-mass pass: their share is their own column sums).
     """
 
     bias: torch.Tensor
@@ -53,6 +55,7 @@ class GuidanceMasks:
     real: torch.Tensor
     q_idx: torch.Tensor  # [B, T] int64, q_pos with -1 replaced by 0 (for gathers)
     n_valid: torch.Tensor
+    guidance_slot: torch.Tensor
 
 
 def causal_allowed(row_pos: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
@@ -76,9 +79,14 @@ def guidance_masks(q_pos: torch.Tensor, modality: torch.Tensor) -> GuidanceMasks
     row_valid = q_pos >= 0
     allowed = causal_allowed(q_pos, modality)
     allowed |= ~row_valid.unsqueeze(-1)
+    B, N = modality.shape
+    idx = torch.where(row_valid, q_pos, N)  # unused entries go to a spare column
+    slot = torch.zeros(B, N + 1, dtype=torch.bool, device=modality.device)
+    slot = slot.scatter_(1, idx.to(modality.device), True)[:, :N]
     return GuidanceMasks(bias=bias_from_allowed(allowed), row_valid=row_valid,
                          vision=modality == VISION, text=modality == TEXT, real=modality != PAD,
-                         q_idx=q_pos.clamp_min(0), n_valid=row_valid.sum(-1))
+                         q_idx=q_pos.clamp_min(0), n_valid=row_valid.sum(-1),
+                         guidance_slot=slot)
 
 
 def head_averaged_attention(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, scale: float,
@@ -203,11 +211,7 @@ def score_text_vision(q, k, q_pos, modality, scale, masks: GuidanceMasks | None 
     if text_score == "all_queries":
         # the text slots hold the guidance rows' column sums already (the "guidance" text
         # score); the other rows' mass is added, so no guidance row is multiplied twice
-        B, N = m.real.shape
-        idx = torch.where(m.row_valid, m.q_idx, N)  # unused entries go to a spare column
-        guid = torch.zeros(B, N + 1, dtype=torch.bool, device=m.real.device)
-        guid = guid.scatter_(1, idx, True)[:, :N]
-        mass = text_column_mass(q, k, modality, scale, skip_rows=guid)
+        mass = text_column_mass(q, k, modality, scale, skip_rows=m.guidance_slot)
         scores = torch.where(m.text, scores + mass, scores)
     return scores, stats
 
