@@ -28,7 +28,7 @@ struct Kernels {
   // text_score="all_queries", after score_layers: adds to the text slots of every layer's
   // scores [B, N] (the guidance rows' mass) the mass of every other non-pad query row
   // (cpu_text_mass.h), parallel inside, deterministic.
-  void (*text_column_mass)(const TextMassLayer* layers, int64_t L, const TextMassBatch& tb);
+  void (*text_column_mass)(const ScoreLayer* layers, int64_t L, const ScoreBatch& tb);
 };
 
 // The kernel table in use (chosen once, on first use).

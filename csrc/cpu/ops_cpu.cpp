@@ -223,37 +223,6 @@ cpu::ScoreLayer make_layer(const Tensor& q, bool rows_are_slots, const Tensor& k
   return ly;
 }
 
-// Scores [L, B, N] and stats [L, B, 2] of L layers (q/k lists already checked); qs[l] as q of
-// make_layer.
-void score_all(TensorList qs, bool rows_are_slots, TensorList ks, const Tensor& q_pos_c,
-               const Tensor& mod_c, const std::vector<SampleInfo>& info, double scale,
-               bool want_mi, Tensor& scores, Tensor& stats) {
-  const int64_t L = static_cast<int64_t>(ks.size());
-  const int64_t B = mod_c.size(0), N = mod_c.size(1), T = q_pos_c.size(1);
-  if (N == 0) {  // no slot to score; the kernel would memset 0 bytes at a null pointer (UBSan)
-    stats.zero_();
-    return;
-  }
-  std::vector<int64_t> n_rows(static_cast<size_t>(B));
-  for (int64_t b = 0; b < B; ++b) n_rows[b] = info[b].n_rows;
-  std::vector<cpu::ScoreLayer> layers;
-  layers.reserve(static_cast<size_t>(L));
-  float* sc = scores.data_ptr<float>();
-  float* st = stats.data_ptr<float>();
-  for (int64_t l = 0; l < L; ++l)
-    layers.push_back(make_layer(qs[l], rows_are_slots, ks[l], sc + l * B * N, st + l * B * 2));
-  cpu::ScoreBatch sb;
-  sb.q_pos = q_pos_c.data_ptr<int64_t>();
-  sb.mod = mod_c.data_ptr<int8_t>();
-  sb.n_rows = n_rows.data();
-  sb.B = B;
-  sb.T = T;
-  sb.N = N;
-  sb.scale = static_cast<float>(scale);
-  sb.want_mi = want_mi;
-  cpu::kernels().score_layers(layers.data(), L, sb);
-}
-
 void check_finite_scores(const Tensor& scores_c, const Tensor& mod_c, const char* op,
                          const char* what);
 
@@ -300,46 +269,50 @@ void check_finite_real_rows(const Tensor& q, const Tensor& mod_c, const char* op
   }
 }
 
-// text_score="all_queries", after score_all: the text slots of scores [L, B, N] hold the mass
-// the guidance rows q_pos give them (score_all's text scores); this adds the mass of every other
-// non-pad query row, from the full query states qs[l] [B, Hq, N, D] (any strides).
-void text_mass_all(TensorList qs, TensorList ks, const Tensor& q_pos_c, const Tensor& mod_c,
-                   const std::vector<SampleInfo>& info, double scale, Tensor& scores) {
+// Scores [L, B, N] and stats [L, B, 2] of L layers (q/k lists already checked): the queries'
+// finiteness, the scoring pass, and for text_score="all_queries" (all) the text-mass pass that
+// adds the other rows' mass to the guidance rows' text scores (so it must run after the scoring
+// pass). qs[l] as q of make_layer; errors name them q_name[l] (or q_name when named_layers is
+// false).
+void score_all(TensorList qs, bool all, TensorList ks, const Tensor& q_pos_c, const Tensor& mod_c,
+               const std::vector<SampleInfo>& info, double scale, bool want_mi, Tensor& scores,
+               Tensor& stats, const char* op, const char* q_name, bool named_layers) {
   const int64_t L = static_cast<int64_t>(ks.size());
-  const int64_t B = mod_c.size(0), N = mod_c.size(1);
-  std::vector<cpu::TextMassLayer> layers(static_cast<size_t>(L));
-  float* sc = scores.data_ptr<float>();
+  const int64_t B = mod_c.size(0), N = mod_c.size(1), T = q_pos_c.size(1);
+  // all_queries: every non-pad row is checked (the guidance rows among them: q_pos never points
+  // at a pad slot) and the guidance rows are read in place
   for (int64_t l = 0; l < L; ++l) {
-    const Tensor& q = qs[l];
-    const Tensor& k = ks[l];
-    cpu::TextMassLayer& ly = layers[l];
-    ly.q = q.data_ptr();
-    ly.k = k.data_ptr();
-    ly.dtype = to_dtype(k);
-    ly.Hq = q.size(1);
-    ly.Hkv = k.size(1);
-    ly.D = k.size(3);
-    ly.q_sb = q.stride(0);
-    ly.q_sh = q.stride(1);
-    ly.q_sn = q.stride(2);
-    ly.q_sd = q.stride(3);
-    ly.k_sb = k.stride(0);
-    ly.k_sh = k.stride(1);
-    ly.k_sn = k.stride(2);
-    ly.k_sd = k.stride(3);
-    ly.scores = sc + l * B * N;
+    const int64_t layer = named_layers ? l : -1;
+    if (all)
+      check_finite_real_rows(qs[l], mod_c, op, q_name, layer);
+    else
+      check_finite_rows(qs[l], info, op, q_name, layer);
+  }
+  if (N == 0) {  // no slot to score; the kernel would memset 0 bytes at a null pointer (UBSan)
+    stats.zero_();
+    return;
   }
   std::vector<int64_t> n_rows(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) n_rows[b] = info[b].n_rows;
-  cpu::TextMassBatch tb;
-  tb.mod = mod_c.data_ptr<int8_t>();
-  tb.q_pos = q_pos_c.data_ptr<int64_t>();
-  tb.n_rows = n_rows.data();
-  tb.T = q_pos_c.size(1);
-  tb.B = B;
-  tb.N = N;
-  tb.scale = static_cast<float>(scale);
-  cpu::kernels().text_column_mass(layers.data(), L, tb);
+  std::vector<cpu::ScoreLayer> layers;
+  layers.reserve(static_cast<size_t>(L));
+  float* sc = scores.data_ptr<float>();
+  float* st = stats.data_ptr<float>();
+  for (int64_t l = 0; l < L; ++l)
+    layers.push_back(make_layer(qs[l], all, ks[l], sc + l * B * N, st + l * B * 2));
+  cpu::ScoreBatch sb;
+  sb.q_pos = q_pos_c.data_ptr<int64_t>();
+  sb.mod = mod_c.data_ptr<int8_t>();
+  sb.n_rows = n_rows.data();
+  sb.B = B;
+  sb.T = T;
+  sb.N = N;
+  sb.scale = static_cast<float>(scale);
+  sb.want_mi = want_mi;
+  cpu::kernels().score_layers(layers.data(), L, sb);
+  // text_score="all_queries": the text slots now hold the mass the guidance rows give them; the
+  // text-mass pass adds the mass of every other non-pad row of the full query states
+  if (all) cpu::kernels().text_column_mass(layers.data(), L, sb);
 }
 
 std::tuple<Tensor, Tensor> score_text_vision_cpu(const Tensor& q, const Tensor& k,
@@ -356,15 +329,8 @@ std::tuple<Tensor, Tensor> score_text_vision_cpu(const Tensor& q, const Tensor& 
   const auto info = analyze_samples(q_pos_c, mod_c, op);
   Tensor scores = at::empty({1, B, N}, k.options().dtype(at::kFloat));
   Tensor stats = at::empty({1, B, 2}, k.options().dtype(at::kFloat));
-  // all_queries: every non-pad row is checked (the guidance rows among them: q_pos never points
-  // at a pad slot) and the guidance rows are read in place
-  if (all)
-    check_finite_real_rows(q, mod_c, op, "q");
-  else
-    check_finite_rows(q, info, op, "q");
   score_all(TensorList(&q, 1), all, TensorList(&k, 1), q_pos_c, mod_c, info, scale,
-            /*want_mi=*/true, scores, stats);
-  if (all) text_mass_all(TensorList(&q, 1), TensorList(&k, 1), q_pos_c, mod_c, info, scale, scores);
+            /*want_mi=*/true, scores, stats, op, "q", /*named_layers=*/false);
   check_finite_scores(scores, mod_c, op,
                       "the attention scores of 'q' against 'k' must be finite (NaN or inf in 'k', "
                       "or a scale that overflows the logits?)");
@@ -606,15 +572,8 @@ Tensor4 evict_cpu(TensorList k_cache, TensorList v_cache, TensorList queries, co
     for (const auto& si : info) any = any || sample_evicts(si, n_sink);
   }
   if (any) {
-    for (int64_t l = 0; l < L; ++l) {
-      if (all)
-        check_finite_real_rows(queries[l], mod_c, op, "queries", l);
-      else
-        check_finite_rows(queries[l], info, op, "queries", l);
-    }
-    score_all(queries, all, k_cache, q_pos_c, mod_c, info, scale,
-              /*want_mi=*/mode == kBudgetMI, scores, stats);
-    if (all) text_mass_all(queries, k_cache, q_pos_c, mod_c, info, scale, scores);
+    score_all(queries, all, k_cache, q_pos_c, mod_c, info, scale, /*want_mi=*/mode == kBudgetMI,
+              scores, stats, op, "queries", /*named_layers=*/true);
     check_finite_scores(scores, mod_c, op,
                         "the attention scores of 'queries' against 'k_cache' must be finite "
                         "(NaN or inf in 'k_cache'?)");

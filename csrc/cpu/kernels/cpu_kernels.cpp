@@ -444,7 +444,7 @@ struct MassItem {
 // skip_b [N]: the rows that neither score nor count here (pad rows; guidance rows, whose mass
 // the scoring pass gave already).
 template <typename E>
-void text_mass_item(const TextMassLayer& ly, const TextMassBatch& tb, const float* bias_b,
+void text_mass_item(const ScoreLayer& ly, const ScoreBatch& tb, const float* bias_b,
                     const int8_t* skip_b, const int64_t* txt, int64_t ntxt, const MassItem& it,
                     float* part, Scratch& qs, Scratch& ks, Scratch& ls) {
   const int64_t D = ly.D, g = ly.Hq / ly.Hkv, R = it.r1 - it.r0, M = g * R;
@@ -502,7 +502,7 @@ void text_mass_item(const TextMassLayer& ly, const TextMassBatch& tb, const floa
     }
 }
 
-void text_column_mass_impl(const TextMassLayer* layers, int64_t L, const TextMassBatch& tb) {
+void text_column_mass_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& tb) {
   const int64_t B = tb.B, N = tb.N;
   if (L == 0 || B == 0 || N == 0) return;
   const int64_t Np = round_up(N, kW);
@@ -546,7 +546,7 @@ void text_column_mass_impl(const TextMassLayer* layers, int64_t L, const TextMas
     Scratch &qs = sc.qs, &ks = sc.ks, &ls = sc.ls;
     for (int64_t i = begin; i < std::min(end, n_items); ++i) {
       const MassItem& it = items[i];
-      const TextMassLayer& ly = layers[it.l];
+      const ScoreLayer& ly = layers[it.l];
       const std::vector<int64_t>& tx = txt[it.b];
       const int64_t nt = static_cast<int64_t>(tx.size());
       const float* bias_b = bias.data() + it.b * Np;

@@ -40,7 +40,8 @@ inline float* align64(float* p) {
 struct ScoreLayer {
   // Guidance row t of sample b, query head h: q + b*q_sb + h*q_sh + row*q_sn (dim stride q_sd,
   // elements), row = t, or row = q_pos[b, t] when q_rows_are_slots (q: the full query states
-  // [B, Hq, N, D] of text_score="all_queries", read in place: no [B, Hq, T, D] gather).
+  // [B, Hq, N, D] of text_score="all_queries", read in place: no [B, Hq, T, D] gather; the
+  // text-mass pass, cpu_text_mass.h, reads every row of it).
   const void* q;
   const void* k;  // [B, Hkv, N, D] with strides k_sb, k_sh, k_sn, k_sd (elements)
   DType dtype;

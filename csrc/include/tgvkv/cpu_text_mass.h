@@ -12,31 +12,8 @@
 // Implemented in csrc/cpu/kernels/cpu_kernels.cpp (per CPU capability), called by ops_cpu.cpp.
 #pragma once
 
-#include <cstdint>
-
 #include "tgvkv/cpu_score.h"
 
-namespace tgvkv {
-namespace cpu {
-
-struct TextMassLayer {
-  const void* q;  // [B, Hq, N, D] full query states, strides q_sb, q_sh, q_sn, q_sd (elements)
-  const void* k;  // [B, Hkv, N, D], strides k_sb, k_sh, k_sn, k_sd (elements)
-  DType dtype;    // of q and k
-  int64_t Hq, Hkv, D;
-  int64_t q_sb, q_sh, q_sn, q_sd;
-  int64_t k_sb, k_sh, k_sn, k_sd;
-  float* scores;  // [B, N] contiguous: in, the guidance rows' text mass; out, all rows'
-};
-
-struct TextMassBatch {
-  const int8_t* mod;      // [B, N] contiguous
-  const int64_t* q_pos;   // [B, T] contiguous guidance rows (as ScoreBatch::q_pos)
-  const int64_t* n_rows;  // [B] valid guidance rows per sample
-  int64_t T;
-  int64_t B, N;
-  float scale;
-};
-
-}  // namespace cpu
-}  // namespace tgvkv
+// Work description: the scoring pass's ScoreLayer (q: the full query states [B, Hq, N, D], any
+// strides; scores: in, the guidance rows' text mass; out, all rows') and ScoreBatch (modality,
+// guidance rows, scale), both in cpu_score.h.
