@@ -36,12 +36,12 @@ const Kernels& kernels();
 // Comma-separated capabilities compiled into this binary (e.g. "DEFAULT,AVX2,AVX512").
 const char* compiled_capabilities();
 
-// c[M, N] = a[M, K] . b[N, K]^T in fp32 through ATen's own GEMM (whatever BLAS torch was built
-// with; b is its transposed operand, as in torch.matmul(a, b.mT)). a, b, c: rows of stride lda,
-// ldb, ldc (unit stride within a row). Single-threaded when called inside at::parallel_for.
+// c[M, N] = alpha * a[M, K] . b[N, K]^T in fp32 through ATen's own GEMM (whatever BLAS torch was
+// built with; b is its transposed operand, as in torch.matmul(a, b.mT)). a, b, c: rows of stride
+// lda, ldb, ldc (unit stride within a row). Single-threaded when called inside at::parallel_for.
 // Defined in ops_cpu.cpp.
-void gemm_nt_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
-                 int64_t ldb, float* c, int64_t ldc);
+void gemm_nt_f32(int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float* c, int64_t ldc);
 
 // Per-capability tables (one definition per compiled capability).
 const Kernels* kernels_DEFAULT();

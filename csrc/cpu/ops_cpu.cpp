@@ -16,7 +16,7 @@
 #include <ATen/ops/amax.h>
 #include <ATen/ops/amin.h>
 #include <ATen/ops/isfinite.h>
-#include <ATen/ops/mm_cpu_dispatch.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -39,16 +39,17 @@
 namespace tgvkv {
 namespace cpu {
 
-void gemm_nt_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
-                 int64_t ldb, float* c, int64_t ldc) {
+void gemm_nt_f32(int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float* c, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
-  // at::cpu::mm_out: ATen's CPU matmul kernel without the dispatcher round trip; b's [K, N] view
+  // at::cpu::addmm_out with beta = 0 (c is not read): ATen's CPU matmul kernel (mm_out is this
+  // with alpha = 1) without the dispatcher round trip, alpha applied by the BLAS; b's [K, N] view
   // of strides (1, ldb) reaches the BLAS as a transposed operand (sgemm 'T'), not copied
   const auto opt = at::TensorOptions().dtype(at::kFloat);
   const at::Tensor A = at::from_blob(const_cast<float*>(a), {M, K}, {lda, 1}, opt);
   const at::Tensor Bm = at::from_blob(const_cast<float*>(b), {K, N}, {1, ldb}, opt);
   at::Tensor C = at::from_blob(c, {M, N}, {ldc, 1}, opt);
-  at::cpu::mm_out(C, A, Bm);
+  at::cpu::addmm_out(C, C, A, Bm, /*beta=*/0, /*alpha=*/alpha);
 }
 
 const char* compiled_capabilities() {

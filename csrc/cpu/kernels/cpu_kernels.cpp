@@ -114,58 +114,91 @@ inline float lanes_sum(const Vec& v) {
   return s;
 }
 
-// Masked softmax of one logits row over keys [0, n) (bias: 0 or -inf per key) accumulated into
-// acc[0, n). Returns false when no key is allowed (nothing accumulated).
-inline bool softmax_accumulate(float* x, int64_t n, const float* bias, float scale, float* acc) {
-  // pass 1: the max of the masked, scaled logits (recomputed, not stored: one store pass less)
-  const Vec vs(scale), ninf(kNegInf);
+// Additive key mask of each sample of a batch: 0, or -inf at its pad slots (N padded to a whole
+// vector); of(b) is nullptr for a sample without pad (row_exp then loads no mask at all).
+struct KeyMask {
+  std::vector<float> bias;
+  std::vector<int8_t> has_pad;
+  int64_t Np;
+  KeyMask(const int8_t* mod, int64_t B, int64_t N)
+      : bias(static_cast<size_t>(B * round_up(N, kW)), 0.0f),
+        has_pad(static_cast<size_t>(B), 0),
+        Np(round_up(N, kW)) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < N; ++j)
+        if (mod[b * N + j] == kPad) bias[b * Np + j] = kNegInf, has_pad[b] = 1;
+  }
+  const float* of(int64_t b) const { return has_pad[b] ? bias.data() + b * Np : nullptr; }
+};
+
+// exp(x[j] + bias[j] - max) of one row of scaled logits over keys [0, n), written over the
+// logits; returns their sum (0 when every key is masked, x then left as it was). bias: 0 or -inf
+// per key, or nullptr when the sample has no masked key (no bias stream to load and add: the
+// usual unpadded batch). Two passes, both in cache: the max (not stored), then exp and sum.
+template <bool kBias>
+inline float row_exp_t(float* x, int64_t n, const float* bias) {
+  const Vec ninf(kNegInf);
+  auto load = [&](int64_t j) {
+    return kBias ? Vec::loadu(x + j) + Vec::loadu(bias + j) : Vec::loadu(x + j);
+  };
+  auto tail = [&](int64_t j, int64_t rem) {  // lanes past the row's end read as -inf
+    const Vec v = kBias ? Vec::loadu(x + j, rem) + Vec::loadu(bias + j, rem)
+                        : Vec::loadu(x + j, rem);
+    return Vec::set(ninf, v, rem);
+  };
   Vec vmax = ninf;
   int64_t j = 0;
-  for (; j + kW <= n; j += kW)
-    vmax = at::vec::maximum(vmax, at::vec::fmadd(Vec::loadu(x + j), vs, Vec::loadu(bias + j)));
+  for (; j + kW <= n; j += kW) vmax = at::vec::maximum(vmax, load(j));
   const int64_t rem = n - j;
-  if (rem > 0) {
-    const Vec v = at::vec::fmadd(Vec::loadu(x + j, rem), vs, Vec::loadu(bias + j, rem));
-    vmax = at::vec::maximum(vmax, Vec::set(ninf, v, rem));
-  }
+  if (rem > 0) vmax = at::vec::maximum(vmax, tail(j, rem));
   const float mx = lanes_max(vmax);
-  if (!(mx > kNegInf)) return false;
+  if (!(mx > kNegInf)) return 0.0f;
   const Vec vm(mx);
   Vec vsum(0.0f);
   for (j = 0; j + kW <= n; j += kW) {
-    const Vec v = at::vec::fmadd(Vec::loadu(x + j), vs, Vec::loadu(bias + j));
-    const Vec e = (v - vm).exp_u20();
+    const Vec e = (load(j) - vm).exp_u20();
     e.store(x + j);
     vsum = vsum + e;
   }
   if (rem > 0) {
-    const Vec v = at::vec::fmadd(Vec::loadu(x + j, rem), vs, Vec::loadu(bias + j, rem));
-    Vec e = (Vec::set(ninf, v, rem) - vm).exp_u20();
-    e = Vec::set(Vec(0.0f), e, rem);
+    const Vec e = Vec::set(Vec(0.0f), (tail(j, rem) - vm).exp_u20(), rem);
     e.store(x + j, static_cast<int>(rem));
     vsum = vsum + e;
   }
-  const Vec vinv(1.0f / lanes_sum(vsum));
-  for (j = 0; j + kW <= n; j += kW)
+  return lanes_sum(vsum);
+}
+inline float row_exp(float* x, int64_t n, const float* bias) {
+  return bias != nullptr ? row_exp_t<true>(x, n, bias) : row_exp_t<false>(x, n, nullptr);
+}
+
+// Masked softmax of one row of scaled logits over keys [0, n) (bias as row_exp) accumulated into
+// acc[0, n). Returns false when no key is allowed (nothing accumulated).
+inline bool softmax_accumulate(float* x, int64_t n, const float* bias, float* acc) {
+  const float sum = row_exp(x, n, bias);
+  if (!(sum > 0.0f)) return false;
+  const Vec vinv(1.0f / sum);
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW)
     at::vec::fmadd(Vec::loadu(x + j), vinv, Vec::loadu(acc + j)).store(acc + j);
+  const int64_t rem = n - j;
   if (rem > 0)
     at::vec::fmadd(Vec::loadu(x + j, rem), vinv, Vec::loadu(acc + j, rem))
         .store(acc + j, static_cast<int>(rem));
   return true;
 }
 
-// Logits [M, *ldl_out] (row stride nk rounded up to 16, in ls) of the M fp32 query rows qb
-// [M, D] against the keys [0, nk) of one (sample, KV head): kbh its first key, sn / sd the slot
-// and dim strides (elements). The keys are the GEMM's transposed operand (as in
-// torch.matmul(q, k.mT)): fp32 keys of unit dim stride are read in place, others converted to
-// fp32 rows in ks first; no K^T is written. A K^T staged in 8x8 at::vec blocks cost more than
-// the GEMM on AVX-512 (at::vec's 8x8 transpose runs a 16x16 one there: 28% of the guidance-mode
-// profile, llava-1.5-7b shapes, Zen 5), while MKL's sgemm runs Q.K^T at the same rate from K rows
-// or from a contiguous K^T (74-87 GFLOP/s at 1 thread, [40-48, 128] x [128, 650-2900], default
-// and MKL_ENABLE_INSTRUCTIONS=AVX2).
+// Scaled logits [M, *ldl_out] (row stride nk rounded up to 16, in ls; the scale is the GEMM's
+// alpha) of the M fp32 query rows qb [M, D] against the keys [0, nk) of one (sample, KV head):
+// kbh its first key, sn / sd the slot and dim strides (elements). The keys are the GEMM's
+// transposed operand (as in torch.matmul(q, k.mT)): fp32 keys of unit dim stride are read in
+// place, others converted to fp32 rows in ks first; no K^T is written. A K^T staged in 8x8
+// at::vec blocks cost more than the GEMM on AVX-512 (at::vec's 8x8 transpose runs a 16x16 one
+// there: 28% of the guidance-mode profile, llava-1.5-7b shapes, Zen 5), while MKL's sgemm runs
+// Q.K^T at the same rate from K rows or from a contiguous K^T (74-87 GFLOP/s at 1 thread,
+// [40-48, 128] x [128, 650-2900], default and MKL_ENABLE_INSTRUCTIONS=AVX2).
 template <typename E>
 float* qk_logits(const float* qb, int64_t M, const E* kbh, int64_t sn, int64_t sd, int64_t nk,
-                 int64_t D, Scratch& ks, Scratch& ls, int64_t* ldl_out) {
+                 int64_t D, float scale, Scratch& ks, Scratch& ls, int64_t* ldl_out) {
   const float* kp;
   int64_t ldk;
   if (std::is_same_v<E, float> && sd == 1 && sn >= D) {
@@ -179,7 +212,7 @@ float* qk_logits(const float* qb, int64_t M, const E* kbh, int64_t sn, int64_t s
   }
   const int64_t ldl = round_up(nk, 16);
   float* lg = ls.get(M * ldl);
-  gemm_nt_f32(M, nk, D, qb, D, kp, ldk, lg, ldl);
+  gemm_nt_f32(M, nk, D, scale, qb, D, kp, ldk, lg, ldl);
   *ldl_out = ldl;
   return lg;
 }
@@ -203,11 +236,10 @@ void score_head(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b,
     }
   const E* kbh = static_cast<const E*>(ly.k) + b * ly.k_sb + hk * ly.k_sh;
   int64_t ldl;
-  float* lg = qk_logits(qb, M, kbh, ly.k_sn, ly.k_sd, nk, D, ks, ls, &ldl);
+  float* lg = qk_logits(qb, M, kbh, ly.k_sn, ly.k_sd, nk, D, sb.scale, ks, ls, &ldl);
   for (int64_t gi = 0; gi < g; ++gi)
     for (int64_t r = 0; r < R; ++r)
-      softmax_accumulate(lg + (gi * R + r) * ldl, qp[t0 + r] + 1, bias_b, sb.scale,
-                         part + (t0 + r) * N);
+      softmax_accumulate(lg + (gi * R + r) * ldl, qp[t0 + r] + 1, bias_b, part + (t0 + r) * N);
 }
 
 // KV heads per work item: the heads of a group are scored one after another into one partial
@@ -247,12 +279,7 @@ void score_layers_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb
   int64_t Tmax = 0;
   for (int64_t b = 0; b < B; ++b) Tmax = std::max(Tmax, sb.n_rows[b]);
   if (Tmax == 0) return;
-  // additive key mask per sample: 0, or -inf at pad slots; N padded to a whole vector
-  const int64_t Np = round_up(N, kW);
-  std::vector<float> bias(static_cast<size_t>(B * Np), 0.0f);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < N; ++j)
-      if (sb.mod[b * N + j] == kPad) bias[b * Np + j] = kNegInf;
+  const KeyMask mask(sb.mod, B, N);
 
   // Partial head sums [G, Tmax, N] per (layer, sample) (G = n_groups(Hkv) <= kMaxGroups), in
   // waves of layers under ~64 MiB.
@@ -306,7 +333,7 @@ void score_layers_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb
         const int64_t hg = heads_per_group(ly.Hkv);
         const int64_t hk0 = it.grp * hg, hk1 = std::min(ly.Hkv, hk0 + hg);
         float* part = part_of(it.l, it.b, it.grp);
-        const float* bias_b = bias.data() + it.b * Np;
+        const float* bias_b = mask.of(it.b);
         switch (ly.dtype) {
           case DType::kF32:
             score_item<float>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, qs, ks, ls);
@@ -459,44 +486,17 @@ void text_mass_item(const ScoreLayer& ly, const ScoreBatch& tb, const float* bia
                      qb + (gi * R + r) * D, D);
   const E* kbh = static_cast<const E*>(ly.k) + it.b * ly.k_sb + it.hk * ly.k_sh;
   int64_t ldl;
-  float* lg = qk_logits(qb, M, kbh, ly.k_sn, ly.k_sd, nk, D, ks, ls, &ldl);
-  const float scale = tb.scale;
-  const Vec vs(scale), ninf(kNegInf);
+  float* lg = qk_logits(qb, M, kbh, ly.k_sn, ly.k_sd, nk, D, tb.scale, ks, ls, &ldl);
   for (int64_t gi = 0; gi < g; ++gi)
     for (int64_t r = 0; r < R; ++r) {
       const int64_t i = it.r0 + r;
       if (skip_b[i] || txt[0] > i) continue;
-      float* x = lg + (gi * R + r) * ldl;  // the row's logits, overwritten by their exps below
-      const int64_t n = i + 1;
-      // the row's logsumexp over its keys [0, i] (pad keys masked by the bias): max, sum of exp
-      Vec vmax = ninf;
-      int64_t j = 0;
-      for (; j + kW <= n; j += kW)
-        vmax = at::vec::maximum(vmax, at::vec::fmadd(Vec::loadu(x + j), vs, Vec::loadu(bias_b + j)));
-      const int64_t rem = n - j;
-      if (rem > 0) {
-        const Vec v = at::vec::fmadd(Vec::loadu(x + j, rem), vs, Vec::loadu(bias_b + j, rem));
-        vmax = at::vec::maximum(vmax, Vec::set(ninf, v, rem));
-      }
-      const float mx = lanes_max(vmax);
-      if (!(mx > kNegInf)) continue;
-      // exp(logit - max) of every key, stored over the logits (the row is in cache): the text
-      // columns below read their numerators from the same exps that make the denominator (no
-      // scalar exp per text column: that was half the row's cost at head_dim 64)
-      const Vec vm(mx);
-      Vec vsum(0.0f);
-      for (j = 0; j + kW <= n; j += kW) {
-        const Vec ej = (at::vec::fmadd(Vec::loadu(x + j), vs, Vec::loadu(bias_b + j)) - vm).exp_u20();
-        ej.store(x + j);
-        vsum = vsum + ej;
-      }
-      if (rem > 0) {
-        const Vec v = at::vec::fmadd(Vec::loadu(x + j, rem), vs, Vec::loadu(bias_b + j, rem));
-        const Vec ej = Vec::set(Vec(0.0f), (Vec::set(ninf, v, rem) - vm).exp_u20(), rem);
-        ej.store(x + j, static_cast<int>(rem));
-        vsum = vsum + ej;
-      }
-      const float inv = 1.0f / lanes_sum(vsum);
+      // the row's exps over its keys [0, i] (pad keys masked by the bias) and their sum: the
+      // text columns below read their numerators from the same exps that make the denominator
+      float* x = lg + (gi * R + r) * ldl;
+      const float sum = row_exp(x, i + 1, bias_b);
+      if (!(sum > 0.0f)) continue;
+      const float inv = 1.0f / sum;
       // only the text columns p <= i are kept (txt ascending; text slots are never pad)
       for (int64_t c = 0; c < ntxt && txt[c] <= i; ++c) part[c] += x[txt[c]] * inv;
     }
@@ -505,8 +505,7 @@ void text_mass_item(const ScoreLayer& ly, const ScoreBatch& tb, const float* bia
 void text_column_mass_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& tb) {
   const int64_t B = tb.B, N = tb.N;
   if (L == 0 || B == 0 || N == 0) return;
-  const int64_t Np = round_up(N, kW);
-  std::vector<float> bias(static_cast<size_t>(B * Np), 0.0f);
+  const KeyMask mask(tb.mod, B, N);
   std::vector<int8_t> skip(static_cast<size_t>(B * N), 0);
   std::vector<std::vector<int64_t>> txt(static_cast<size_t>(B));
   // rows [txt[b][0], row_end[b]) go into tiles: past row_end every row is pad or guidance
@@ -514,7 +513,7 @@ void text_column_mass_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t j = 0; j < N; ++j) {
       const int8_t m = tb.mod[b * N + j];
-      if (m == kPad) bias[b * Np + j] = kNegInf, skip[b * N + j] = 1;
+      if (m == kPad) skip[b * N + j] = 1;
       if (m == kText) txt[b].push_back(j);
     }
     for (int64_t t = 0; t < tb.n_rows[b]; ++t) skip[b * N + tb.q_pos[b * tb.T + t]] = 1;
@@ -549,7 +548,7 @@ void text_column_mass_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch
       const ScoreLayer& ly = layers[it.l];
       const std::vector<int64_t>& tx = txt[it.b];
       const int64_t nt = static_cast<int64_t>(tx.size());
-      const float* bias_b = bias.data() + it.b * Np;
+      const float* bias_b = mask.of(it.b);
       const int8_t* skip_b = skip.data() + it.b * N;
       float* pp = part.data() + it.off;
       switch (ly.dtype) {
