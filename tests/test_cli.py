@@ -308,6 +308,37 @@ def test_paired_speedup_median_and_interval():
     assert _paired_speedup(None, [1.0])["decode_speedup_paired"] is None
 
 
+def test_time_interleaved_alternates_and_times_each():
+    """ops' timer: each fn called in turn (order reversed every other rep), setup before every
+    call, reps until the slowest fn has min_time_s of timed work; each Timing is its own fn's
+    calls."""
+    import time as _time
+
+    from tgvkv.bench.timing import time_interleaved
+
+    calls = []
+
+    def fn(name, sleep):
+        def f():
+            calls.append(name)
+            _time.sleep(sleep)
+        return f
+
+    setups = []
+    ta, tb = time_interleaved([fn("a", 0.0), fn("b", 0.004)], "cpu",
+                              setup=lambda: setups.append(len(calls)), warmup=1, reps=4)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a"] * 2
+    assert setups == list(range(len(calls)))  # once before every call, warm-up included
+    assert ta.reps == tb.reps == 4
+    assert tb.min_ms >= 4.0 > ta.median_ms  # b's sleep is b's alone
+    calls.clear()
+    ta, tb = time_interleaved([fn("a", 0.0), fn("b", 0.002)], "cpu", warmup=0, reps=1,
+                              min_time_s=0.02)
+    # until b (the slower) had 20 ms: at most 10 calls of 2 ms, as many of a
+    assert ta.reps == tb.reps == len(calls) // 2
+    assert 2 <= tb.reps <= 10 and tb.reps * tb.max_ms >= 20.0
+
+
 def test_version():
     p = cli("--version")
     assert p.returncode == 0

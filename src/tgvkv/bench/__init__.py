@@ -13,7 +13,9 @@ Nothing here imports transformers until a model is needed.
 
 from .cli import build_parser, main
 from .shapes import DEFAULT_OPS_SHAPE, PRESETS, Shape, make_inputs
-from .timing import Timing, copy_bandwidth_gbs, peak_extra_bytes, sync, time_fn
+from .timing import (Timing, copy_bandwidth_gbs, peak_extra_bytes, sync, time_fn,
+                     time_interleaved)
 
 __all__ = ["DEFAULT_OPS_SHAPE", "PRESETS", "Shape", "Timing", "build_parser", "copy_bandwidth_gbs",
-           "main", "make_inputs", "peak_extra_bytes", "sync", "time_fn"]
+           "main", "make_inputs", "peak_extra_bytes", "sync", "time_fn",
+           "time_interleaved"]

@@ -14,7 +14,8 @@ Usage::
 
 Every speed is also given as a ratio against the fastest plain-PyTorch composition of the same
 computation measured in the same run (:mod:`tgvkv.torch_impl`). Timings are taken after warm-up and
-summarised as median / min / max over many repetitions (CUDA events on GPU, perf_counter on CPU).
+summarised as median / min / max over many repetitions (CUDA events on GPU, perf_counter on CPU);
+``ops`` times an op and its baseline in turn, call by call (:func:`tgvkv.bench.timing.time_interleaved`).
 
 JSON report (``--json FILE``), schema ``tgvkv-bench/1``::
 

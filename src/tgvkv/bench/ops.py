@@ -10,7 +10,7 @@ import torch
 from .. import torch_impl
 from .common import UserError, fmt, fmt_bytes, progress_bar, table
 from .shapes import PRESETS, Shape, make_inputs
-from .timing import copy_bandwidth_gbs, peak_extra_bytes, time_fn
+from .timing import copy_bandwidth_gbs, peak_extra_bytes, time_fn, time_interleaved
 
 OP_STAGES = ("score_text_vision", "layer_budgets", "select_keep", "compact_", "evict_from_scores",
              "evict", "decode_evict_")
@@ -218,9 +218,8 @@ class _Case:
         return None
 
 
-def _timed(fn, setup, nbytes, copy_bw, device, warmup, reps, min_time, memory):
-    """Timing of one implementation of one stage (+ GB/s and peak extra memory)."""
-    tm = time_fn(fn, device, setup=setup, warmup=warmup, reps=reps, min_time_s=min_time)
+def _timed(tm, fn, setup, nbytes, copy_bw, device, memory):
+    """Report of one implementation of one stage: its Timing ``tm``, GB/s and peak extra memory."""
     r = tm.as_dict()
     r["gbs"] = nbytes / (tm.median_ms / 1e3) / 1e9 if nbytes else None
     r["pct_copy_bw"] = 100 * r["gbs"] / copy_bw if nbytes and copy_bw else None
@@ -248,8 +247,12 @@ def _stage_row(case, st, kr, fns, nbytes, copy_bw, timing, bar):
     if st == "decode_evict_":
         row["evictions_per_call"] = int((keys[0] >= 0).sum())
     method = None
-    for impl, fn in (("tgvkv", t_fn), ("torch", b_fn)):
-        row[impl], m = _timed(fn, setup, nbytes, copy_bw, case.device, *timing)
+    # both timed in turn, call by call (time_interleaved): the ratio is of the same moments
+    warmup, reps, min_time, memory = timing
+    tms = time_interleaved([t_fn, b_fn], case.device, setup=setup, warmup=warmup, reps=reps,
+                           min_time_s=min_time)
+    for impl, fn, tm in (("tgvkv", t_fn, tms[0]), ("torch", b_fn, tms[1])):
+        row[impl], m = _timed(tm, fn, setup, nbytes, copy_bw, case.device, memory)
         method = m or method
         if bar is not None:
             bar.set_postfix_str(f"{st} {impl} k={kr}")
@@ -342,8 +345,8 @@ def ops_table(sec: dict) -> str:
                     f"{r['speedup']:.2f}x", fmt(t["gbs"], ".1f"), fmt(t["pct_copy_bw"], ".0f"),
                     fmt_bytes(t["peak_extra_bytes"]), fmt_bytes(b["peak_extra_bytes"]),
                     {True: "yes", False: "NO", None: "-"}[r.get("same_result")]])
-    note = ("speedup = plain-PyTorch median / tgvkv median (same run); GB/s of tgvkv by the bytes "
-            "model: " + sec["bytes_model"] + "; peak = extra memory allocated during the call ("
+    note = ("speedup = plain-PyTorch median / tgvkv median (same run, timed in turn call by "
+            "call); GB/s of tgvkv by the bytes model: " + sec["bytes_model"] + "; peak = extra memory allocated during the call ("
             + (sec.get("memory_method") or "not measured") + "); same = both implementations "
             "give the identical kept slots / counts / evicted positions from the same state")
     for r in sec["rows"]:

@@ -33,6 +33,27 @@ class Timing:
         return asdict(self)
 
 
+def _time_call(fn: Callable[[], object], setup: Callable[[], object] | None, cuda: bool) -> float:
+    """Seconds of one call of ``fn`` (``setup`` first, untimed)."""
+    if setup is not None:
+        setup()
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _summary(times: list[float]) -> Timing:
+    return Timing(statistics.median(times) * 1e3, min(times) * 1e3, max(times) * 1e3, len(times))
+
+
 def time_fn(fn: Callable[[], object], device: str, setup: Callable[[], object] | None = None,
             warmup: int = 2, reps: int = 10, min_time_s: float = 0.0,
             max_reps: int = 1000) -> Timing:
@@ -42,32 +63,38 @@ def time_fn(fn: Callable[[], object], device: str, setup: Callable[[], object] |
     modifies in place). On CUDA each call is timed with CUDA events; on CPU with perf_counter.
     More repetitions are run (up to ``max_reps``) until ``min_time_s`` of timed work is collected.
     """
+    return time_interleaved([fn], device, setup, warmup, reps, min_time_s, max_reps)[0]
+
+
+def time_interleaved(fns: list[Callable[[], object]], device: str,
+                     setup: Callable[[], object] | None = None, warmup: int = 2, reps: int = 10,
+                     min_time_s: float = 0.0, max_reps: int = 1000) -> list[Timing]:
+    """Time several implementations of the same work call by call in turn, one Timing each.
+
+    Rep ``i`` calls every fn once, in the list's order on even reps and reversed on odd ones
+    (a, b, b, a, a, b, ...), as ``tgvkv-bench generate`` does: a slow phase of the machine
+    (clock, neighbours on a shared host) then falls on every implementation alike, and none
+    always runs right after the same other one, so the ratio of their medians is not the ratio
+    of two different moments. ``warmup`` calls of each first; then at least ``reps`` reps, and
+    more until the slowest fn has ``min_time_s`` of timed work (at most ``max_reps``): every fn
+    gets the same number of calls. ``setup`` before every call, untimed. With one fn this is
+    :func:`time_fn`.
+    """
     cuda = device.startswith("cuda")
     for _ in range(warmup):
-        if setup is not None:
-            setup()
-        fn()
+        for fn in fns:
+            if setup is not None:
+                setup()
+            fn()
     sync(device)
-    times: list[float] = []
-    total = 0.0
-    while len(times) < reps or (total < min_time_s and len(times) < max_reps):
-        if setup is not None:
-            setup()
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            t = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            fn()
-            t = time.perf_counter() - t0
-        times.append(t)
-        total += t
-    return Timing(statistics.median(times) * 1e3, min(times) * 1e3, max(times) * 1e3, len(times))
+    times: list[list[float]] = [[] for _ in fns]
+    rep = 0
+    while rep < reps or (max(sum(t) for t in times) < min_time_s and rep < max_reps):
+        order = range(len(fns)) if rep % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            times[i].append(_time_call(fns[i], setup, cuda))
+        rep += 1
+    return [_summary(t) for t in times]
 
 
 class _stderr_silenced:
