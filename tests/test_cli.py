@@ -248,6 +248,8 @@ def test_ops_json_schema(tmp_path):
             assert g["tgvkv"] == pytest.approx(r["flops"] / r["tgvkv"]["median_ms"] / 1e6)
             assert g["matmul"] > 0 and r["pct_matmul"] == pytest.approx(
                 100 * g["tgvkv"] / g["matmul"])
+            assert r["gemm_floor_ms"] > 0 and r["speedup_ceiling"] == pytest.approx(
+                r["torch"]["median_ms"] / r["gemm_floor_ms"])
     assert "flop model): Q.K^T at" in p.stdout
 
 
@@ -306,6 +308,38 @@ def test_paired_speedup_median_and_interval():
     lo, hi = a["decode_speedup_paired_ci95"]
     assert 0.93 < lo < 1.0 < hi < 1.07
     assert _paired_speedup(None, [1.0])["decode_speedup_paired"] is None
+
+
+@pytest.mark.parametrize("text_score", ["all_queries", "guidance"])
+def test_gemm_floor_runs_the_plain_compositions_products(monkeypatch, text_score):
+    """The speed-up ceiling's floor times exactly the Q.K^T products the plain score_text_vision
+    runs (same operand shapes, same count), and nothing else through torch.matmul."""
+    from tgvkv.bench import ops as bench_ops
+    from tgvkv.bench.shapes import Shape
+
+    # 2 samples, guidance rows not the last slots in one of them (pad at the end)
+    case = bench_ops._Case(Shape(2, 4, 2, 16, 70, 40, 12, 2), "cpu", torch.float32, 0, None,
+                           "mass", False, 4, text_score)
+    case.mod[1, -5:] = PAD
+    case.q_pos[1, -5:] = -1
+    case.masks = torch_impl.guidance_masks(case.q_pos, case.mod)
+    shapes = []
+    real_matmul = torch.matmul
+
+    def spy(a, b, *args, **kw):
+        shapes.append((tuple(a.shape), tuple(b.shape)))
+        return real_matmul(a, b, *args, **kw)
+
+    monkeypatch.setattr(torch, "matmul", spy)
+    for q, k in zip(case.q_in, case.k0):
+        torch_impl.score_text_vision(q, k, case.q_pos, case.mod, case.scale, case.masks, False,
+                                     text_score)
+    plain = sorted(shapes)
+    shapes.clear()
+    bench_ops._plain_gemm_floor(case, warmup=0, reps=1, min_time=0)
+    assert plain and sorted(shapes) == plain
+    n_chunks = -(-58 // torch_impl.TEXT_MASS_CHUNK)  # rows 0..57 count (guidance rows 58..69)
+    assert len(plain) == 2 * (1 + (n_chunks if text_score == "all_queries" else 0))
 
 
 def test_time_interleaved_alternates_and_times_each():

@@ -162,8 +162,11 @@ def gather_rows(q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
     return torch.gather(q, 2, idx)
 
 
+TEXT_MASS_CHUNK = 32  # query rows per chunk of text_column_mass (see there)
+
+
 def text_column_mass(q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor, scale: float,
-                     rows_per_chunk: int = 32,
+                     rows_per_chunk: int = TEXT_MASS_CHUNK,
                      skip_rows: torch.Tensor | None = None) -> torch.Tensor:
     """``text_score="all_queries"``: ``[B, N]`` fp32 column sums of the head-averaged causal
     attention over **all** non-pad query rows (the released code's H2O-style text score).

@@ -39,7 +39,12 @@ JSON report (``--json FILE``), schema ``tgvkv-bench/1``::
                   "peak_ratio": float|null,            # tgvkv peak / torch peak
                   "same_result": bool|null,            # both gave identical kept slots/counts
                   "evictions_per_call": int,           # decode_evict_ rows only
-                  "bytes": int|null}]},
+                  "bytes": int|null,
+                  # score_text_vision rows only (tgvkv.bench.ops._score_gflops):
+                  "flops", "matmul_flops", "matmul_ms", "gflops": {"tgvkv", "torch", "matmul"},
+                  "pct_matmul", "flop_model",
+                  "gemm_floor_ms": float,              # the plain side's Q.K^T products alone
+                  "speedup_ceiling": float}]},         # torch median / gemm_floor_ms
       "generate": {                                    # present when generation was timed
         "model": str, "dtype": str, "new_tokens": int, "prompt_tokens": int,
         "backend": str,                                # which op implementation the policy used
