@@ -383,8 +383,9 @@ def ops_table(sec: dict) -> str:
                     fmt_bytes(t["peak_extra_bytes"]), fmt_bytes(b["peak_extra_bytes"]),
                     {True: "yes", False: "NO", None: "-"}[r.get("same_result")]])
     note = ("speedup = plain-PyTorch median / tgvkv median (same run, timed in turn call by "
-            "call); GB/s of tgvkv by the bytes model: " + sec["bytes_model"] + "; peak = extra memory allocated during the call ("
-            + (sec.get("memory_method") or "not measured") + "); same = both implementations "
+            "call); GB/s of tgvkv by the bytes model: " + sec["bytes_model"] + "; peak = extra "
+            "memory allocated during the call (" + (sec.get("memory_method") or "not measured")
+            + "); same = both implementations "
             "give the identical kept slots / counts / evicted positions from the same state")
     for r in sec["rows"]:
         if r.get("gflops"):
