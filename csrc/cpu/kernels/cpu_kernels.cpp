@@ -187,18 +187,28 @@ inline bool softmax_accumulate(float* x, int64_t n, const float* bias, float* ac
   return true;
 }
 
-// Scaled logits [M, *ldl_out] (row stride nk rounded up to 16, in ls; the scale is the GEMM's
-// alpha) of the M fp32 query rows qb [M, D] against the keys [0, nk) of one (sample, KV head):
-// kbh its first key, sn / sd the slot and dim strides (elements). The keys are the GEMM's
-// transposed operand (as in torch.matmul(q, k.mT)): fp32 keys of unit dim stride are read in
-// place, others converted to fp32 rows in ks first; no K^T is written. A K^T staged in 8x8
-// at::vec blocks cost more than the GEMM on AVX-512 (at::vec's 8x8 transpose runs a 16x16 one
-// there: 28% of the guidance-mode profile, llava-1.5-7b shapes, Zen 5), while MKL's sgemm runs
-// Q.K^T at the same rate from K rows or from a contiguous K^T (74-87 GFLOP/s at 1 thread,
-// [40-48, 128] x [128, 650-2900], default and MKL_ENABLE_INSTRUCTIONS=AVX2).
-template <typename E>
-float* qk_logits(const float* qb, int64_t M, const E* kbh, int64_t sn, int64_t sd, int64_t nk,
-                 int64_t D, float scale, Scratch& ks, Scratch& ls, int64_t* ldl_out) {
+// Scaled logits [g * R, *ldl_out] (row stride nk rounded up to 16, in ls; the scale is the GEMM's
+// alpha) of the g query heads of KV head hk of sample b, R rows each, against the keys [0, nk):
+// row r of each head is q row row_of(r) (ScoreLayer's q strides), gathered to fp32 [g * R, D] in
+// qs first (head-major: logits row gi * R + r). The keys are the GEMM's transposed operand (as in
+// torch.matmul(q, k.mT)): fp32 keys of unit dim stride are read in place, others converted to
+// fp32 rows in ks first; no K^T is written. A K^T staged in 8x8 at::vec blocks cost more than
+// the GEMM on AVX-512 (at::vec's 8x8 transpose runs a 16x16 one there: 28% of the guidance-mode
+// profile, llava-1.5-7b shapes, Zen 5), while MKL's sgemm runs Q.K^T at the same rate from K rows
+// or from a contiguous K^T (74-87 GFLOP/s at 1 thread, [40-48, 128] x [128, 650-2900], default
+// and MKL_ENABLE_INSTRUCTIONS=AVX2).
+template <typename E, typename RowOf>
+float* group_logits(const ScoreLayer& ly, float scale, int64_t b, int64_t hk, int64_t R,
+                    RowOf row_of, int64_t nk, Scratch& qs, Scratch& ks, Scratch& ls,
+                    int64_t* ldl_out) {
+  const int64_t D = ly.D, g = ly.Hq / ly.Hkv, M = g * R;
+  float* qb = qs.get(M * D);
+  const E* qh = static_cast<const E*>(ly.q) + b * ly.q_sb + hk * g * ly.q_sh;
+  for (int64_t gi = 0; gi < g; ++gi)
+    for (int64_t r = 0; r < R; ++r)
+      strided_to_f32(qh + gi * ly.q_sh + row_of(r) * ly.q_sn, ly.q_sd, qb + (gi * R + r) * D, D);
+  const E* kbh = static_cast<const E*>(ly.k) + b * ly.k_sb + hk * ly.k_sh;
+  const int64_t sn = ly.k_sn, sd = ly.k_sd;
   const float* kp;
   int64_t ldk;
   if (std::is_same_v<E, float> && sd == 1 && sn >= D) {
@@ -222,21 +232,14 @@ template <typename E>
 void score_head(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b, int64_t b,
                 int64_t hk, int64_t t0, int64_t t1, float* part, Scratch& qs, Scratch& ks,
                 Scratch& ls) {
-  const int64_t N = sb.N, T = sb.T, D = ly.D;
+  const int64_t N = sb.N, T = sb.T;
   const int64_t* qp = sb.q_pos + b * T;
-  const int64_t R = t1 - t0, g = ly.Hq / ly.Hkv, M = g * R;
+  const int64_t R = t1 - t0, g = ly.Hq / ly.Hkv;
   const int64_t nk = qp[t1 - 1] + 1;  // keys visible to the last row of the chunk
-  // queries of the group, rows t0..t1 of each head: [g * R, D] fp32
-  float* qb = qs.get(M * D);
-  const E* qh = static_cast<const E*>(ly.q) + b * ly.q_sb + hk * g * ly.q_sh;
-  for (int64_t gi = 0; gi < g; ++gi)
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t row = ly.q_rows_are_slots ? qp[t0 + r] : t0 + r;
-      strided_to_f32(qh + gi * ly.q_sh + row * ly.q_sn, ly.q_sd, qb + (gi * R + r) * D, D);
-    }
-  const E* kbh = static_cast<const E*>(ly.k) + b * ly.k_sb + hk * ly.k_sh;
+  // guidance rows t0..t1 of each head
+  auto row_of = [&](int64_t r) { return ly.q_rows_are_slots ? qp[t0 + r] : t0 + r; };
   int64_t ldl;
-  float* lg = qk_logits(qb, M, kbh, ly.k_sn, ly.k_sd, nk, D, sb.scale, ks, ls, &ldl);
+  float* lg = group_logits<E>(ly, sb.scale, b, hk, R, row_of, nk, qs, ks, ls, &ldl);
   for (int64_t gi = 0; gi < g; ++gi)
     for (int64_t r = 0; r < R; ++r)
       softmax_accumulate(lg + (gi * R + r) * ldl, qp[t0 + r] + 1, bias_b, part + (t0 + r) * N);
@@ -474,19 +477,13 @@ template <typename E>
 void text_mass_item(const ScoreLayer& ly, const ScoreBatch& tb, const float* bias_b,
                     const int8_t* skip_b, const int64_t* txt, int64_t ntxt, const MassItem& it,
                     float* part, Scratch& qs, Scratch& ks, Scratch& ls) {
-  const int64_t D = ly.D, g = ly.Hq / ly.Hkv, R = it.r1 - it.r0, M = g * R;
+  const int64_t g = ly.Hq / ly.Hkv, R = it.r1 - it.r0;
   const int64_t nk = it.r1;  // keys visible to the last row of the tile
   std::memset(part, 0, sizeof(float) * static_cast<size_t>(ntxt));
-  // queries of the group, rows r0..r1 of each head: [g * R, D] fp32
-  float* qb = qs.get(M * D);
-  const E* qbase = static_cast<const E*>(ly.q) + it.b * ly.q_sb;
-  for (int64_t gi = 0; gi < g; ++gi)
-    for (int64_t r = 0; r < R; ++r)
-      strided_to_f32(qbase + (it.hk * g + gi) * ly.q_sh + (it.r0 + r) * ly.q_sn, ly.q_sd,
-                     qb + (gi * R + r) * D, D);
-  const E* kbh = static_cast<const E*>(ly.k) + it.b * ly.k_sb + it.hk * ly.k_sh;
+  // rows r0..r1 of each head
   int64_t ldl;
-  float* lg = qk_logits(qb, M, kbh, ly.k_sn, ly.k_sd, nk, D, tb.scale, ks, ls, &ldl);
+  float* lg = group_logits<E>(ly, tb.scale, it.b, it.hk, R,
+                              [&](int64_t r) { return it.r0 + r; }, nk, qs, ks, ls, &ldl);
   for (int64_t gi = 0; gi < g; ++gi)
     for (int64_t r = 0; r < R; ++r) {
       const int64_t i = it.r0 + r;
