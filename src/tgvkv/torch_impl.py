@@ -165,6 +165,16 @@ def gather_rows(q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
 TEXT_MASS_CHUNK = 32  # query rows per chunk of text_column_mass (see there)
 
 
+def text_mass_rows(modality: torch.Tensor, skip_rows: torch.Tensor | None = None):
+    """The query rows :func:`text_column_mass` sums: (counted ``[B, N]`` bool, the non-pad rows
+    not in ``skip_rows``; n_rows, one past the last row counted in any sample: its chunks stop
+    there)."""
+    real = modality != PAD
+    counted = real if skip_rows is None else real & ~skip_rows.to(real.device)
+    rows = counted.any(0).nonzero()
+    return counted, int(rows[-1]) + 1 if rows.numel() else 0
+
+
 def text_column_mass(q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor, scale: float,
                      rows_per_chunk: int = TEXT_MASS_CHUNK,
                      skip_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,10 +199,8 @@ def text_column_mass(q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor, s
     allowed = causal_allowed(torch.arange(N, device=modality.device), modality)
     allowed |= ~real.unsqueeze(-1)  # pad rows attend anything (finite), zeroed below
     bias = bias_from_allowed(allowed)  # [B, 1, N, N]
-    counted = real if skip_rows is None else real & ~skip_rows.to(real.device)
+    counted, n_rows = text_mass_rows(modality, skip_rows)
     row_w = counted.to(torch.float32).unsqueeze(-1)  # [B, N, 1]: pad (and skipped) rows count 0
-    rows = counted.any(0).nonzero()
-    n_rows = int(rows[-1]) + 1 if rows.numel() else 0
     kf = k.to(torch.float32)  # once, not per chunk
     out = torch.zeros(B, N, dtype=torch.float32, device=k.device)
     for r0 in range(0, n_rows, rows_per_chunk):

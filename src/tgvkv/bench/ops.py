@@ -314,8 +314,7 @@ def _plain_gemm_floor(case, warmup, reps, min_time):
           for q in case.q_in]
     chunks = [[] for _ in kf]
     if all_q:
-        counted = (m.real & ~m.guidance_slot).any(0).nonzero()
-        n_rows = int(counted[-1]) + 1 if counted.numel() else 0
+        _, n_rows = torch_impl.text_mass_rows(case.mod, m.guidance_slot)
         R = torch_impl.TEXT_MASS_CHUNK
         for l, q in enumerate(case.q_in):
             for r0 in range(0, n_rows, R):
