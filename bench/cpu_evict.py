@@ -163,7 +163,8 @@ def main(argv=None) -> int:
                              f"Q·Kᵀ in fp32 in this run ({g['matmul']:.1f} GFLOP/s, "
                              f"{r['matmul_ms']:.1f} ms); plain PyTorch {g['torch']:.1f} GFLOP/s; "
                              f"the plain composition's Q·Kᵀ products alone "
-                             f"(`tgvkv.bench.ops._plain_gemm_floor`) take "
+                             f"(`tgvkv.bench.ops._plain_gemm_products`, timed in turn with "
+                             f"the op and the plain composition) take "
                              f"{r['gemm_floor_ms']:.1f} ms: a speed-up ceiling of "
                              f"{r['speedup_ceiling']:.2f}x for any implementation that runs them "
                              f"at `torch.matmul`'s rate")

@@ -336,10 +336,39 @@ def test_gemm_floor_runs_the_plain_compositions_products(monkeypatch, text_score
                                      text_score)
     plain = sorted(shapes)
     shapes.clear()
-    bench_ops._plain_gemm_floor(case, warmup=0, reps=1, min_time=0)
+    bench_ops._plain_gemm_products(case)()
     assert plain and sorted(shapes) == plain
     n_chunks = -(-58 // torch_impl.TEXT_MASS_CHUNK)  # rows 0..57 count (guidance rows 58..69)
     assert len(plain) == 2 * (1 + (n_chunks if text_score == "all_queries" else 0))
+
+
+@needs_ops
+def test_gemm_floor_timed_in_turn_with_the_op_and_its_baseline(monkeypatch):
+    """The ceiling's floor is the third fn of score_text_vision's own interleaved loop (the same
+    moments as the speed-up), and no other op times it."""
+    from tgvkv.bench import ops as bench_ops
+    from tgvkv.bench.shapes import Shape
+
+    loops = []
+    real = bench_ops.time_interleaved
+
+    def spy(fns, *args, **kw):
+        out = real(fns, *args, **kw)
+        loops.append((len(fns), out))
+        return out
+
+    monkeypatch.setattr(bench_ops, "time_interleaved", spy)
+    sec = bench_ops.run_ops(Shape(2, 4, 2, 16, 70, 40, 12, 1), None, "cpu", torch.float32,
+                            "float32", [0.3], stages=("score_text_vision", "evict"), warmup=0,
+                            reps=2, min_time=0, memory=False, progress=False)
+    assert [n for n, _ in loops] == [3, 2]
+    score = sec["rows"][0]
+    assert score["op"] == "score_text_vision"
+    t, b, f = loops[0][1]
+    assert f.reps == t.reps == b.reps == 2
+    assert score["gemm_floor_ms"] == f.median_ms
+    assert score["speedup_ceiling"] == pytest.approx(b.median_ms / f.median_ms)
+    assert "gemm_floor_ms" not in sec["rows"][1]
 
 
 def test_time_interleaved_alternates_and_times_each():

@@ -43,7 +43,8 @@ JSON report (``--json FILE``), schema ``tgvkv-bench/1``::
                   # score_text_vision rows only (tgvkv.bench.ops._score_gflops):
                   "flops", "matmul_flops", "matmul_ms", "gflops": {"tgvkv", "torch", "matmul"},
                   "pct_matmul", "flop_model",
-                  "gemm_floor_ms": float,              # the plain side's Q.K^T products alone
+                  "gemm_floor_ms": float,              # the plain side's Q.K^T products alone,
+                                                       # timed in turn with both implementations
                   "speedup_ceiling": float}]},         # torch median / gemm_floor_ms
       "generate": {                                    # present when generation was timed
         "model": str, "dtype": str, "new_tokens": int, "prompt_tokens": int,
