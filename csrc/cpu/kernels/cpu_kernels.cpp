@@ -61,18 +61,6 @@ struct Scratch {
   }
 };
 
-// The work items' scratch of the calling thread, kept across calls (the threads of ATen's pool
-// persist; grow-only, at most a few MiB per thread at 7B shapes). A fresh buffer per parallel
-// region is, above malloc's mmap threshold, a page fault per 4 KiB on every call: the kernel
-// clearing those pages was 12% of the guidance-mode profile (llava-1.5-7b, 2 threads, Zen 5).
-struct ItemScratch {
-  Scratch qs, ks, ls;
-};
-inline ItemScratch& item_scratch() {
-  thread_local ItemScratch s;
-  return s;
-}
-
 template <typename T>
 inline void row_to_f32(const T* src, float* dst, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
@@ -96,6 +84,43 @@ inline void strided_to_f32(const T* src, int64_t stride, float* dst, int64_t n) 
     return;
   }
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i * stride]);
+}
+
+// Keys of one KV head converted to fp32 rows [rows, D], kept between the work items one thread
+// runs in a parallel region: the items of a head come in ascending row tiles, each needing the
+// keys [0, r1) of its tile, so each converts only the rows the last did not (a 16-bit head was
+// converted once per tile: 30 times over at qwen2.5-vl-7b's text-mass pass). Keyed by the head's
+// address and layout, and emptied when a parallel region starts (item_scratch): a cache across
+// calls could see keys changed in place. The values are those a fresh conversion gives.
+struct KeyRows {
+  Scratch buf;
+  const void* src = nullptr;
+  int64_t sn = 0, sd = 0, D = 0, rows = 0;
+  template <typename E>
+  const float* get(const E* kbh, int64_t sn_, int64_t sd_, int64_t D_, int64_t nk) {
+    if (src != kbh || sn != sn_ || sd != sd_ || D != D_ || nk * D_ > buf.n) rows = 0;
+    src = kbh, sn = sn_, sd = sd_, D = D_;
+    float* kb = buf.get(nk * D);  // keeps its contents unless it grows (rows is then 0)
+    for (; rows < nk; ++rows) strided_to_f32(kbh + rows * sn, sd, kb + rows * D, D);
+    return kb;
+  }
+};
+
+// The work items' scratch of the calling thread, kept across calls (the threads of ATen's pool
+// persist; grow-only, at most a few MiB per thread at 7B shapes). A fresh buffer per parallel
+// region is, above malloc's mmap threshold, a page fault per 4 KiB on every call: the kernel
+// clearing those pages was 12% of the guidance-mode profile (llava-1.5-7b, 2 threads, Zen 5).
+struct ItemScratch {
+  Scratch qs, ls;
+  KeyRows ks;
+};
+// The calling thread's scratch, its key cache emptied: call once at the start of a parallel
+// region's body.
+inline ItemScratch& item_scratch() {
+  thread_local ItemScratch s;
+  s.ks.rows = 0;
+  s.ks.src = nullptr;
+  return s;
 }
 
 // Lane reductions in a fixed order (lane 0, 1, ...).
@@ -199,7 +224,7 @@ inline bool softmax_accumulate(float* x, int64_t n, const float* bias, float* ac
 // and MKL_ENABLE_INSTRUCTIONS=AVX2).
 template <typename E, typename RowOf>
 float* group_logits(const ScoreLayer& ly, float scale, int64_t b, int64_t hk, int64_t R,
-                    RowOf row_of, int64_t nk, Scratch& qs, Scratch& ks, Scratch& ls,
+                    RowOf row_of, int64_t nk, Scratch& qs, KeyRows& ks, Scratch& ls,
                     int64_t* ldl_out) {
   const int64_t D = ly.D, g = ly.Hq / ly.Hkv, M = g * R;
   float* qb = qs.get(M * D);
@@ -215,9 +240,7 @@ float* group_logits(const ScoreLayer& ly, float scale, int64_t b, int64_t hk, in
     kp = reinterpret_cast<const float*>(kbh);
     ldk = sn;
   } else {
-    float* kb = ks.get(nk * D);
-    for (int64_t j = 0; j < nk; ++j) strided_to_f32(kbh + j * sn, sd, kb + j * D, D);
-    kp = kb;
+    kp = ks.get(kbh, sn, sd, D, nk);
     ldk = D;
   }
   const int64_t ldl = round_up(nk, 16);
@@ -230,7 +253,7 @@ float* group_logits(const ScoreLayer& ly, float scale, int64_t b, int64_t hk, in
 // Rows [t0, t1) of sample b, the g query heads of KV head hk, accumulated into part [Tmax, N].
 template <typename E>
 void score_head(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b, int64_t b,
-                int64_t hk, int64_t t0, int64_t t1, float* part, Scratch& qs, Scratch& ks,
+                int64_t hk, int64_t t0, int64_t t1, float* part, Scratch& qs, KeyRows& ks,
                 Scratch& ls) {
   const int64_t N = sb.N, T = sb.T;
   const int64_t* qp = sb.q_pos + b * T;
@@ -260,7 +283,7 @@ inline int64_t n_groups(int64_t Hkv) {
 template <typename E>
 void score_item(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b, int64_t b,
                 int64_t hk0, int64_t hk1, int64_t t0, int64_t t1, float* part, Scratch& qs,
-                Scratch& ks, Scratch& ls) {
+                KeyRows& ks, Scratch& ls) {
   const int64_t N = sb.N;
   for (int64_t t = t0; t < t1; ++t) std::memset(part + t * N, 0, sizeof(float) * N);
   for (int64_t hk = hk0; hk < hk1; ++hk)
@@ -329,7 +352,8 @@ void score_layers_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb
     const int64_t n_launch = at::get_num_threads() > 1 ? std::max<int64_t>(n_items, 2) : n_items;
     at::parallel_for(0, n_launch, 1, [&](int64_t begin, int64_t end) {
       ItemScratch& sc = item_scratch();
-      Scratch &qs = sc.qs, &ks = sc.ks, &ls = sc.ls;
+      Scratch &qs = sc.qs, &ls = sc.ls;
+    KeyRows& ks = sc.ks;
       for (int64_t i = begin; i < std::min(end, n_items); ++i) {
         const Item& it = items[i];
         const ScoreLayer& ly = layers[it.l];
@@ -476,7 +500,7 @@ struct MassItem {
 template <typename E>
 void text_mass_item(const ScoreLayer& ly, const ScoreBatch& tb, const float* bias_b,
                     const int8_t* skip_b, const int64_t* txt, int64_t ntxt, const MassItem& it,
-                    float* part, Scratch& qs, Scratch& ks, Scratch& ls) {
+                    float* part, Scratch& qs, KeyRows& ks, Scratch& ls) {
   const int64_t g = ly.Hq / ly.Hkv, R = it.r1 - it.r0;
   const int64_t nk = it.r1;  // keys visible to the last row of the tile
   std::memset(part, 0, sizeof(float) * static_cast<size_t>(ntxt));
@@ -539,7 +563,8 @@ void text_column_mass_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch
   const int64_t n_launch = at::get_num_threads() > 1 ? std::max<int64_t>(n_items, 2) : n_items;
   at::parallel_for(0, n_launch, 1, [&](int64_t begin, int64_t end) {
     ItemScratch& sc = item_scratch();
-    Scratch &qs = sc.qs, &ks = sc.ks, &ls = sc.ls;
+    Scratch &qs = sc.qs, &ls = sc.ls;
+    KeyRows& ks = sc.ks;
     for (int64_t i = begin; i < std::min(end, n_items); ++i) {
       const MassItem& it = items[i];
       const ScoreLayer& ly = layers[it.l];
