@@ -27,6 +27,8 @@ OP_TESTS = [
     "tests/test_ops_select.py::test_evict_noncontiguous_cache",
     # text_score="all_queries" (its own kernel, text_column_mass): evict vs reference, 3 keeps
     "tests/test_text_score.py::test_evict_all_queries_matches_reference_and_evicts_text",
+    # the finiteness check of q (its own kernel, all_finite): every element, every layout
+    "tests/test_text_score.py::test_any_non_finite_query_element_is_found",
     # three of the decode grid (the Python reference of decode is the slow part): fp32, fp16 with
     # 8 query heads per KV head, bf16 with GQA 16/2
     "tests/test_ops_decode.py::test_decode_evict_matches_reference[1-4-4-64-torch.float32-cpu]",

@@ -199,6 +199,42 @@ def test_all_queries_strided_q_and_pad_rows_ignored():
         OPS.score_text_vision(q3, k, q_pos, mod, 0.2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "guidance_rows"])
+def test_any_non_finite_query_element_is_found(dtype, layout):
+    """The finiteness check of q reads every element of every used row, in any layout: a NaN,
+    +inf or -inf at the first, a middle or the last element of a row (head_dim 40: the last
+    ones lie past the last whole vector of every ISA) is an error naming q; pad rows are not
+    read; the same q without it scores."""
+    mod = _modality("system_prompt")
+    q_pos = ref.guidance_positions(mod)
+    B, N = mod.shape
+    Hq, Hkv, D = 4, 2, 40
+    q = randn((B, Hq, N, D), dtype, 21, transposed=layout == "transposed")
+    k = randn((B, Hkv, N, D), dtype, 22)
+    mode = "guidance" if layout == "guidance_rows" else "all_queries"
+    if mode == "guidance":
+        q = _rows(q, q_pos)
+    rows = {0: 0, 1: 1}  # (sample: row) of q; all_queries: sample 0's last real row
+    if mode == "all_queries":
+        rows[0] = max(j for j in range(N) if int(mod[0, j]) != PAD)
+        pad_row = min(j for j in range(N) if int(mod[1, j]) == PAD)
+        qp = q.clone()
+        qp[1, :, pad_row] = float("nan")  # a pad row is never read
+        s_pad, _ = OPS.score_text_vision(qp, k, q_pos, mod, 0.2, mode)
+        s_ref, _ = OPS.score_text_vision(q, k, q_pos, mod, 0.2, mode)
+        assert torch.equal(s_pad, s_ref)
+    for b, row in rows.items():
+        for h, d in ((0, 0), (Hq - 1, D // 2), (1, D - 1)):
+            for value in (float("nan"), float("inf"), float("-inf")):
+                bad = q.clone()  # clone keeps the strides of a transposed view
+                bad[b, h, row, d] = value
+                assert bad.stride() == q.stride()
+                with pytest.raises(RuntimeError, match=r"score_text_vision.*'q'.*NaN or inf"):
+                    OPS.score_text_vision(bad, k, q_pos, mod, 0.2, mode)
+    OPS.score_text_vision(q, k, q_pos, mod, 0.2, mode)
+
+
 @pytest.mark.parametrize("text_score", ["all_queries", "guidance"])
 def test_huge_finite_queries_are_not_reported_as_non_finite(text_score):
     """The finiteness check of q (min and max per sample) is exact: huge finite queries whose sum

@@ -29,6 +29,10 @@ struct Kernels {
   // scores [B, N] (the guidance rows' mass) the mass of every other non-pad query row
   // (cpu_text_mass.h), parallel inside, deterministic.
   void (*text_column_mass)(const ScoreLayer* layers, int64_t L, const ScoreBatch& tb);
+  // Whether every element of x [A, R, D] of `dt` (element strides sa, sr, 1) is finite: one
+  // read of x, no temporary, parallel inside.
+  bool (*all_finite)(const void* x, DType dt, int64_t A, int64_t R, int64_t D, int64_t sa,
+                     int64_t sr);
 };
 
 // The kernel table in use (chosen once, on first use).

@@ -23,6 +23,8 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -607,8 +609,73 @@ void text_column_mass_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch
     }
 }
 
+// ------------------------------------------------------------------------------------------------
+// all_finite: x - x is 0 for a finite x and NaN for an inf or a NaN, and a NaN stays in a sum, so
+// one pass of subtract-and-add per vector (16-bit rows widened to fp32 first) reads x once: a
+// memory-bound scan. (amax + amin read x twice, and ATen's 16-bit reductions ran at half the
+// fp32 rate: 11% of bf16 score_text_vision's profile at qwen2.5-vl-7b, all_queries, Xeon.)
+// ------------------------------------------------------------------------------------------------
+template <typename E>
+inline void nan_if_not_finite(const E* x, int64_t n, Vec& acc) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<E, float>) {
+    for (; j + kW <= n; j += kW) {
+      const Vec v = Vec::loadu(x + j);
+      acc = acc + (v - v);
+    }
+  } else {
+    using VT = at::vec::Vectorized<E>;
+    for (; j + VT::size() <= n; j += VT::size()) {
+      auto [a, b] = at::vec::convert_to_float<E>(VT::loadu(x + j));
+      acc = acc + (a - a) + (b - b);
+    }
+  }
+  float tail = 0.0f;
+  for (; j < n; ++j) {
+    const float v = static_cast<float>(x[j]);
+    tail += v - v;
+  }
+  acc = acc + Vec(tail);
+}
+
+template <typename E>
+bool all_finite_t(const E* x, int64_t A, int64_t R, int64_t D, int64_t sa, int64_t sr) {
+  const bool flat = sr == D && (A == 1 || sa == R * D);  // one contiguous run of A * R * D
+  const int64_t n_rows = flat ? 1 : A * R, len = flat ? A * R * D : D;
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(len, 1));
+  std::atomic<bool> ok{true};
+  if (flat) {  // pieces of 64 Ki elements
+    const int64_t n = len, piece = int64_t{1} << 16;
+    at::parallel_for(0, (n + piece - 1) / piece, 1, [&](int64_t p0, int64_t p1) {
+      Vec acc(0.0f);
+      nan_if_not_finite(x + p0 * piece, std::min(n, p1 * piece) - p0 * piece, acc);
+      if (std::isnan(lanes_sum(acc))) ok = false;
+    });
+    return ok;
+  }
+  at::parallel_for(0, n_rows, chunk, [&](int64_t r0, int64_t r1) {
+    Vec acc(0.0f);
+    for (int64_t r = r0; r < r1; ++r) nan_if_not_finite(x + (r / R) * sa + (r % R) * sr, D, acc);
+    if (std::isnan(lanes_sum(acc))) ok = false;
+  });
+  return ok;
+}
+
+bool all_finite_impl(const void* x, DType dt, int64_t A, int64_t R, int64_t D, int64_t sa,
+                     int64_t sr) {
+  if (A <= 0 || R <= 0 || D <= 0) return true;
+  switch (dt) {
+    case DType::kF32:
+      return all_finite_t(static_cast<const float*>(x), A, R, D, sa, sr);
+    case DType::kF16:
+      return all_finite_t(static_cast<const c10::Half*>(x), A, R, D, sa, sr);
+    default:
+      return all_finite_t(static_cast<const c10::BFloat16*>(x), A, R, D, sa, sr);
+  }
+}
+
 const Kernels kTable{TGVKV_STR(CPU_CAPABILITY), &score_layers_impl, &decode_probs_impl,
-                     &text_column_mass_impl};
+                     &text_column_mass_impl, &all_finite_impl};
 
 }  // namespace
 
