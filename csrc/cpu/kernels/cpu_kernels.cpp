@@ -355,7 +355,7 @@ void score_layers_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb
     at::parallel_for(0, n_launch, 1, [&](int64_t begin, int64_t end) {
       ItemScratch& sc = item_scratch();
       Scratch &qs = sc.qs, &ls = sc.ls;
-    KeyRows& ks = sc.ks;
+      KeyRows& ks = sc.ks;
       for (int64_t i = begin; i < std::min(end, n_items); ++i) {
         const Item& it = items[i];
         const ScoreLayer& ly = layers[it.l];
@@ -640,20 +640,18 @@ inline void nan_if_not_finite(const E* x, int64_t n, Vec& acc) {
 
 template <typename E>
 bool all_finite_t(const E* x, int64_t A, int64_t R, int64_t D, int64_t sa, int64_t sr) {
-  const bool flat = sr == D && (A == 1 || sa == R * D);  // one contiguous run of A * R * D
-  const int64_t n_rows = flat ? 1 : A * R, len = flat ? A * R * D : D;
-  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(len, 1));
+  constexpr int64_t kPiece = int64_t{1} << 16;  // elements per parallel grain
   std::atomic<bool> ok{true};
-  if (flat) {  // pieces of 64 Ki elements
-    const int64_t n = len, piece = int64_t{1} << 16;
-    at::parallel_for(0, (n + piece - 1) / piece, 1, [&](int64_t p0, int64_t p1) {
+  if (sr == D && (A == 1 || sa == R * D)) {  // one contiguous run of A * R * D elements
+    const int64_t n = A * R * D;
+    at::parallel_for(0, (n + kPiece - 1) / kPiece, 1, [&](int64_t p0, int64_t p1) {
       Vec acc(0.0f);
-      nan_if_not_finite(x + p0 * piece, std::min(n, p1 * piece) - p0 * piece, acc);
+      nan_if_not_finite(x + p0 * kPiece, std::min(n, p1 * kPiece) - p0 * kPiece, acc);
       if (std::isnan(lanes_sum(acc))) ok = false;
     });
     return ok;
   }
-  at::parallel_for(0, n_rows, chunk, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, A * R, std::max<int64_t>(1, kPiece / D), [&](int64_t r0, int64_t r1) {
     Vec acc(0.0f);
     for (int64_t r = r0; r < r1; ++r) nan_if_not_finite(x + (r / R) * sa + (r % R) * sr, D, acc);
     if (std::isnan(lanes_sum(acc))) ok = false;
