@@ -638,22 +638,16 @@ inline void nan_if_not_finite(const E* x, int64_t n, Vec& acc) {
   acc = acc + Vec(tail);
 }
 
+// Row by row (D elements each) in grains of ~64 Ki elements, whatever the layout.
 template <typename E>
 bool all_finite_t(const E* x, int64_t A, int64_t R, int64_t D, int64_t sa, int64_t sr) {
-  constexpr int64_t kPiece = int64_t{1} << 16;  // elements per parallel grain
   std::atomic<bool> ok{true};
-  if (sr == D && (A == 1 || sa == R * D)) {  // one contiguous run of A * R * D elements
-    const int64_t n = A * R * D;
-    at::parallel_for(0, (n + kPiece - 1) / kPiece, 1, [&](int64_t p0, int64_t p1) {
-      Vec acc(0.0f);
-      nan_if_not_finite(x + p0 * kPiece, std::min(n, p1 * kPiece) - p0 * kPiece, acc);
-      if (std::isnan(lanes_sum(acc))) ok = false;
-    });
-    return ok;
-  }
-  at::parallel_for(0, A * R, std::max<int64_t>(1, kPiece / D), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, A * R, std::max<int64_t>(1, 65536 / D), [&](int64_t r0, int64_t r1) {
     Vec acc(0.0f);
-    for (int64_t r = r0; r < r1; ++r) nan_if_not_finite(x + (r / R) * sa + (r % R) * sr, D, acc);
+    for (int64_t a = r0 / R, r = r0 % R, i = r0; i < r1; ++i) {  // row i = (a, r)
+      nan_if_not_finite(x + a * sa + r * sr, D, acc);
+      if (++r == R) r = 0, ++a;
+    }
     if (std::isnan(lanes_sum(acc))) ok = false;
   });
   return ok;
