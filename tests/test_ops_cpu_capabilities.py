@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import tgvkv
 
@@ -75,3 +76,24 @@ def test_ops_match_reference_under_capability(cap):
                         "-m", "not slow", *names], cwd=ROOT, env=_env(cap), capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, f"under {cap}:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
+
+
+# the ops' thread-count independence, which rests on the BLAS blocking each GEMM alike whatever
+# the thread count (see gemm_nt_f32 in csrc/cpu/ops_cpu.cpp)
+THREAD_TESTS = [
+    "tests/test_ops_select.py::test_evict_deterministic_across_threads",
+    "tests/test_text_score.py::test_all_queries_independent_of_thread_count",
+]
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch is not built with MKL")
+def test_thread_count_independence_under_mkl_avx2():
+    """MKL's AVX2 code path (what AVX2-only CPUs run; forced here by MKL_ENABLE_INSTRUCTIONS,
+    which MKL ignores on a CPU without AVX2) blocked a GEMM by the calling thread's MKL thread
+    count even inside a parallel region: the scores at 2 and 3 threads then differed from 1 and
+    4 threads in the last bits (Xeon)."""
+    env = dict(os.environ, MKL_ENABLE_INSTRUCTIONS="AVX2")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        *THREAD_TESTS], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-2000:]}"

@@ -352,7 +352,7 @@ def test_evict_deterministic_across_threads():
     results = []
     old = torch.get_num_threads()
     try:
-        for threads in (1, 2, 4, 1):
+        for threads in (1, 2, 3, 4, 1):
             torch.set_num_threads(threads)
             kc, vc = [t.clone() for t in base[0]], [t.clone() for t in base[1]]
             s = [OPS.score_text_vision(q, k, q_pos, mod, 0.125, text_score="guidance") for q, k in zip(qs, kc)]

@@ -42,7 +42,8 @@ const char* compiled_capabilities();
 
 // c[M, N] = alpha * a[M, K] . b[N, K]^T in fp32 through ATen's own GEMM (whatever BLAS torch was
 // built with; b is its transposed operand, as in torch.matmul(a, b.mT)). a, b, c: rows of stride
-// lda, ldb, ldc (unit stride within a row). Single-threaded when called inside at::parallel_for.
+// lda, ldb, ldc (unit stride within a row). Single-threaded inside at::parallel_for; MKL is also
+// told to block it for one thread, so its rounding does not follow at::get_num_threads().
 // Defined in ops_cpu.cpp.
 void gemm_nt_f32(int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t lda,
                  const float* b, int64_t ldb, float* c, int64_t ldc);

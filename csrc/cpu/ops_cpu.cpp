@@ -7,6 +7,7 @@
 // ascending keep_idx), allocates outputs and runs the kernels with
 // at::parallel_for over (layer, sample, head / row chunk). The scoring and decode kernels are
 // compiled per CPU capability (csrc/cpu/kernels/); the table in use is chosen here.
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
@@ -39,9 +40,36 @@
 namespace tgvkv {
 namespace cpu {
 
+#if AT_MKL_ENABLED() && defined(__GNUC__)
+// MKL's C service API (mkl_service.h): the calling thread's MKL thread count (0: the global one),
+// returning the previous value. Exported by libtorch_cpu when torch links MKL statically; weak, so
+// a torch whose MKL lives elsewhere (or nowhere) leaves it null and the GEMM runs as before.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+#endif
+
+namespace {
+// MKL runs the GEMMs below on the calling thread alone. Inside at::parallel_for they already run
+// on one thread (no nested OpenMP), but MKL still blocks a GEMM by its thread count (torch's
+// at::set_num_threads sets the main thread's to the intra-op count; the pool's threads keep
+// MKL's default): on MKL's AVX2 code path the logits then differed in the last bit between 2
+// threads and 1 or 4 (scores up to 4e-9 apart, Xeon, MKL_ENABLE_INSTRUCTIONS=AVX2), breaking the
+// ops' thread-count independence. A count of 1 for the call gives every thread count one
+// blocking.
+struct BlasOnOneThread {
+#if AT_MKL_ENABLED() && defined(__GNUC__)
+  const bool on = MKL_Set_Num_Threads_Local != nullptr;
+  const int prev = on ? MKL_Set_Num_Threads_Local(1) : 0;
+  ~BlasOnOneThread() {
+    if (on) MKL_Set_Num_Threads_Local(prev);
+  }
+#endif
+};
+}  // namespace
+
 void gemm_nt_f32(int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t lda,
                  const float* b, int64_t ldb, float* c, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
+  [[maybe_unused]] const BlasOnOneThread one_thread;
   // at::cpu::addmm_out with beta = 0 (c is not read): ATen's CPU matmul kernel (mm_out is this
   // with alpha = 1) without the dispatcher round trip, alpha applied by the BLAS; b's [K, N] view
   // of strides (1, ldb) reaches the BLAS as a transposed operand (sgemm 'T'), not copied
