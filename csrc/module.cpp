@@ -36,8 +36,12 @@ PYBIND11_MODULE(_C, m) {
         // ATen's choice: ATEN_CPU_CAPABILITY / the CPU)
         d["cpu_capabilities"] = tgvkv::cpu::compiled_capabilities();
         d["cpu_capability"] = tgvkv::cpu::kernels().capability;
+        // what multiplies bf16 q and keys: "brgemm" (oneDNN's micro-kernel through ATen: AMX)
+        // or "fp32" (ATen's fp32 GEMM of the converted rows)
+        d["cpu_bf16_gemm"] = tgvkv::cpu::bf16_gemm_in_use();
         return d;
       },
       "Build facts: version, torch version built against, whether CUDA kernels are present "
-      "and for which archs, the CPU capabilities compiled in and the one in use.");
+      "and for which archs, the CPU capabilities compiled in, the one in use and what "
+      "multiplies bf16 inputs on the CPU.");
 }

@@ -30,6 +30,8 @@ OP_TESTS = [
     "tests/test_text_score.py::test_evict_all_queries_matches_reference_and_evicts_text",
     # the finiteness check of q (its own kernel, all_finite): every element, every layout
     "tests/test_text_score.py::test_any_non_finite_query_element_is_found",
+    # bf16 around the key blocks of the bf16 GEMM (here: the fp32 GEMM path of bf16 inputs)
+    "tests/test_ops_scores.py::test_bf16_scores_are_those_of_the_fp32_values",
     # three of the decode grid (the Python reference of decode is the slow part): fp32, fp16 with
     # 8 query heads per KV head, bf16 with GQA 16/2
     "tests/test_ops_decode.py::test_decode_evict_matches_reference[1-4-4-64-torch.float32-cpu]",
@@ -60,6 +62,34 @@ def test_unknown_capability_is_a_clear_error():
     r = _capability_in(_env("NOT_A_CAPABILITY"))
     assert r.returncode != 0
     assert "TGVKV_CPU_CAPABILITY=NOT_A_CAPABILITY is not a CPU capability" in r.stderr
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_bf16_gemm_is_reported_and_used_with_amx():
+    """build_info()["cpu_bf16_gemm"]: what multiplies bf16 q and keys. oneDNN's brgemm (through
+    ATen) in the AVX512 table only, and there on every CPU with AMX-BF16; a forced lower capability
+    takes the fp32 GEMM of the converted rows."""
+    got = INFO["cpu_bf16_gemm"]
+    assert got in ("brgemm", "fp32")
+    if INFO["cpu_capability"] != "AVX512":
+        assert got == "fp32"
+    elif {"amx_tile", "amx_bf16"} <= _cpu_flags():
+        assert got == "brgemm"
+    r = subprocess.run(
+        [sys.executable, "-c", "import tgvkv; print(tgvkv.build_info()['cpu_bf16_gemm'])"],
+        env=_env("DEFAULT"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "fp32"
 
 
 @pytest.mark.parametrize("cap", COMPILED)

@@ -100,3 +100,26 @@ def test_score_text_vision_padding_invariance(device):
         assert_scores_close(s[:, off:off + n], s1, mod1, 1e-5)
         assert_stats_close(t, t1, 1e-5)
         assert bool((s.cpu()[mod == 0] == 0).all()), pad
+
+
+@pytest.mark.parametrize("text_score", ["guidance", "all_queries"])
+@pytest.mark.parametrize("D", [40, 128, 33])
+@pytest.mark.parametrize("N", [6, 63, 64, 65, 130])
+def test_bf16_scores_are_those_of_the_fp32_values(N, D, text_score):
+    """bf16 q and keys score as their fp32 values do, whatever multiplies them on this machine
+    (``build_info()["cpu_bf16_gemm"]``: oneDNN's brgemm on blocks of 64 keys, or the fp32 GEMM
+    of the converted rows): the bf16 products are exact in fp32 and summed in fp32 either way, so
+    only the order of the sums differs. N around the 64-key blocks, D even and odd (odd: the fp32
+    GEMM), left pad, HF-layout keys, and q with unit (HF layout) or strided head dim."""
+    mod = make_modality([N, N - 2], [3, 2], 1, "left", seed=N)
+    q_pos = ref.guidance_positions(mod)
+    rows = q_pos.shape[1] if text_score == "guidance" else N
+    q = randn((2, 6, rows, D), torch.bfloat16, 7, transposed=True)
+    if D == 40:  # head dim of stride > 1
+        q = randn((2, 6, D, rows), torch.bfloat16, 7).transpose(2, 3)
+    k = randn((2, 2, N, D), torch.bfloat16, 8, transposed=True)
+    scale = 1.0 / math.sqrt(D)
+    s16, t16 = OPS.score_text_vision(q, k, q_pos, mod, scale, text_score=text_score)
+    s32, t32 = OPS.score_text_vision(q.float(), k.float(), q_pos, mod, scale, text_score=text_score)
+    torch.testing.assert_close(s16, s32, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(t16, t32, rtol=1e-5, atol=1e-7)

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include <c10/util/BFloat16.h>
+
 #include "tgvkv/cpu_score.h"
 #include "tgvkv/cpu_text_mass.h"
 
@@ -33,6 +35,9 @@ struct Kernels {
   // read of x, no temporary, parallel inside.
   bool (*all_finite)(const void* x, DType dt, int64_t A, int64_t R, int64_t D, int64_t sa,
                      int64_t sr);
+  // Whether bf16 inputs may take the bf16 GEMM (gemm_bf16_packed; when bf16_gemm_available()
+  // and D is even): the AVX512 table only.
+  bool may_use_bf16_gemm;
 };
 
 // The kernel table in use (chosen once, on first use).
@@ -47,6 +52,25 @@ const char* compiled_capabilities();
 // Defined in ops_cpu.cpp.
 void gemm_nt_f32(int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t lda,
                  const float* b, int64_t ldb, float* c, int64_t ldc);
+
+// The bf16 GEMM of bf16 inputs: oneDNN's brgemm micro-kernel through ATen
+// (at::native::cpublas::brgemm / pack: AMX tiles or AVX512-BF16 dot products, the bf16 products
+// exact and summed in fp32), on blocks of kKeyBlock keys. Defined in ops_cpu.cpp.
+constexpr int64_t kKeyBlock = 64;  // columns of a packed block (ATen's pack takes 16..64)
+// Whether ATen can run it on this CPU (at::native::cpublas::could_pack(kBFloat16)).
+bool bf16_gemm_available();
+// Packs b [K, kKeyBlock] (row-major bf16, K even) into out [K * kKeyBlock] for gemm_bf16_packed.
+void pack_keys_bf16(int64_t K, const c10::BFloat16* b, c10::BFloat16* out);
+// c[M, kKeyBlock] (row stride ldc) = a[M, K] (row stride lda) . b, b packed by pack_keys_bf16;
+// on the calling thread.
+void gemm_bf16_packed(int64_t M, int64_t K, const c10::BFloat16* a, int64_t lda,
+                      const c10::BFloat16* b, float* c, int64_t ldc);
+// Releases the calling thread's hardware state of gemm_bf16_packed (AMX tile configuration).
+void brgemm_release_bf16();
+
+// What multiplies bf16 q and keys in the table in use: "brgemm" (gemm_bf16_packed, for even D)
+// or "fp32" (gemm_nt_f32 of converted rows). tgvkv.build_info()["cpu_bf16_gemm"] reports it.
+const char* bf16_gemm_in_use();
 
 // Per-capability tables (one definition per compiled capability).
 const Kernels* kernels_DEFAULT();

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/full.h>
@@ -78,6 +79,28 @@ void gemm_nt_f32(int64_t M, int64_t N, int64_t K, float alpha, const float* a, i
   const at::Tensor Bm = at::from_blob(const_cast<float*>(b), {K, N}, {1, ldb}, opt);
   at::Tensor C = at::from_blob(c, {M, N}, {ldc, 1}, opt);
   at::cpu::addmm_out(C, C, A, Bm, /*beta=*/0, /*alpha=*/alpha);
+}
+
+bool bf16_gemm_available() {
+  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16);
+  return ok;
+}
+
+void pack_keys_bf16(int64_t K, const c10::BFloat16* b, c10::BFloat16* out) {
+  at::native::cpublas::pack(K, kKeyBlock, kKeyBlock, kKeyBlock, at::kBFloat16, at::kBFloat16, b,
+                            out);
+}
+
+void gemm_bf16_packed(int64_t M, int64_t K, const c10::BFloat16* a, int64_t lda,
+                      const c10::BFloat16* b, float* c, int64_t ldc) {
+  at::native::cpublas::brgemm(M, kKeyBlock, K, lda, kKeyBlock, ldc, /*add_C=*/false, a, b, c,
+                              /*is_vnni=*/true);
+}
+
+void brgemm_release_bf16() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
+
+const char* bf16_gemm_in_use() {
+  return kernels().may_use_bf16_gemm && bf16_gemm_available() ? "brgemm" : "fp32";
 }
 
 const char* compiled_capabilities() {

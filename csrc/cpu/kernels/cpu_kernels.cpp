@@ -108,6 +108,37 @@ struct KeyRows {
   }
 };
 
+// bf16 keys of one KV head packed for the bf16 GEMM (gemm_bf16_packed) in blocks of kKeyBlock
+// keys, kept between the work items of a thread like KeyRows: block j holds keys
+// [j * kKeyBlock, (j + 1) * kKeyBlock) of the head's n_all (zeros past the last), packed by
+// ATen from their [D, kKeyBlock] transpose; blocks are packed as the tiles' key ranges first
+// reach them, so each is packed once per parallel region.
+struct PackedKeys {
+  Scratch buf, tmp;  // bf16 storage in fp32 scratch
+  const void* src = nullptr;
+  int64_t sn = 0, sd = 0, D = 0, n_all = 0, blocks = 0;
+  const c10::BFloat16* get(const c10::BFloat16* kbh, int64_t sn_, int64_t sd_, int64_t D_,
+                           int64_t n_all_, int64_t nk) {
+    const int64_t blk = D_ * kKeyBlock;  // bf16 elements per packed block
+    const int64_t nb_all = (n_all_ + kKeyBlock - 1) / kKeyBlock;
+    if (src != kbh || sn != sn_ || sd != sd_ || D != D_ || n_all != n_all_ ||
+        nb_all * blk > 2 * buf.n)
+      blocks = 0;
+    src = kbh, sn = sn_, sd = sd_, D = D_, n_all = n_all_;
+    // sized for every block of the head at once: no regrowth (and repacking) within a head
+    auto* out = reinterpret_cast<c10::BFloat16*>(buf.get((nb_all * blk + 1) / 2));
+    auto* t = reinterpret_cast<c10::BFloat16*>(tmp.get((blk + 1) / 2));
+    for (const int64_t nb = (nk + kKeyBlock - 1) / kKeyBlock; blocks < nb; ++blocks) {
+      const int64_t j0 = blocks * kKeyBlock, nj = std::min(kKeyBlock, n_all - j0);
+      for (int64_t j = 0; j < kKeyBlock; ++j)
+        for (int64_t d = 0; d < D; ++d)
+          t[d * kKeyBlock + j] = j < nj ? kbh[(j0 + j) * sn + d * sd] : c10::BFloat16(0.0f);
+      pack_keys_bf16(D, t, out + blocks * blk);
+    }
+    return out;
+  }
+};
+
 // The work items' scratch of the calling thread, kept across calls (the threads of ATen's pool
 // persist; grow-only, at most a few MiB per thread at 7B shapes). A fresh buffer per parallel
 // region is, above malloc's mmap threshold, a page fault per 4 KiB on every call: the kernel
@@ -115,14 +146,40 @@ struct KeyRows {
 struct ItemScratch {
   Scratch qs, ls;
   KeyRows ks;
+  PackedKeys pk;
+  bool brgemm_used = false;  // gemm_bf16_packed ran since the region started
+  // at the end of a parallel region's body: the bf16 GEMM's hardware state released
+  void end_region() {
+    if (brgemm_used) brgemm_release_bf16();
+    brgemm_used = false;
+  }
 };
-// The calling thread's scratch, its key cache emptied: call once at the start of a parallel
-// region's body.
+// The calling thread's scratch, its key caches emptied: call once at the start of a parallel
+// region's body, and end_region() at its end.
 inline ItemScratch& item_scratch() {
   thread_local ItemScratch s;
   s.ks.rows = 0;
   s.ks.src = nullptr;
+  s.pk.blocks = 0;
+  s.pk.src = nullptr;
+  s.brgemm_used = false;
   return s;
+}
+
+// Whether bf16 logits come from the bf16 GEMM (gemm_bf16_packed: oneDNN's brgemm through ATen,
+// on AMX tiles or AVX512-BF16 dot products: exact bf16 products summed in fp32; 3.9-5.5x the
+// fp32 GEMM's rate on a Xeon with AMX, 1 thread, [40-252, 128] x [128, 640-1100] in 64-key
+// blocks) rather than the fp32 GEMM of converted rows: when
+// ATen can run it here (bf16_gemm_available) and D is even (pairs of bf16 per 32-bit lane). The
+// AVX512 table only: a forced lower capability (TGVKV_CPU_CAPABILITY, the capability tests)
+// keeps the fp32 GEMM path of bf16 inputs.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kMayUseBf16Gemm = true;
+#else
+constexpr bool kMayUseBf16Gemm = false;
+#endif
+inline bool use_bf16_gemm(int64_t D) {
+  return kMayUseBf16Gemm && D % 2 == 0 && bf16_gemm_available();
 }
 
 // Lane reductions in a fixed order (lane 0, 1, ...).
@@ -158,19 +215,22 @@ struct KeyMask {
   const float* of(int64_t b) const { return has_pad[b] ? bias.data() + b * Np : nullptr; }
 };
 
-// exp(x[j] + bias[j] - max) of one row of scaled logits over keys [0, n), written over the
-// logits; returns their sum (0 when every key is masked, x then left as it was). bias: 0 or -inf
-// per key, or nullptr when the sample has no masked key (no bias stream to load and add: the
-// usual unpadded batch). Two passes, both in cache: the max (not stored), then exp and sum.
+// exp(s * x[j] + bias[j] - max) of one row of logits over keys [0, n), written over the logits;
+// returns their sum (0 when every key is masked, x then left as it was). s: the scale the GEMM
+// did not apply (1 after the fp32 GEMM, whose alpha is the scale: s * x is then x exactly).
+// bias: 0 or -inf per key, or nullptr when the sample has no masked key (no bias stream to load
+// and add: the usual unpadded batch). Two passes, both in cache: the max (not stored), then exp
+// and sum.
 template <bool kBias>
-inline float row_exp_t(float* x, int64_t n, const float* bias) {
-  const Vec ninf(kNegInf);
-  auto load = [&](int64_t j) {
-    return kBias ? Vec::loadu(x + j) + Vec::loadu(bias + j) : Vec::loadu(x + j);
+inline float row_exp_t(float* x, int64_t n, float s, const float* bias) {
+  const Vec ninf(kNegInf), vs(s);
+  auto load = [&](int64_t j) {  // s * x (+ bias): x itself when s = 1
+    return kBias ? at::vec::fmadd(Vec::loadu(x + j), vs, Vec::loadu(bias + j))
+                 : Vec::loadu(x + j) * vs;
   };
   auto tail = [&](int64_t j, int64_t rem) {  // lanes past the row's end read as -inf
-    const Vec v = kBias ? Vec::loadu(x + j, rem) + Vec::loadu(bias + j, rem)
-                        : Vec::loadu(x + j, rem);
+    const Vec v = kBias ? at::vec::fmadd(Vec::loadu(x + j, rem), vs, Vec::loadu(bias + j, rem))
+                        : Vec::loadu(x + j, rem) * vs;
     return Vec::set(ninf, v, rem);
   };
   Vec vmax = ninf;
@@ -180,10 +240,11 @@ inline float row_exp_t(float* x, int64_t n, const float* bias) {
   if (rem > 0) vmax = at::vec::maximum(vmax, tail(j, rem));
   const float mx = lanes_max(vmax);
   if (!(mx > kNegInf)) return 0.0f;
-  const Vec vm(mx);
+  const Vec vm(mx), vnm(-mx);
   Vec vsum(0.0f);
   for (j = 0; j + kW <= n; j += kW) {
-    const Vec e = (load(j) - vm).exp_u20();
+    // s * x - max in one rounding (x - max exactly as before when s = 1)
+    const Vec e = (kBias ? load(j) - vm : at::vec::fmadd(Vec::loadu(x + j), vs, vnm)).exp_u20();
     e.store(x + j);
     vsum = vsum + e;
   }
@@ -194,14 +255,14 @@ inline float row_exp_t(float* x, int64_t n, const float* bias) {
   }
   return lanes_sum(vsum);
 }
-inline float row_exp(float* x, int64_t n, const float* bias) {
-  return bias != nullptr ? row_exp_t<true>(x, n, bias) : row_exp_t<false>(x, n, nullptr);
+inline float row_exp(float* x, int64_t n, float s, const float* bias) {
+  return bias != nullptr ? row_exp_t<true>(x, n, s, bias) : row_exp_t<false>(x, n, s, nullptr);
 }
 
-// Masked softmax of one row of scaled logits over keys [0, n) (bias as row_exp) accumulated into
+// Masked softmax of one row of logits over keys [0, n) (s and bias as row_exp) accumulated into
 // acc[0, n). Returns false when no key is allowed (nothing accumulated).
-inline bool softmax_accumulate(float* x, int64_t n, const float* bias, float* acc) {
-  const float sum = row_exp(x, n, bias);
+inline bool softmax_accumulate(float* x, int64_t n, float s, const float* bias, float* acc) {
+  const float sum = row_exp(x, n, s, bias);
   if (!(sum > 0.0f)) return false;
   const Vec vinv(1.0f / sum);
   int64_t j = 0;
@@ -224,50 +285,77 @@ inline bool softmax_accumulate(float* x, int64_t n, const float* bias, float* ac
 // profile, llava-1.5-7b shapes, Zen 5), while MKL's sgemm runs Q.K^T at the same rate from K rows
 // or from a contiguous K^T (74-87 GFLOP/s at 1 thread, [40-48, 128] x [128, 650-2900], default
 // and MKL_ENABLE_INSTRUCTIONS=AVX2).
+//
+// bf16 with use_bf16_gemm: q rows gathered as bf16, keys packed once per head (PackedKeys), the
+// logits unscaled in blocks of kKeyBlock keys (the block past nk partly unused), row stride nk
+// rounded up to kKeyBlock; the softmax applies the scale (Logits::s).
+struct Logits {
+  float* p;
+  int64_t ld;  // row stride
+  float s;     // the scale still to apply (row_exp's s)
+};
 template <typename E, typename RowOf>
-float* group_logits(const ScoreLayer& ly, float scale, int64_t b, int64_t hk, int64_t R,
-                    RowOf row_of, int64_t nk, Scratch& qs, KeyRows& ks, Scratch& ls,
-                    int64_t* ldl_out) {
+Logits group_logits(const ScoreLayer& ly, float scale, int64_t b, int64_t hk, int64_t R,
+                    RowOf row_of, int64_t nk, int64_t n_all, ItemScratch& sc) {
   const int64_t D = ly.D, g = ly.Hq / ly.Hkv, M = g * R;
-  float* qb = qs.get(M * D);
   const E* qh = static_cast<const E*>(ly.q) + b * ly.q_sb + hk * g * ly.q_sh;
+  const E* kbh = static_cast<const E*>(ly.k) + b * ly.k_sb + hk * ly.k_sh;
+  const int64_t sn = ly.k_sn, sd = ly.k_sd;
+  if constexpr (std::is_same_v<E, c10::BFloat16>) {
+    if (use_bf16_gemm(D)) {
+      auto* qb = reinterpret_cast<c10::BFloat16*>(sc.qs.get((M * D + 1) / 2));
+      for (int64_t gi = 0; gi < g; ++gi)
+        for (int64_t r = 0; r < R; ++r) {
+          const E* src = qh + gi * ly.q_sh + row_of(r) * ly.q_sn;
+          E* dst = qb + (gi * R + r) * D;
+          if (ly.q_sd == 1)
+            std::memcpy(dst, src, sizeof(E) * static_cast<size_t>(D));
+          else
+            for (int64_t d = 0; d < D; ++d) dst[d] = src[d * ly.q_sd];
+        }
+      const c10::BFloat16* kp = sc.pk.get(kbh, sn, sd, D, n_all, nk);
+      const int64_t nb = (nk + kKeyBlock - 1) / kKeyBlock, ldl = nb * kKeyBlock;
+      float* lg = sc.ls.get(M * ldl);
+      for (int64_t j = 0; j < nb; ++j)
+        gemm_bf16_packed(M, D, qb, D, kp + j * D * kKeyBlock, lg + j * kKeyBlock, ldl);
+      sc.brgemm_used = true;
+      return {lg, ldl, scale};
+    }
+  }
+  float* qb = sc.qs.get(M * D);
   for (int64_t gi = 0; gi < g; ++gi)
     for (int64_t r = 0; r < R; ++r)
       strided_to_f32(qh + gi * ly.q_sh + row_of(r) * ly.q_sn, ly.q_sd, qb + (gi * R + r) * D, D);
-  const E* kbh = static_cast<const E*>(ly.k) + b * ly.k_sb + hk * ly.k_sh;
-  const int64_t sn = ly.k_sn, sd = ly.k_sd;
   const float* kp;
   int64_t ldk;
   if (std::is_same_v<E, float> && sd == 1 && sn >= D) {
     kp = reinterpret_cast<const float*>(kbh);
     ldk = sn;
   } else {
-    kp = ks.get(kbh, sn, sd, D, nk);
+    kp = sc.ks.get(kbh, sn, sd, D, nk);
     ldk = D;
   }
   const int64_t ldl = round_up(nk, 16);
-  float* lg = ls.get(M * ldl);
+  float* lg = sc.ls.get(M * ldl);
   gemm_nt_f32(M, nk, D, scale, qb, D, kp, ldk, lg, ldl);
-  *ldl_out = ldl;
-  return lg;
+  return {lg, ldl, 1.0f};
 }
 
 // Rows [t0, t1) of sample b, the g query heads of KV head hk, accumulated into part [Tmax, N].
 template <typename E>
 void score_head(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b, int64_t b,
-                int64_t hk, int64_t t0, int64_t t1, float* part, Scratch& qs, KeyRows& ks,
-                Scratch& ls) {
+                int64_t hk, int64_t t0, int64_t t1, float* part, ItemScratch& sc) {
   const int64_t N = sb.N, T = sb.T;
   const int64_t* qp = sb.q_pos + b * T;
   const int64_t R = t1 - t0, g = ly.Hq / ly.Hkv;
   const int64_t nk = qp[t1 - 1] + 1;  // keys visible to the last row of the chunk
   // guidance rows t0..t1 of each head
   auto row_of = [&](int64_t r) { return ly.q_rows_are_slots ? qp[t0 + r] : t0 + r; };
-  int64_t ldl;
-  float* lg = group_logits<E>(ly, sb.scale, b, hk, R, row_of, nk, qs, ks, ls, &ldl);
+  const Logits lg = group_logits<E>(ly, sb.scale, b, hk, R, row_of, nk, N, sc);
   for (int64_t gi = 0; gi < g; ++gi)
     for (int64_t r = 0; r < R; ++r)
-      softmax_accumulate(lg + (gi * R + r) * ldl, qp[t0 + r] + 1, bias_b, part + (t0 + r) * N);
+      softmax_accumulate(lg.p + (gi * R + r) * lg.ld, qp[t0 + r] + 1, lg.s, bias_b,
+                         part + (t0 + r) * N);
 }
 
 // KV heads per work item: the heads of a group are scored one after another into one partial
@@ -284,12 +372,11 @@ inline int64_t n_groups(int64_t Hkv) {
 // part: [Tmax, N] partial head sum of (layer, b, group) (rows t0..t1 written here).
 template <typename E>
 void score_item(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b, int64_t b,
-                int64_t hk0, int64_t hk1, int64_t t0, int64_t t1, float* part, Scratch& qs,
-                KeyRows& ks, Scratch& ls) {
+                int64_t hk0, int64_t hk1, int64_t t0, int64_t t1, float* part, ItemScratch& sc) {
   const int64_t N = sb.N;
   for (int64_t t = t0; t < t1; ++t) std::memset(part + t * N, 0, sizeof(float) * N);
   for (int64_t hk = hk0; hk < hk1; ++hk)
-    score_head<E>(ly, sb, bias_b, b, hk, t0, t1, part, qs, ks, ls);
+    score_head<E>(ly, sb, bias_b, b, hk, t0, t1, part, sc);
 }
 
 struct Item {
@@ -354,8 +441,6 @@ void score_layers_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb
     const int64_t n_launch = at::get_num_threads() > 1 ? std::max<int64_t>(n_items, 2) : n_items;
     at::parallel_for(0, n_launch, 1, [&](int64_t begin, int64_t end) {
       ItemScratch& sc = item_scratch();
-      Scratch &qs = sc.qs, &ls = sc.ls;
-      KeyRows& ks = sc.ks;
       for (int64_t i = begin; i < std::min(end, n_items); ++i) {
         const Item& it = items[i];
         const ScoreLayer& ly = layers[it.l];
@@ -365,17 +450,16 @@ void score_layers_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb
         const float* bias_b = mask.of(it.b);
         switch (ly.dtype) {
           case DType::kF32:
-            score_item<float>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, qs, ks, ls);
+            score_item<float>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, sc);
             break;
           case DType::kF16:
-            score_item<c10::Half>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, qs, ks,
-                                  ls);
+            score_item<c10::Half>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, sc);
             break;
           default:
-            score_item<c10::BFloat16>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, qs, ks,
-                                      ls);
+            score_item<c10::BFloat16>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, sc);
         }
       }
+      sc.end_region();
     });
     // The groups' partial sums added into group 0's in the fixed order 1..G-1, row by row, in
     // parallel over (layer, sample, row): a per-layer call (B = 1) still uses every thread.
@@ -502,22 +586,21 @@ struct MassItem {
 template <typename E>
 void text_mass_item(const ScoreLayer& ly, const ScoreBatch& tb, const float* bias_b,
                     const int8_t* skip_b, const int64_t* txt, int64_t ntxt, const MassItem& it,
-                    float* part, Scratch& qs, KeyRows& ks, Scratch& ls) {
+                    float* part, ItemScratch& sc) {
   const int64_t g = ly.Hq / ly.Hkv, R = it.r1 - it.r0;
   const int64_t nk = it.r1;  // keys visible to the last row of the tile
   std::memset(part, 0, sizeof(float) * static_cast<size_t>(ntxt));
   // rows r0..r1 of each head
-  int64_t ldl;
-  float* lg = group_logits<E>(ly, tb.scale, it.b, it.hk, R,
-                              [&](int64_t r) { return it.r0 + r; }, nk, qs, ks, ls, &ldl);
+  const Logits lg = group_logits<E>(ly, tb.scale, it.b, it.hk, R,
+                                    [&](int64_t r) { return it.r0 + r; }, nk, tb.N, sc);
   for (int64_t gi = 0; gi < g; ++gi)
     for (int64_t r = 0; r < R; ++r) {
       const int64_t i = it.r0 + r;
       if (skip_b[i] || txt[0] > i) continue;
       // the row's exps over its keys [0, i] (pad keys masked by the bias) and their sum: the
       // text columns below read their numerators from the same exps that make the denominator
-      float* x = lg + (gi * R + r) * ldl;
-      const float sum = row_exp(x, i + 1, bias_b);
+      float* x = lg.p + (gi * R + r) * lg.ld;
+      const float sum = row_exp(x, i + 1, lg.s, bias_b);
       if (!(sum > 0.0f)) continue;
       const float inv = 1.0f / sum;
       // only the text columns p <= i are kept (txt ascending; text slots are never pad)
@@ -565,8 +648,6 @@ void text_column_mass_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch
   const int64_t n_launch = at::get_num_threads() > 1 ? std::max<int64_t>(n_items, 2) : n_items;
   at::parallel_for(0, n_launch, 1, [&](int64_t begin, int64_t end) {
     ItemScratch& sc = item_scratch();
-    Scratch &qs = sc.qs, &ls = sc.ls;
-    KeyRows& ks = sc.ks;
     for (int64_t i = begin; i < std::min(end, n_items); ++i) {
       const MassItem& it = items[i];
       const ScoreLayer& ly = layers[it.l];
@@ -577,16 +658,16 @@ void text_column_mass_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch
       float* pp = part.data() + it.off;
       switch (ly.dtype) {
         case DType::kF32:
-          text_mass_item<float>(ly, tb, bias_b, skip_b, tx.data(), nt, it, pp, qs, ks, ls);
+          text_mass_item<float>(ly, tb, bias_b, skip_b, tx.data(), nt, it, pp, sc);
           break;
         case DType::kF16:
-          text_mass_item<c10::Half>(ly, tb, bias_b, skip_b, tx.data(), nt, it, pp, qs, ks, ls);
+          text_mass_item<c10::Half>(ly, tb, bias_b, skip_b, tx.data(), nt, it, pp, sc);
           break;
         default:
-          text_mass_item<c10::BFloat16>(ly, tb, bias_b, skip_b, tx.data(), nt, it, pp, qs, ks,
-                                        ls);
+          text_mass_item<c10::BFloat16>(ly, tb, bias_b, skip_b, tx.data(), nt, it, pp, sc);
       }
     }
+    sc.end_region();
   });
   // the items of each (layer, sample) summed in their fixed order, in double, then / Hq, plus
   // the guidance rows' mass already in the text slots
@@ -667,7 +748,7 @@ bool all_finite_impl(const void* x, DType dt, int64_t A, int64_t R, int64_t D, i
 }
 
 const Kernels kTable{TGVKV_STR(CPU_CAPABILITY), &score_layers_impl, &decode_probs_impl,
-                     &text_column_mass_impl, &all_finite_impl};
+                     &text_column_mass_impl, &all_finite_impl, kMayUseBf16Gemm};
 
 }  // namespace
 
