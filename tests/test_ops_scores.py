@@ -123,3 +123,39 @@ def test_bf16_scores_are_those_of_the_fp32_values(N, D, text_score):
     s32, t32 = OPS.score_text_vision(q.float(), k.float(), q_pos, mod, scale, text_score=text_score)
     torch.testing.assert_close(s16, s32, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(t16, t32, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_concurrent_calls_from_python_threads(dtype):
+    """Calls from several Python threads at once (a server's request threads) give the results of
+    the same calls made one at a time: the kernels' per-thread scratch, key caches and the bf16
+    GEMM's per-thread hardware state (AMX tiles, released at the end of each parallel region) are
+    never shared between calls."""
+    import threading
+
+    mod = make_modality([300, 280], [20, 9], 2, "left", seed=3)
+    q_pos = ref.guidance_positions(mod)
+    B, N = mod.shape
+    qs = [randn((B, 8, N, 64), dtype, i) for i in range(3)]
+    ks = [randn((B, 2, N, 64), dtype, 10 + i) for i in range(3)]
+    want = [OPS.score_text_vision(q, k, q_pos, mod, 0.125) for q, k in zip(qs, ks)]
+    bad, errors = [], []
+
+    def run(t):
+        try:
+            for rep in range(4):
+                for i in range(3):
+                    j = (i + t) % 3  # each thread its own order
+                    s, st = OPS.score_text_vision(qs[j], ks[j], q_pos, mod, 0.125)
+                    if not (torch.equal(s, want[j][0]) and torch.equal(st, want[j][1])):
+                        bad.append((t, rep, j))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert not bad, bad
