@@ -91,13 +91,14 @@ void pack_keys_bf16(int64_t K, const c10::BFloat16* b, c10::BFloat16* out) {
                             out);
 }
 
+// (brgemm's is_vnni and brgemm_release's argument, both true by default where they exist, are
+// left to their defaults: torch releases without them declare neither)
 void gemm_bf16_packed(int64_t M, int64_t K, const c10::BFloat16* a, int64_t lda,
                       const c10::BFloat16* b, float* c, int64_t ldc) {
-  at::native::cpublas::brgemm(M, kKeyBlock, K, lda, kKeyBlock, ldc, /*add_C=*/false, a, b, c,
-                              /*is_vnni=*/true);
+  at::native::cpublas::brgemm(M, kKeyBlock, K, lda, kKeyBlock, ldc, /*add_C=*/false, a, b, c);
 }
 
-void brgemm_release_bf16() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
+void brgemm_release_bf16() { at::native::cpublas::brgemm_release(); }
 
 const char* bf16_gemm_in_use() {
   return kernels().may_use_bf16_gemm && bf16_gemm_available() ? "brgemm" : "fp32";
