@@ -30,15 +30,12 @@ import sys
 import tempfile
 import time
 
-from tgvkv.bench import cli, common
+from tgvkv.bench import cli, common, env
 
 
 def _isa() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith(("flags",
-                                                                                 "Features"))), [])
-    except OSError:
+    flags = env.cpu_flags()
+    if not flags:
         return "unknown"
     want = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "asimd", "sve")
     have = [w for w in want if w in flags]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tgvkv
+from tgvkv.bench.env import cpu_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFO = tgvkv.build_info()
@@ -64,17 +65,6 @@ def test_unknown_capability_is_a_clear_error():
     assert "TGVKV_CPU_CAPABILITY=NOT_A_CAPABILITY is not a CPU capability" in r.stderr
 
 
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def test_bf16_gemm_is_reported_and_used_with_amx():
     """build_info()["cpu_bf16_gemm"]: what multiplies bf16 q and keys. oneDNN's brgemm (through
     ATen) in the AVX512 table only, and there on every CPU with AMX-BF16; a forced lower capability
@@ -83,7 +73,7 @@ def test_bf16_gemm_is_reported_and_used_with_amx():
     assert got in ("brgemm", "fp32")
     if INFO["cpu_capability"] != "AVX512":
         assert got == "fp32"
-    elif {"amx_tile", "amx_bf16"} <= _cpu_flags():
+    elif {"amx_tile", "amx_bf16"} <= cpu_flags():
         assert got == "brgemm"
     r = subprocess.run(
         [sys.executable, "-c", "import tgvkv; print(tgvkv.build_info()['cpu_bf16_gemm'])"],

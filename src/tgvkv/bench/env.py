@@ -37,6 +37,19 @@ def cpu_id() -> str:
     return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", aarch64 "Features"); empty where
+    it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ln.startswith(("flags", "Features")):
+                    return set(ln.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def device_info(device: str) -> dict:
     info = {"device": device, "cpu": cpu_model(), "cpu_id": cpu_id(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
