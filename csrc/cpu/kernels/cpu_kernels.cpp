@@ -154,13 +154,12 @@ struct ItemScratch {
     brgemm_used = false;
   }
 };
-// The calling thread's scratch, its key caches emptied: call once at the start of a parallel
-// region's body, and end_region() at its end.
+// The calling thread's scratch, its key caches emptied (a cache without a source head refills
+// from row / block 0 on its next get): call once at the start of a parallel region's body, and
+// end_region() at its end.
 inline ItemScratch& item_scratch() {
   thread_local ItemScratch s;
-  s.ks.rows = 0;
   s.ks.src = nullptr;
-  s.pk.blocks = 0;
   s.pk.src = nullptr;
   s.brgemm_used = false;
   return s;
