@@ -125,6 +125,34 @@ def test_bf16_scores_are_those_of_the_fp32_values(N, D, text_score):
     torch.testing.assert_close(t16, t32, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("text_score", ["guidance", "all_queries"])
+def test_bf16_scores_with_onednn_switched_off(text_score):
+    """``torch.backends.mkldnn.enabled = False`` (the user's switch for oneDNN, whose brgemm and
+    pack ATen's bf16 GEMM is) sends bf16 to the fp32 GEMM of the converted rows, read at each
+    call: the op works and scores as with oneDNN on, and ``build_info()`` says ``"fp32"`` while it
+    is off (on an AMX CPU ATen's pack raised "No need to pack" before)."""
+    import tgvkv
+
+    mod = make_modality([130, 120], [3, 2], 1, "left", seed=5)
+    q_pos = ref.guidance_positions(mod)
+    N = mod.shape[1]
+    rows = q_pos.shape[1] if text_score == "guidance" else N
+    q = randn((2, 6, rows, 64), torch.bfloat16, 7, transposed=True)
+    k = randn((2, 2, N, 64), torch.bfloat16, 8, transposed=True)
+    on = OPS.score_text_vision(q, k, q_pos, mod, 0.125, text_score=text_score)
+    used = tgvkv.build_info()["cpu_bf16_gemm"]
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # (mkldnn.flags() also sets TF32 flags, and warns)
+    try:
+        off = OPS.score_text_vision(q, k, q_pos, mod, 0.125, text_score=text_score)
+        assert tgvkv.build_info()["cpu_bf16_gemm"] == "fp32"
+    finally:
+        torch.backends.mkldnn.enabled = was
+    assert tgvkv.build_info()["cpu_bf16_gemm"] == used
+    torch.testing.assert_close(off[0], on[0], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(off[1], on[1], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_concurrent_calls_from_python_threads(dtype):
     """Calls from several Python threads at once (a server's request threads) give the results of

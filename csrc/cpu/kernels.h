@@ -57,7 +57,8 @@ void gemm_nt_f32(int64_t M, int64_t N, int64_t K, float alpha, const float* a, i
 // (at::native::cpublas::brgemm / pack: AMX tiles or AVX512-BF16 dot products, the bf16 products
 // exact and summed in fp32), on blocks of kKeyBlock keys. Defined in ops_cpu.cpp.
 constexpr int64_t kKeyBlock = 64;  // columns of a packed block (ATen's pack takes 16..64)
-// Whether ATen can run it on this CPU (at::native::cpublas::could_pack(kBFloat16)).
+// Whether ATen can run it now: on this CPU (at::native::cpublas::could_pack(kBFloat16)) and with
+// oneDNN enabled (torch.backends.mkldnn.enabled, read at each call).
 bool bf16_gemm_available();
 // Packs b [K, kKeyBlock] (row-major bf16, K even) into out [K * kKeyBlock] for gemm_bf16_packed.
 void pack_keys_bf16(int64_t K, const c10::BFloat16* b, c10::BFloat16* out);

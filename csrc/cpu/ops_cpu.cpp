@@ -8,6 +8,7 @@
 // at::parallel_for over (layer, sample, head / row chunk). The scoring and decode kernels are
 // compiled per CPU capability (csrc/cpu/kernels/); the table in use is chosen here.
 #include <ATen/Config.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
@@ -81,9 +82,12 @@ void gemm_nt_f32(int64_t M, int64_t N, int64_t K, float alpha, const float* a, i
   at::cpu::addmm_out(C, C, A, Bm, /*beta=*/0, /*alpha=*/alpha);
 }
 
+// could_pack: the CPU (AMX) and torch's build, fixed for the process; userEnabledMkldnn: the
+// user's torch.backends.mkldnn.enabled, read at every call (with oneDNN switched off, ATen's pack
+// and brgemm raise "No need to pack" / "... only supported ...": the fp32 GEMM runs instead)
 bool bf16_gemm_available() {
-  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16);
-  return ok;
+  static const bool could = at::native::cpublas::could_pack(at::kBFloat16);
+  return could && at::globalContext().userEnabledMkldnn();
 }
 
 void pack_keys_bf16(int64_t K, const c10::BFloat16* b, c10::BFloat16* out) {
