@@ -45,4 +45,22 @@ PYBIND11_MODULE(_C, m) {
       "Build facts: version, torch version built against, whether CUDA kernels are present "
       "and for which archs, the CPU capabilities compiled in, the one in use and what "
       "multiplies bf16 inputs on the CPU.");
+  m.def(
+      "cpu_scratch_bytes",
+      []() {
+        py::dict d;
+        d["held"] = tgvkv::cpu::scratch_bytes();
+        d["peak"] = tgvkv::cpu::scratch_peak_bytes();
+        return d;
+      },
+      "Bytes the CPU kernels hold in their own scratch buffers, which torch's allocator "
+      "statistics do not see: {'held': now, 'peak': the most since reset_cpu_scratch_peak()}. "
+      "Per-thread caches (partial head sums, logit tiles, converted or packed keys) are "
+      "grow-only and kept between calls.");
+  m.def("reset_cpu_scratch_peak", &tgvkv::cpu::reset_scratch_peak,
+        "Sets cpu_scratch_bytes()['peak'] to the bytes held now.");
+  m.def("release_cpu_scratch", &tgvkv::cpu::release_scratch,
+        "Counts every CPU kernel scratch buffer as freed now ('held' and 'peak' restart from 0) "
+        "and frees each at its owner thread's next use, so the next call's peak is all it needs, "
+        "caches included (tgvkv-bench ops measures an op's memory so).");
 }

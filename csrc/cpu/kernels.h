@@ -73,6 +73,24 @@ void brgemm_release_bf16();
 // or "fp32" (gemm_nt_f32 of converted rows). tgvkv.build_info()["cpu_bf16_gemm"] reports it.
 const char* bf16_gemm_in_use();
 
+// Bytes the CPU kernels hold in their own buffers (Scratch in cpu_kernels.cpp: the partial head
+// sums, logit tiles, converted or packed keys and text-mass partials; the per-thread caches among
+// them are grow-only and kept between calls), which torch's allocator statistics never see:
+// scratch_account(delta) on every allocation and free of a buffer of the current epoch;
+// scratch_bytes() now, scratch_peak_bytes() the most since reset_scratch_peak() (which sets it to
+// now). release_scratch() starts a new epoch: every buffer of an older one counts as freed at once
+// (held and peak restart from 0) and is freed by its owner thread at its next use, so the next
+// call's peak is all that call needs, caches included (exactly so when no call is in flight;
+// results never depend on it). tgvkv._C.cpu_scratch_bytes() /
+// reset_cpu_scratch_peak() / release_cpu_scratch() expose them (tgvkv-bench ops adds the peak to
+// the op's peak memory). Defined in ops_cpu.cpp.
+void scratch_account(int64_t delta_bytes);
+int64_t scratch_epoch();
+int64_t scratch_bytes();
+int64_t scratch_peak_bytes();
+void reset_scratch_peak();
+void release_scratch();
+
 // Per-capability tables (one definition per compiled capability).
 const Kernels* kernels_DEFAULT();
 #if defined(__x86_64__) || defined(_M_X64)

@@ -82,6 +82,26 @@ void gemm_nt_f32(int64_t M, int64_t N, int64_t K, float alpha, const float* a, i
   at::cpu::addmm_out(C, C, A, Bm, /*beta=*/0, /*alpha=*/alpha);
 }
 
+namespace {
+std::atomic<int64_t> g_scratch{0}, g_scratch_peak{0}, g_scratch_epoch{0};
+}  // namespace
+
+void scratch_account(int64_t delta_bytes) {
+  const int64_t now = g_scratch.fetch_add(delta_bytes) + delta_bytes;
+  int64_t peak = g_scratch_peak.load();
+  while (now > peak && !g_scratch_peak.compare_exchange_weak(peak, now)) {
+  }
+}
+int64_t scratch_epoch() { return g_scratch_epoch.load(std::memory_order_relaxed); }
+int64_t scratch_bytes() { return g_scratch.load(); }
+int64_t scratch_peak_bytes() { return g_scratch_peak.load(); }
+void reset_scratch_peak() { g_scratch_peak.store(g_scratch.load()); }
+void release_scratch() {
+  g_scratch_epoch.fetch_add(1);
+  g_scratch.store(0);
+  g_scratch_peak.store(0);
+}
+
 // could_pack: the CPU (AMX) and torch's build, fixed for the process; userEnabledMkldnn: the
 // user's torch.backends.mkldnn.enabled, read at every call (with oneDNN switched off, ATen's pack
 // and brgemm raise "No need to pack" / "... only supported ...": the fp32 GEMM runs instead)

@@ -50,15 +50,37 @@ constexpr int64_t kW = Vec::size();
 constexpr int64_t kMaxRows = 48;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Grow-only 64-byte aligned fp32 scratch.
+// Grow-only 64-byte aligned fp32 scratch, its bytes counted in scratch_bytes() (kernels.h) while
+// it belongs to the current epoch; one of an older epoch (release_scratch) was counted as freed
+// then, and is freed here at its next use.
 struct Scratch {
   std::unique_ptr<float[]> p;
   int64_t n = 0;
-  float* get(int64_t m) {
+  int64_t epoch = -1;
+  Scratch() = default;
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch() {
+    if (p && epoch == scratch_epoch()) scratch_account(-bytes());
+  }
+  int64_t bytes() const { return p ? 4 * (n + 16) : 0; }
+  // At least m floats; *kept (if given): whether the contents are those of the last get().
+  float* get(int64_t m, bool* kept = nullptr) {
+    bool same = true;
+    if (const int64_t e = scratch_epoch(); e != epoch) {
+      p.reset();  // counted as freed by release_scratch already
+      n = 0;
+      epoch = e;
+      same = false;
+    }
     if (m > n) {
+      const int64_t before = bytes();
       p.reset(new float[static_cast<size_t>(m + 16)]);
       n = m;
+      scratch_account(bytes() - before);
+      same = false;
     }
+    if (kept != nullptr) *kept = same;
     return align64(p.get());
   }
 };
@@ -100,9 +122,11 @@ struct KeyRows {
   int64_t sn = 0, sd = 0, D = 0, rows = 0;
   template <typename E>
   const float* get(const E* kbh, int64_t sn_, int64_t sd_, int64_t D_, int64_t nk) {
-    if (src != kbh || sn != sn_ || sd != sd_ || D != D_ || nk * D_ > buf.n) rows = 0;
+    if (src != kbh || sn != sn_ || sd != sd_ || D != D_) rows = 0;
     src = kbh, sn = sn_, sd = sd_, D = D_;
-    float* kb = buf.get(nk * D);  // keeps its contents unless it grows (rows is then 0)
+    bool kept;
+    float* kb = buf.get(nk * D, &kept);
+    if (!kept) rows = 0;
     for (; rows < nk; ++rows) strided_to_f32(kbh + rows * sn, sd, kb + rows * D, D);
     return kb;
   }
@@ -121,12 +145,12 @@ struct PackedKeys {
                            int64_t n_all_, int64_t nk) {
     const int64_t blk = D_ * kKeyBlock;  // bf16 elements per packed block
     const int64_t nb_all = (n_all_ + kKeyBlock - 1) / kKeyBlock;
-    if (src != kbh || sn != sn_ || sd != sd_ || D != D_ || n_all != n_all_ ||
-        nb_all * blk > 2 * buf.n)
-      blocks = 0;
+    if (src != kbh || sn != sn_ || sd != sd_ || D != D_ || n_all != n_all_) blocks = 0;
     src = kbh, sn = sn_, sd = sd_, D = D_, n_all = n_all_;
     // sized for every block of the head at once: no regrowth (and repacking) within a head
-    auto* out = reinterpret_cast<c10::BFloat16*>(buf.get((nb_all * blk + 1) / 2));
+    bool kept;
+    auto* out = reinterpret_cast<c10::BFloat16*>(buf.get((nb_all * blk + 1) / 2, &kept));
+    if (!kept) blocks = 0;
     auto* t = reinterpret_cast<c10::BFloat16*>(tmp.get((blk + 1) / 2));
     for (const int64_t nb = (nk + kKeyBlock - 1) / kKeyBlock; blocks < nb; ++blocks) {
       const int64_t j0 = blocks * kKeyBlock, nj = std::min(kKeyBlock, n_all - j0);
@@ -395,30 +419,46 @@ void score_layers_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb
   if (Tmax == 0) return;
   const KeyMask mask(sb.mod, B, N);
 
+  std::vector<int64_t> nchunk(static_cast<size_t>(B)), rows_per(static_cast<size_t>(B));
+  int64_t chunks = 0;  // row chunks of all samples: work items per KV-head group of a layer
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t Tv = sb.n_rows[b];
+    nchunk[b] = (Tv + kMaxRows - 1) / kMaxRows;
+    rows_per[b] = nchunk[b] > 0 ? (Tv + nchunk[b] - 1) / nchunk[b] : 0;
+    chunks += nchunk[b];
+  }
   // Partial head sums [G, Tmax, N] per (layer, sample) (G = n_groups(Hkv) <= kMaxGroups), in
-  // waves of layers under ~64 MiB.
-  std::vector<int64_t> per_layer(static_cast<size_t>(L));
-  for (int64_t l = 0; l < L; ++l) per_layer[l] = B * n_groups(layers[l].Hkv) * Tmax * N;
+  // waves of layers: as few layers as give every thread kItemsPerThread work items, under ~64 MiB
+  // (a single layer may exceed it). The wave only schedules: every partial sum is the same item's
+  // whatever the wave, so the results do not depend on it (nor on the thread count that sizes it).
+  // One layer per wave where it gives the threads enough items keeps the buffer at one layer's
+  // sums (llava-1.5-7b, 2 threads: 0.8 MiB; all 32 layers at once held 26 MiB).
+  constexpr int64_t kItemsPerThread = 4;
+  const int64_t want_items = kItemsPerThread * at::get_num_threads();
   const int64_t budget = (int64_t{64} << 20) / 4;
-  int64_t cap = 0, total = 0;
-  for (int64_t l = 0; l < L; ++l) cap = std::max(cap, per_layer[l]), total += per_layer[l];
-  cap = std::max(cap, std::min(total, budget));
+  std::vector<int64_t> per_layer(static_cast<size_t>(L)), wave_end;
+  for (int64_t l = 0; l < L; ++l) per_layer[l] = B * n_groups(layers[l].Hkv) * Tmax * N;
+  int64_t cap = 0;
+  for (int64_t l0 = 0; l0 < L;) {
+    int64_t l1 = l0, used = 0, n_it = 0;
+    while (l1 < L && (l1 == l0 || (n_it < want_items && used + per_layer[l1] <= budget))) {
+      used += per_layer[l1];
+      n_it += n_groups(layers[l1].Hkv) * chunks;
+      ++l1;
+    }
+    wave_end.push_back(l1);
+    cap = std::max(cap, used);
+    l0 = l1;
+  }
   // Reused across calls of this (caller) thread: a fresh multi-MiB buffer per call costs a page
   // fault per 4 KiB touched (per-layer score_text_vision calls would pay that 32 times).
   thread_local Scratch buf_cache;
   float* const buf = buf_cache.get(cap);
 
-  std::vector<int64_t> nchunk(static_cast<size_t>(B)), rows_per(static_cast<size_t>(B));
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t Tv = sb.n_rows[b];
-    nchunk[b] = (Tv + kMaxRows - 1) / kMaxRows;
-    rows_per[b] = nchunk[b] > 0 ? (Tv + nchunk[b] - 1) / nchunk[b] : 0;
-  }
   std::vector<Item> items;
   std::vector<int64_t> off(static_cast<size_t>(L) + 1, 0);
-  for (int64_t l0 = 0; l0 < L;) {
-    int64_t l1 = l0, used = 0;
-    while (l1 < L && (l1 == l0 || used + per_layer[l1] <= cap)) used += per_layer[l1++];
+  for (int64_t l0 = 0, w = 0; l0 < L; ++w) {
+    const int64_t l1 = wave_end[w];
     items.clear();
     for (int64_t l = l0; l < l1; ++l) {
       off[l + 1 - l0] = off[l - l0] + per_layer[l];
@@ -640,7 +680,8 @@ void text_column_mass_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch
         }
     }
   }
-  std::vector<float> part(static_cast<size_t>(std::max<int64_t>(total, 1)));
+  Scratch part_buf;  // each item zeroes its own partial masses
+  float* const part = part_buf.get(std::max<int64_t>(total, 1));
   // >= 2 items with several threads: the GEMMs then always run single-threaded inside the
   // parallel region (thread-count independent rounding; see score_layers_impl)
   const int64_t n_items = static_cast<int64_t>(items.size());
@@ -654,7 +695,7 @@ void text_column_mass_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch
       const int64_t nt = static_cast<int64_t>(tx.size());
       const float* bias_b = mask.of(it.b);
       const int8_t* skip_b = skip.data() + it.b * N;
-      float* pp = part.data() + it.off;
+      float* pp = part + it.off;
       switch (ly.dtype) {
         case DType::kF32:
           text_mass_item<float>(ly, tb, bias_b, skip_b, tx.data(), nt, it, pp, sc);
@@ -679,7 +720,7 @@ void text_column_mass_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch
       if (nt == 0) continue;
       acc.assign(static_cast<size_t>(nt), 0.0);
       for (; i < n_items && items[i].l == l && items[i].b == b; ++i) {
-        const float* pp = part.data() + items[i].off;
+        const float* pp = part + items[i].off;
         for (int64_t c = 0; c < nt; ++c) acc[c] += static_cast<double>(pp[c]);
       }
       float* sc = layers[l].scores + b * N;
