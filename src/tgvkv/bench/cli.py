@@ -33,7 +33,8 @@ JSON report (``--json FILE``), schema ``tgvkv-bench/1``::
         "memory_method": str, "bytes_model": str,
         "rows": [{"op": str, "keep_ratio": float,
                   "tgvkv": {"median_ms", "min_ms", "max_ms", "reps", "gbs", "pct_copy_bw",
-                            "peak_extra_bytes"},
+                            "peak_extra_bytes",        # CPU: kernel_scratch_bytes included
+                            "kernel_scratch_bytes"},   # CPU, with memory: its kernels' own buffers
                   "torch": {... same keys ...},
                   "speedup": float,                    # torch median / tgvkv median
                   "peak_ratio": float|null,            # tgvkv peak / torch peak

@@ -218,8 +218,27 @@ class _Case:
         return None
 
 
-def _timed(tm, fn, setup, nbytes, copy_bw, device, memory):
-    """Report of one implementation of one stage: its Timing ``tm``, GB/s and peak extra memory."""
+def _kernel_scratch_bytes(fn, setup) -> int:
+    """Peak bytes of tgvkv's CPU kernel scratch (``tgvkv._C.cpu_scratch_bytes``: buffers of its
+    own, which the profiler's allocator events do not see) in one call of ``fn`` made from
+    released caches (``release_cpu_scratch``), so the caches the call builds and keeps count."""
+    from .. import _C
+
+    if setup is not None:
+        setup()
+    _C.release_cpu_scratch()
+    out = fn()
+    del out
+    return int(_C.cpu_scratch_bytes()["peak"])
+
+
+KERNEL_SCRATCH_METHOD = ("tgvkv on CPU: plus its kernels' own scratch, the peak of "
+                         "tgvkv._C.cpu_scratch_bytes() in a call from released caches")
+
+
+def _timed(tm, fn, setup, nbytes, copy_bw, device, memory, own_scratch=False):
+    """Report of one implementation of one stage: its Timing ``tm``, GB/s and peak extra memory;
+    ``own_scratch`` (tgvkv on CPU): the kernels' own scratch added to it."""
     r = tm.as_dict()
     r["gbs"] = nbytes / (tm.median_ms / 1e3) / 1e9 if nbytes else None
     r["pct_copy_bw"] = 100 * r["gbs"] / copy_bw if nbytes and copy_bw else None
@@ -229,6 +248,10 @@ def _timed(tm, fn, setup, nbytes, copy_bw, device, memory):
         if setup is not None:
             setup()
         r["peak_extra_bytes"], method = peak_extra_bytes(fn, device)
+        if own_scratch and not device.startswith("cuda"):
+            r["kernel_scratch_bytes"] = _kernel_scratch_bytes(fn, setup)
+            r["peak_extra_bytes"] += r["kernel_scratch_bytes"]
+            method = f"{method}; {KERNEL_SCRATCH_METHOD}"
     return r, method
 
 
@@ -254,8 +277,9 @@ def _stage_row(case, st, kr, fns, nbytes, copy_bw, timing, bar, floor_fn=None):
     tms = time_interleaved([t_fn, b_fn] + ([floor_fn] if floor_fn else []), case.device,
                            setup=setup, warmup=warmup, reps=reps, min_time_s=min_time)
     for impl, fn, tm in (("tgvkv", t_fn, tms[0]), ("torch", b_fn, tms[1])):
-        row[impl], m = _timed(tm, fn, setup, nbytes, copy_bw, case.device, memory)
-        method = m or method
+        row[impl], m = _timed(tm, fn, setup, nbytes, copy_bw, case.device, memory,
+                              own_scratch=impl == "tgvkv")
+        method = method or m  # tgvkv's: the one that names its kernel scratch
         if bar is not None:
             bar.set_postfix_str(f"{st} {impl} k={kr}")
             bar.update(1)
