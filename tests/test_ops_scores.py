@@ -110,7 +110,7 @@ def test_bf16_scores_are_those_of_the_fp32_values(N, D, text_score):
     (``build_info()["cpu_bf16_gemm"]``: oneDNN's brgemm on blocks of 64 keys, or the fp32 GEMM
     of the converted rows): the bf16 products are exact in fp32 and summed in fp32 either way, so
     only the order of the sums differs. N around the 64-key blocks, D even and odd (odd: the fp32
-    GEMM), left pad, HF-layout keys, and q with unit (HF layout) or strided head dim."""
+    GEMM), left pad, and q and keys with unit (HF layouts) or strided head dim."""
     mod = make_modality([N, N - 2], [3, 2], 1, "left", seed=N)
     q_pos = ref.guidance_positions(mod)
     rows = q_pos.shape[1] if text_score == "guidance" else N
@@ -118,6 +118,8 @@ def test_bf16_scores_are_those_of_the_fp32_values(N, D, text_score):
     if D == 40:  # head dim of stride > 1
         q = randn((2, 6, D, rows), torch.bfloat16, 7).transpose(2, 3)
     k = randn((2, 2, N, D), torch.bfloat16, 8, transposed=True)
+    if D == 40:  # keys of head-dim stride > 1 too (transposed for packing element by element)
+        k = randn((2, 2, D, N), torch.bfloat16, 8).transpose(2, 3)
     scale = 1.0 / math.sqrt(D)
     s16, t16 = OPS.score_text_vision(q, k, q_pos, mod, scale, text_score=text_score)
     s32, t32 = OPS.score_text_vision(q.float(), k.float(), q_pos, mod, scale, text_score=text_score)
