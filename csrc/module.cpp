@@ -37,8 +37,7 @@ PYBIND11_MODULE(_C, m) {
         d["cpu_capabilities"] = tgvkv::cpu::compiled_capabilities();
         d["cpu_capability"] = tgvkv::cpu::kernels().capability;
         // what multiplies bf16 q and keys now: "brgemm" (oneDNN's micro-kernel through ATen: AMX,
-        // oneDNN enabled)
-        // or "fp32" (ATen's fp32 GEMM of the converted rows)
+        // oneDNN enabled) or "fp32" (ATen's fp32 GEMM of the converted rows)
         d["cpu_bf16_gemm"] = tgvkv::cpu::bf16_gemm_in_use();
         return d;
       },
