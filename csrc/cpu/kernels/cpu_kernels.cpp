@@ -240,71 +240,90 @@ inline float lanes_sum(const Vec& v) {
   return s;
 }
 
-// Additive key mask of each sample of a batch: 0, or -inf at its pad slots (N padded to a whole
-// vector); of(b) is nullptr for a sample without pad (row_exp then loads no mask at all).
+// Key mask of each sample of a batch: a lane mask per slot (all bits set at its pad slots, 0
+// elsewhere; N padded to a whole vector), for Vec::blendv; of(b) is nullptr for a sample without
+// pad (row_exp then loads no mask at all). A pad key's logit is replaced, not added to: pad slots
+// may hold anything (NaN included), and NaN + -inf is NaN.
 struct KeyMask {
-  std::vector<float> bias;
+  std::vector<float> pad;
   std::vector<int8_t> has_pad;
   int64_t Np;
   KeyMask(const int8_t* mod, int64_t B, int64_t N)
-      : bias(static_cast<size_t>(B * round_up(N, kW)), 0.0f),
+      : pad(static_cast<size_t>(B * round_up(N, kW)), 0.0f),
         has_pad(static_cast<size_t>(B), 0),
         Np(round_up(N, kW)) {
+    const uint32_t ones = ~uint32_t{0};
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = 0; j < N; ++j)
-        if (mod[b * N + j] == kPad) bias[b * Np + j] = kNegInf, has_pad[b] = 1;
+        if (mod[b * N + j] == kPad) std::memcpy(&pad[b * Np + j], &ones, 4), has_pad[b] = 1;
   }
-  const float* of(int64_t b) const { return has_pad[b] ? bias.data() + b * Np : nullptr; }
+  const float* of(int64_t b) const { return has_pad[b] ? pad.data() + b * Np : nullptr; }
 };
 
-// exp(s * x[j] + bias[j] - max) of one row of logits over keys [0, n), written over the logits;
-// returns their sum (0 when every key is masked, x then left as it was). s: the scale the GEMM
-// did not apply (1 after the fp32 GEMM, whose alpha is the scale: s * x is then x exactly).
-// bias: 0 or -inf per key, or nullptr when the sample has no masked key (no bias stream to load
-// and add: the usual unpadded batch). Two passes, both in cache: the max (not stored), then exp
+// exp(s * x[j] - max) of one row of logits over keys [0, n), pad keys (mask: KeyMask::of, or
+// nullptr when the sample has none: no mask stream to load) taken as -inf, written over the
+// logits; returns their sum, 0 when every key is masked (x then left as it was), and NaN when a
+// key not masked has a NaN or infinite logit (NaN / inf in the keys or queries, or a scale that
+// overflows): the callers turn that into NaN scores, which the ops refuse (check_finite_scores),
+// never into a row left out in silence. s: the scale the GEMM did not apply (1 after the fp32
+// GEMM, whose alpha is the scale: s * x is then x exactly). Two passes, both in cache: the max
+// and the finiteness (v - v is 0 for a finite v, NaN otherwise; a NaN stays in a sum), then exp
 // and sum.
-template <bool kBias>
-inline float row_exp_t(float* x, int64_t n, float s, const float* bias) {
-  const Vec ninf(kNegInf), vs(s);
-  auto load = [&](int64_t j) {  // s * x (+ bias): x itself when s = 1
-    return kBias ? at::vec::fmadd(Vec::loadu(x + j), vs, Vec::loadu(bias + j))
-                 : Vec::loadu(x + j) * vs;
-  };
-  auto tail = [&](int64_t j, int64_t rem) {  // lanes past the row's end read as -inf
-    const Vec v = kBias ? at::vec::fmadd(Vec::loadu(x + j, rem), vs, Vec::loadu(bias + j, rem))
-                        : Vec::loadu(x + j, rem) * vs;
-    return Vec::set(ninf, v, rem);
-  };
-  Vec vmax = ninf;
+template <bool kMask>
+inline float row_exp_t(float* x, int64_t n, float s, const float* mask) {
+  const Vec ninf(kNegInf), vs(s), zero(0.0f);
+  Vec vmax = ninf, bad = zero;
   int64_t j = 0;
-  for (; j + kW <= n; j += kW) vmax = at::vec::maximum(vmax, load(j));
+  for (; j + kW <= n; j += kW) {
+    Vec v = Vec::loadu(x + j) * vs;
+    if constexpr (kMask) v = Vec::blendv(v, zero, Vec::loadu(mask + j));
+    bad = bad + (v - v);
+    if constexpr (kMask) v = Vec::blendv(v, ninf, Vec::loadu(mask + j));
+    vmax = at::vec::maximum(vmax, v);
+  }
   const int64_t rem = n - j;
-  if (rem > 0) vmax = at::vec::maximum(vmax, tail(j, rem));
+  if (rem > 0) {  // lanes past the row's end read as 0 (finiteness) and -inf (max)
+    Vec v = Vec::loadu(x + j, rem) * vs;
+    if constexpr (kMask) v = Vec::blendv(v, zero, Vec::loadu(mask + j, rem));
+    bad = bad + (v - v);
+    if constexpr (kMask) v = Vec::blendv(v, ninf, Vec::loadu(mask + j, rem));
+    vmax = at::vec::maximum(vmax, Vec::set(ninf, v, rem));
+  }
+  if (std::isnan(lanes_sum(bad))) return std::numeric_limits<float>::quiet_NaN();
   const float mx = lanes_max(vmax);
   if (!(mx > kNegInf)) return 0.0f;
   const Vec vm(mx), vnm(-mx);
   Vec vsum(0.0f);
   for (j = 0; j + kW <= n; j += kW) {
     // s * x - max in one rounding (x - max exactly as before when s = 1)
-    const Vec e = (kBias ? load(j) - vm : at::vec::fmadd(Vec::loadu(x + j), vs, vnm)).exp_u20();
+    Vec e = at::vec::fmadd(Vec::loadu(x + j), vs, vnm);
+    if constexpr (kMask) e = Vec::blendv(e, ninf, Vec::loadu(mask + j));
+    e = e.exp_u20();
     e.store(x + j);
     vsum = vsum + e;
   }
   if (rem > 0) {
-    const Vec e = Vec::set(Vec(0.0f), (tail(j, rem) - vm).exp_u20(), rem);
+    Vec e = at::vec::fmadd(Vec::loadu(x + j, rem), vs, vnm);
+    if constexpr (kMask) e = Vec::blendv(e, ninf, Vec::loadu(mask + j, rem));
+    e = Vec::set(zero, e.exp_u20(), rem);
     e.store(x + j, static_cast<int>(rem));
     vsum = vsum + e;
   }
   return lanes_sum(vsum);
 }
-inline float row_exp(float* x, int64_t n, float s, const float* bias) {
-  return bias != nullptr ? row_exp_t<true>(x, n, s, bias) : row_exp_t<false>(x, n, s, nullptr);
+inline float row_exp(float* x, int64_t n, float s, const float* mask) {
+  return mask != nullptr ? row_exp_t<true>(x, n, s, mask) : row_exp_t<false>(x, n, s, nullptr);
 }
 
-// Masked softmax of one row of logits over keys [0, n) (s and bias as row_exp) accumulated into
-// acc[0, n). Returns false when no key is allowed (nothing accumulated).
-inline bool softmax_accumulate(float* x, int64_t n, float s, const float* bias, float* acc) {
-  const float sum = row_exp(x, n, s, bias);
+// Masked softmax of one row of logits over keys [0, n) (s and mask as row_exp) accumulated into
+// acc[0, n); a row with a non-finite logit (row_exp's NaN) makes acc[0, n) NaN. Returns false
+// when no key is allowed (nothing accumulated).
+inline bool softmax_accumulate(float* x, int64_t n, float s, const float* mask, float* acc) {
+  const float sum = row_exp(x, n, s, mask);
+  if (std::isnan(sum)) {
+    std::fill(acc, acc + n, std::numeric_limits<float>::quiet_NaN());
+    return true;
+  }
   if (!(sum > 0.0f)) return false;
   const Vec vinv(1.0f / sum);
   int64_t j = 0;
@@ -385,7 +404,7 @@ Logits group_logits(const ScoreLayer& ly, float scale, int64_t b, int64_t hk, in
 
 // Rows [t0, t1) of sample b, the g query heads of KV head hk, accumulated into part [Tmax, N].
 template <typename E>
-void score_head(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b, int64_t b,
+void score_head(const ScoreLayer& ly, const ScoreBatch& sb, const float* mask_b, int64_t b,
                 int64_t hk, int64_t t0, int64_t t1, float* part, ItemScratch& sc) {
   const int64_t N = sb.N, T = sb.T;
   const int64_t* qp = sb.q_pos + b * T;
@@ -396,7 +415,7 @@ void score_head(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b,
   const Logits lg = group_logits<E>(ly, sb.scale, b, hk, R, row_of, nk, N, sc);
   for (int64_t gi = 0; gi < g; ++gi)
     for (int64_t r = 0; r < R; ++r)
-      softmax_accumulate(lg.p + (gi * R + r) * lg.ld, qp[t0 + r] + 1, lg.s, bias_b,
+      softmax_accumulate(lg.p + (gi * R + r) * lg.ld, qp[t0 + r] + 1, lg.s, mask_b,
                          part + (t0 + r) * N);
 }
 
@@ -413,12 +432,12 @@ inline int64_t n_groups(int64_t Hkv) {
 // One work item: rows [t0, t1) of sample b, the query heads of KV heads [hk0, hk1) (in order).
 // part: [Tmax, N] partial head sum of (layer, b, group) (rows t0..t1 written here).
 template <typename E>
-void score_item(const ScoreLayer& ly, const ScoreBatch& sb, const float* bias_b, int64_t b,
+void score_item(const ScoreLayer& ly, const ScoreBatch& sb, const float* mask_b, int64_t b,
                 int64_t hk0, int64_t hk1, int64_t t0, int64_t t1, float* part, ItemScratch& sc) {
   const int64_t N = sb.N;
   for (int64_t t = t0; t < t1; ++t) std::memset(part + t * N, 0, sizeof(float) * N);
   for (int64_t hk = hk0; hk < hk1; ++hk)
-    score_head<E>(ly, sb, bias_b, b, hk, t0, t1, part, sc);
+    score_head<E>(ly, sb, mask_b, b, hk, t0, t1, part, sc);
 }
 
 struct Item {
@@ -505,16 +524,16 @@ void score_layers_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch& sb
         const int64_t hg = heads_per_group(ly.Hkv);
         const int64_t hk0 = it.grp * hg, hk1 = std::min(ly.Hkv, hk0 + hg);
         float* part = part_of(it.l, it.b, it.grp);
-        const float* bias_b = mask.of(it.b);
+        const float* mask_b = mask.of(it.b);
         switch (ly.dtype) {
           case DType::kF32:
-            score_item<float>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, sc);
+            score_item<float>(ly, sb, mask_b, it.b, hk0, hk1, it.t0, it.t1, part, sc);
             break;
           case DType::kF16:
-            score_item<c10::Half>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, sc);
+            score_item<c10::Half>(ly, sb, mask_b, it.b, hk0, hk1, it.t0, it.t1, part, sc);
             break;
           default:
-            score_item<c10::BFloat16>(ly, sb, bias_b, it.b, hk0, hk1, it.t0, it.t1, part, sc);
+            score_item<c10::BFloat16>(ly, sb, mask_b, it.b, hk0, hk1, it.t0, it.t1, part, sc);
         }
       }
       sc.end_region();
@@ -578,11 +597,21 @@ void decode_probs_t(const T* q, const T* k, int64_t sn, int64_t sd, int64_t n, i
   }
   for (int64_t gi = 0; gi < g; ++gi) {
     float* p = probs + gi * ldp;
-    Vec vmax(kNegInf);
+    // a non-finite logit (v - v is NaN for it; a NaN stays in a sum) makes the whole row NaN,
+    // which the op refuses: an -inf logit would otherwise pass as a probability of 0
+    Vec vmax(kNegInf), bad(0.0f);
     int64_t s = 0;
-    for (; s + kW <= n; s += kW) vmax = at::vec::maximum(vmax, Vec::loadu(p + s));
-    float mx = lanes_max(vmax);
-    for (; s < n; ++s) mx = std::max(mx, p[s]);
+    for (; s + kW <= n; s += kW) {
+      const Vec v = Vec::loadu(p + s);
+      vmax = at::vec::maximum(vmax, v);
+      bad = bad + (v - v);
+    }
+    float mx = lanes_max(vmax), bad_tail = 0.0f;
+    for (; s < n; ++s) mx = std::max(mx, p[s]), bad_tail += p[s] - p[s];
+    if (std::isnan(lanes_sum(bad) + bad_tail)) {
+      std::fill(p, p + n, std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
     const Vec vm(mx);
     Vec vsum(0.0f);
     for (s = 0; s + kW <= n; s += kW) {
@@ -642,7 +671,7 @@ struct MassItem {
 // skip_b [N]: the rows that neither score nor count here (pad rows; guidance rows, whose mass
 // the scoring pass gave already).
 template <typename E>
-void text_mass_item(const ScoreLayer& ly, const ScoreBatch& tb, const float* bias_b,
+void text_mass_item(const ScoreLayer& ly, const ScoreBatch& tb, const float* mask_b,
                     const int8_t* skip_b, const int64_t* txt, int64_t ntxt, const MassItem& it,
                     float* part, ItemScratch& sc) {
   const int64_t g = ly.Hq / ly.Hkv, R = it.r1 - it.r0;
@@ -655,10 +684,15 @@ void text_mass_item(const ScoreLayer& ly, const ScoreBatch& tb, const float* bia
     for (int64_t r = 0; r < R; ++r) {
       const int64_t i = it.r0 + r;
       if (skip_b[i] || txt[0] > i) continue;
-      // the row's exps over its keys [0, i] (pad keys masked by the bias) and their sum: the
+      // the row's exps over its keys [0, i] (pad keys masked) and their sum: the
       // text columns below read their numerators from the same exps that make the denominator
       float* x = lg.p + (gi * R + r) * lg.ld;
-      const float sum = row_exp(x, i + 1, lg.s, bias_b);
+      const float sum = row_exp(x, i + 1, lg.s, mask_b);
+      if (std::isnan(sum)) {  // a non-finite logit: NaN text scores, which the ops refuse
+        for (int64_t c = 0; c < ntxt && txt[c] <= i; ++c)
+          part[c] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
       if (!(sum > 0.0f)) continue;
       const float inv = 1.0f / sum;
       // only the text columns p <= i are kept (txt ascending; text slots are never pad)
@@ -712,18 +746,18 @@ void text_column_mass_impl(const ScoreLayer* layers, int64_t L, const ScoreBatch
       const ScoreLayer& ly = layers[it.l];
       const std::vector<int64_t>& tx = txt[it.b];
       const int64_t nt = static_cast<int64_t>(tx.size());
-      const float* bias_b = mask.of(it.b);
+      const float* mask_b = mask.of(it.b);
       const int8_t* skip_b = skip.data() + it.b * N;
       float* pp = part + it.off;
       switch (ly.dtype) {
         case DType::kF32:
-          text_mass_item<float>(ly, tb, bias_b, skip_b, tx.data(), nt, it, pp, sc);
+          text_mass_item<float>(ly, tb, mask_b, skip_b, tx.data(), nt, it, pp, sc);
           break;
         case DType::kF16:
-          text_mass_item<c10::Half>(ly, tb, bias_b, skip_b, tx.data(), nt, it, pp, sc);
+          text_mass_item<c10::Half>(ly, tb, mask_b, skip_b, tx.data(), nt, it, pp, sc);
           break;
         default:
-          text_mass_item<c10::BFloat16>(ly, tb, bias_b, skip_b, tx.data(), nt, it, pp, sc);
+          text_mass_item<c10::BFloat16>(ly, tb, mask_b, skip_b, tx.data(), nt, it, pp, sc);
       }
     }
     sc.end_region();
