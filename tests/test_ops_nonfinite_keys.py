@@ -141,3 +141,20 @@ def test_decode_dead_slots_may_hold_anything(dtype):
         a = _decode(dtype, 38, value)  # slot 38 >= length 36: not live
         got = OPS.decode_evict_(*a, D ** -0.5, 4)
         assert torch.equal(got, got0) and torch.equal(a[0][:, :, :36], a0[0][:, :, :36])
+
+
+@pytest.mark.parametrize("value", NONFINITE)
+def test_decode_layers_non_finite_live_key_is_an_error(value):
+    """decode_evict_layers_ (the same kernel over L layers): refused, nothing written."""
+    L = 3
+    per = [_decode(torch.float32, seed=s) for s in range(L)]
+    per[1][0][1, 0, 16, 3] = value  # layer 1, lane 0 of a vector
+    k, v, pos = [a[0] for a in per], [a[1] for a in per], [a[2] for a in per]
+    length = torch.stack([a[3] for a in per])
+    queries = [a[4] for a in per]
+    before = [t.clone() for t in k + v + pos] + [length.clone()]
+    with pytest.raises(RuntimeError, match="decode_evict_layers_.*k_cache.*layer 1"):
+        OPS.decode_evict_layers_(k, v, pos, length, queries, per[0][5],
+                                 torch.stack([a[6] for a in per]),
+                                 torch.stack([a[7] for a in per]), D ** -0.5, 4)
+    assert all(_same_bits(a, b_) for a, b_ in zip(k + v + pos + [length], before))
