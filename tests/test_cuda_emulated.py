@@ -169,6 +169,25 @@ def test_score_text_vision(emu, name):
         assert torch.equal(scores[l][mod == 0], torch.zeros_like(scores[l][mod == 0]))
 
 
+def test_mi_of_one_row_or_one_vision_slot_is_exactly_zero(emu):
+    """A text->vision block of one guidance row or one vision slot has I = 0 exactly (as the CPU
+    op and the reference: tests/test_mi_degenerate.py), not the expansion's rounding noise."""
+    D, L, dtype = 16, 3, torch.float32
+    mod = torch.ones(2, 40, dtype=torch.int8)
+    mod[0, 1] = 2  # one vision slot, 38 guidance rows after it
+    mod[1, 1:39] = 2  # 38 vision slots, one guidance row
+    q_pos = ref.guidance_positions(mod)
+    T = q_pos.shape[1]
+    qs = [randn((2, 4, T, D), dtype, 70 + l) for l in range(L)]
+    ks = [randn((2, 2, 40, D), dtype, 80 + l) for l in range(L)]
+    scale = float(torch.tensor(1 / math.sqrt(D), dtype=torch.float32))
+    out = emu("score", _score_meta(mod, q_pos, qs, ks, dtype, scale, {}),
+              q=torch.stack(qs), k=torch.stack(ks), q_pos=q_pos, modality=mod)
+    stats = out.get("stats", torch.float32, (L, 2, 2))
+    assert (stats[..., 0] > 0).all()
+    assert torch.equal(stats[..., 1], torch.zeros(L, 2)), stats
+
+
 def test_score_layer_alone_equals_batched(emu):
     """A layer's scores do not depend on the layers launched with it (bit-identical)."""
     dtype, L = torch.bfloat16, 3

@@ -157,7 +157,8 @@ def score_text_vision(q: Tensor, k: Tensor, q_pos: Tensor, modality: Tensor, sca
         ``Σ_i A[i, p]`` over the rows ``text_score`` names, pad 0.
     stats : Tensor
         ``[B, 2]`` fp32: text->vision attention mass ``S`` and its mutual information ``I``
-        (guidance rows, the same in both modes).
+        (guidance rows, the same in both modes; ``I`` is 0 exactly when the sample has one
+        guidance row or one vision slot).
     """
     return _ops.score_text_vision(q, k, q_pos, modality,
                                   _float_arg("score_text_vision", "scale", scale), text_score)

@@ -165,7 +165,9 @@ def scores_from_attention(A: torch.Tensor, q_pos: torch.Tensor, modality: torch.
                            dtype=torch.float64).reshape(len(rows), len(vis))
         S = float(blk.sum())
         I = 0.0
-        if S > 0:
+        # one guidance row or one vision slot: p(t, v) = p(t) p(v) exactly, so I = 0 (not the
+        # rounding noise of the sum below, whose sign and size would decide the "mi" budgets)
+        if S > 0 and len(rows) >= 2 and len(vis) >= 2:
             p = blk / S
             pr = p.sum(1, keepdim=True)
             pc = p.sum(0, keepdim=True)

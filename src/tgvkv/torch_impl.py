@@ -150,8 +150,10 @@ def scores_from_attention(A: torch.Tensor, m: GuidanceMasks, need_mi: bool = Tru
         nz = p > 0
         terms = torch.where(nz, p * torch.log(torch.where(nz, p / outer, torch.ones_like(p))),
                             torch.zeros_like(p))
-        I = terms.sum((1, 2))
-        stats[:, 1] = torch.where(S > 0, I, torch.zeros_like(I))
+        I = terms.sum((1, 2)).clamp_min(0)  # >= 0: a negative value is rounding noise
+        # one guidance row or one vision slot: I = 0 exactly (p = p_t p_v), not the noise above
+        can = (S > 0) & (m.n_valid >= 2) & (m.vision.sum(1) >= 2)
+        stats[:, 1] = torch.where(can, I, torch.zeros_like(I))
     return scores, stats.to(torch.float32)
 
 

@@ -109,7 +109,11 @@ inline void finish_scores(const ScoreLayer& ly, const ScoreBatch& sb, int64_t b,
       if (mod[j] == kVision) S += static_cast<double>(a[j]);
   }
   double I = 0.0;
-  if (sb.want_mi && S > 0.0) {
+  // one guidance row or one vision slot: the joint p(t, v) is p(t) p(v) exactly and I = 0, not
+  // the rounding noise of the sum below (whose sign and size would decide the "mi" budgets)
+  int64_t n_vis = 0;
+  for (int64_t j = 0; j < N && n_vis < 2; ++j) n_vis += mod[j] == kVision;
+  if (sb.want_mi && S > 0.0 && Tv >= 2 && n_vis >= 2) {
     // p = a / S; marginals pr (rows), pc (columns); I = sum p log(p / (pr pc)) over p > 0.
     double* pc = cols;  // reuse
     for (int64_t j = 0; j < N; ++j) pc[j] = 0.0;

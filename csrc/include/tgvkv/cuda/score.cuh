@@ -604,20 +604,32 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(const Params P) {
 // --------------------------------------------------------------------------------------------
 __global__ void __launch_bounds__(kThreads) finalize_kernel(const Params P) {
   __shared__ double red[kThreads];
+  __shared__ int cnt[2][kThreads];  // valid guidance rows, vision slots
   const int b = blockIdx.x, l = blockIdx.y;
   const int64_t lb = int64_t(l) * P.B + b;
   const double* rowpart = P.rowpart + lb * P.nchunks * P.T;
   const double* chunkpart = P.chunkpart + lb * P.nchunks * 3;
+  const int64_t* q_pos_b = P.q_pos + int64_t(b) * P.T;
+  const int8_t* mod_b = P.modality + int64_t(b) * P.N;
   double rl = 0.0;
+  int nrow = 0, nvis = 0;
   for (int t = threadIdx.x; t < P.T; t += kThreads) {
     double r = 0.0;
     for (int c = 0; c < P.nchunks; ++c) r += rowpart[int64_t(c) * P.T + t];
     if (r > 0.0) rl += r * log(r);
+    nrow += row_valid(q_pos_b[t], P.N) ? 1 : 0;
   }
+  for (int64_t j = threadIdx.x; j < P.N; j += kThreads) nvis += mod_b[j] == kVision ? 1 : 0;
   red[threadIdx.x] = rl;
+  cnt[0][threadIdx.x] = nrow;
+  cnt[1][threadIdx.x] = nvis;
   __syncthreads();
   for (int o = kThreads / 2; o > 0; o >>= 1) {
-    if (threadIdx.x < o) red[threadIdx.x] += red[threadIdx.x + o];
+    if (threadIdx.x < o) {
+      red[threadIdx.x] += red[threadIdx.x + o];
+      cnt[0][threadIdx.x] += cnt[0][threadIdx.x + o];
+      cnt[1][threadIdx.x] += cnt[1][threadIdx.x + o];
+    }
     __syncthreads();
   }
   if (threadIdx.x == 0) {
@@ -627,7 +639,10 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const Params P) {
       AL += chunkpart[c * 3 + 1];
       CL += chunkpart[c * 3 + 2];
     }
-    double I = S > 0.0 ? (AL + S * log(S) - red[0] - CL) / S : 0.0;
+    // one guidance row or one vision slot: p(t, v) = p(t) p(v) exactly, so I = 0 (not rounding
+    // noise; as the CPU op and the reference)
+    const bool can = cnt[0][0] >= 2 && cnt[1][0] >= 2;
+    double I = S > 0.0 && can ? (AL + S * log(S) - red[0] - CL) / S : 0.0;
     if (I < 0.0) I = 0.0;  // MI >= 0: a negative value is rounding noise (as the CPU op)
     P.stats[lb * 2 + 0] = float(S);
     P.stats[lb * 2 + 1] = float(I);
