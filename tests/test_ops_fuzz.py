@@ -207,7 +207,12 @@ def compare(name, got, exp, a_op, a_ref, a0):
                                                         a0["scale"], text_score="guidance")[0]
                                   for q, k in zip(a0["queries"], a0["k_cache"])])
             assert_same_kept(gi, ei, scores, a0["modality"], rel=1e-4)
-            torch.testing.assert_close(gf, ef, rtol=1e-5, atol=1e-12)
+            # budget="mi": the I of a nearly independent block is a sum that cancels down to
+            # ~1e-11, so its last bits differ between kernel and reference by ~1e-5 of it, and a
+            # layer's tiny share with them (1.8e-10 apart on a fraction of 1.3e-5, seen at 1000
+            # random examples); the keep counts above are still equal
+            atol = 1e-9 if a0["budget"] == "mi" else 1e-12
+            torch.testing.assert_close(gf, ef, rtol=1e-5, atol=atol)
         for l in range(len(a_op["k_cache"])):
             assert_moved(a_op["k_cache"][l], a0["k_cache"][l], gi[l], gn[l])
             assert_moved(a_op["v_cache"][l], a0["v_cache"][l], gi[l], gn[l])
