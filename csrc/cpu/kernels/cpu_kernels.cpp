@@ -260,41 +260,49 @@ struct KeyMask {
   const float* of(int64_t b) const { return has_pad[b] ? pad.data() + b * Np : nullptr; }
 };
 
-// exp(s * x[j] - max) of one row of logits over keys [0, n), pad keys (mask: KeyMask::of, or
-// nullptr when the sample has none: no mask stream to load) taken as -inf, written over the
-// logits; returns their sum, 0 when every key is masked (x then left as it was), and NaN when a
-// key not masked has a NaN or infinite logit (NaN / inf in the keys or queries, or a scale that
-// overflows): the callers turn that into NaN scores, which the ops refuse (check_finite_scores),
-// never into a row left out in silence. s: the scale the GEMM did not apply (1 after the fp32
-// GEMM, whose alpha is the scale: s * x is then x exactly). Two passes, both in cache: the max
-// and the finiteness (v - v is 0 for a finite v, NaN otherwise; a NaN stays in a sum), then exp
-// and sum.
+// The max of s * x[j] over the keys [0, n) of one row of logits, pad keys (mask: KeyMask::of, or
+// nullptr when the sample has none: no mask stream to load) left out: -inf when every key is
+// masked, and NaN when a key not masked has a NaN or infinite value (NaN / inf in the keys or
+// queries, or a scale that overflows), checked in the same pass (v - v is 0 for a finite v and
+// NaN otherwise; a NaN stays in a sum). Lanes past the row's end read as 0 (finiteness) and -inf
+// (max).
+template <bool kMask>
+inline float row_max_t(const float* x, int64_t n, float s, const float* mask) {
+  const Vec ninf(kNegInf), vs(s), zero(0.0f);
+  Vec vmax = ninf, bad = zero;
+  auto step = [&](Vec v, const Vec& m) {
+    if constexpr (kMask) v = Vec::blendv(v, zero, m);
+    bad = bad + (v - v);
+    if constexpr (kMask) v = Vec::blendv(v, ninf, m);
+    return v;
+  };
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW)
+    vmax = at::vec::maximum(vmax, step(Vec::loadu(x + j) * vs, kMask ? Vec::loadu(mask + j) : zero));
+  if (const int64_t rem = n - j; rem > 0)
+    vmax = at::vec::maximum(
+        vmax, Vec::set(ninf, step(Vec::loadu(x + j, rem) * vs,
+                                  kMask ? Vec::loadu(mask + j, rem) : zero), rem));
+  if (std::isnan(lanes_sum(bad))) return std::numeric_limits<float>::quiet_NaN();
+  return lanes_max(vmax);
+}
+
+// exp(s * x[j] - max) of one row of logits over keys [0, n), pad keys taken as -inf (s, mask and
+// the finiteness check as row_max_t), written over the logits; returns their sum, 0 when every
+// key is masked (x then left as it was), and NaN for a row with a non-finite logit: the callers
+// turn that into NaN scores, which the ops refuse (check_finite_scores), never into a row left
+// out in silence. s: the scale the GEMM did not apply (1 after the fp32 GEMM, whose alpha is the
+// scale: s * x is then x exactly). Two passes, both in cache: the max, then exp and sum.
 template <bool kMask>
 inline float row_exp_t(float* x, int64_t n, float s, const float* mask) {
   const Vec ninf(kNegInf), vs(s), zero(0.0f);
-  Vec vmax = ninf, bad = zero;
+  const float mx = row_max_t<kMask>(x, n, s, mask);
+  if (std::isnan(mx)) return mx;
+  if (!(mx > kNegInf)) return 0.0f;
+  const Vec vnm(-mx);
+  Vec vsum(0.0f);
   int64_t j = 0;
   for (; j + kW <= n; j += kW) {
-    Vec v = Vec::loadu(x + j) * vs;
-    if constexpr (kMask) v = Vec::blendv(v, zero, Vec::loadu(mask + j));
-    bad = bad + (v - v);
-    if constexpr (kMask) v = Vec::blendv(v, ninf, Vec::loadu(mask + j));
-    vmax = at::vec::maximum(vmax, v);
-  }
-  const int64_t rem = n - j;
-  if (rem > 0) {  // lanes past the row's end read as 0 (finiteness) and -inf (max)
-    Vec v = Vec::loadu(x + j, rem) * vs;
-    if constexpr (kMask) v = Vec::blendv(v, zero, Vec::loadu(mask + j, rem));
-    bad = bad + (v - v);
-    if constexpr (kMask) v = Vec::blendv(v, ninf, Vec::loadu(mask + j, rem));
-    vmax = at::vec::maximum(vmax, Vec::set(ninf, v, rem));
-  }
-  if (std::isnan(lanes_sum(bad))) return std::numeric_limits<float>::quiet_NaN();
-  const float mx = lanes_max(vmax);
-  if (!(mx > kNegInf)) return 0.0f;
-  const Vec vm(mx), vnm(-mx);
-  Vec vsum(0.0f);
-  for (j = 0; j + kW <= n; j += kW) {
     // s * x - max in one rounding (x - max exactly as before when s = 1)
     Vec e = at::vec::fmadd(Vec::loadu(x + j), vs, vnm);
     if constexpr (kMask) e = Vec::blendv(e, ninf, Vec::loadu(mask + j));
@@ -302,7 +310,7 @@ inline float row_exp_t(float* x, int64_t n, float s, const float* mask) {
     e.store(x + j);
     vsum = vsum + e;
   }
-  if (rem > 0) {
+  if (const int64_t rem = n - j; rem > 0) {
     Vec e = at::vec::fmadd(Vec::loadu(x + j, rem), vs, vnm);
     if constexpr (kMask) e = Vec::blendv(e, ninf, Vec::loadu(mask + j, rem));
     e = Vec::set(zero, e.exp_u20(), rem);
@@ -597,24 +605,17 @@ void decode_probs_t(const T* q, const T* k, int64_t sn, int64_t sd, int64_t n, i
   }
   for (int64_t gi = 0; gi < g; ++gi) {
     float* p = probs + gi * ldp;
-    // a non-finite logit (v - v is NaN for it; a NaN stays in a sum) makes the whole row NaN,
-    // which the op refuses: an -inf logit would otherwise pass as a probability of 0
-    Vec vmax(kNegInf), bad(0.0f);
-    int64_t s = 0;
-    for (; s + kW <= n; s += kW) {
-      const Vec v = Vec::loadu(p + s);
-      vmax = at::vec::maximum(vmax, v);
-      bad = bad + (v - v);
-    }
-    float mx = lanes_max(vmax), bad_tail = 0.0f;
-    for (; s < n; ++s) mx = std::max(mx, p[s]), bad_tail += p[s] - p[s];
-    if (std::isnan(lanes_sum(bad) + bad_tail)) {
+    // a non-finite logit makes the whole row NaN, which the op refuses: an -inf logit would
+    // otherwise pass as a probability of 0
+    const float mx = row_max_t<false>(p, n, 1.0f, nullptr);
+    if (std::isnan(mx)) {
       std::fill(p, p + n, std::numeric_limits<float>::quiet_NaN());
       continue;
     }
     const Vec vm(mx);
     Vec vsum(0.0f);
-    for (s = 0; s + kW <= n; s += kW) {
+    int64_t s = 0;
+    for (; s + kW <= n; s += kW) {
       const Vec e = (Vec::loadu(p + s) - vm).exp();
       e.store(p + s);
       vsum = vsum + e;
