@@ -152,12 +152,12 @@ def main(argv=None) -> int:
     ap.add_argument("--suite", action="store_true", help="also time the test suite")
     args = ap.parse_args(argv)
     if args.run or args.rerun:
+        # paths relative to the checkout's root, where it runs: the command the results record
+        # is then the one to type there
+        out = os.path.relpath(os.path.abspath(args.out), ROOT)
         for p in args.presets:
             for t in args.threads:
                 if args.rerun or not os.path.exists(path_of(args.out, p, t, args.tag)):
-                    # paths relative to the checkout's root, where it runs: the command the
-                    # results record is then the one to type there
-                    out = os.path.relpath(os.path.abspath(args.out), ROOT)
                     cmd = [sys.executable, "bench/cpu_evict.py", *run_args(p, t, args.tag, out)]
                     print("+", " ".join(cmd), flush=True)
                     rc = subprocess.run(cmd, cwd=ROOT).returncode
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "auto", "--dist",
                              "loadgroup", "tests"], cwd=ROOT).returncode
         suite_s = time.time() - t0
-        if rc not in (0,):
+        if rc != 0:
             print(f"the test suite failed (exit {rc})")
             return rc
     text, ok = report(args.out, args.tag, args.presets, args.threads, suite_s)
