@@ -93,7 +93,7 @@ def _arch_flags():
 # Optional parts. `pip install tgvkv` gives the ops and the policies (tgvkv, tgvkv.ops,
 # tgvkv.policy, tgvkv.presses, tgvkv.torch_impl); the extras add the rest. CI reads the oldest
 # supported transformers from the pin below (regex `transformers>=([0-9.]+)`).
-TRANSFORMERS = "transformers>=5.17,<=5.24.0"
+TRANSFORMERS = "transformers>=5.17,<=5.25.0"
 EXTRAS = {
     "hf": [TRANSFORMERS],                               # tgvkv.hf, tgvkv.testing, generate bench
     "eval": [TRANSFORMERS, "easy-vqa", "pillow"],       # tgvkv.eval: tiny VLM on easy-VQA

@@ -44,3 +44,21 @@ def test_moved_modules_keep_their_old_names():
 
     assert tiny.build is tgvkv.testing.build and tiny.make_inputs is tgvkv.testing.make_inputs
     assert tgvkv.cli.main is tgvkv.bench.cli.main
+
+
+def test_supported_transformers_range_is_the_same_everywhere():
+    # setup.py's extras pin, the range tgvkv.hf warns outside of, and the README's statement must
+    # move together when a new transformers release is tested (CI reads the oldest from setup.py).
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pin = re.search(r'"transformers>=([0-9.]+),<=([0-9.]+)"', (root / "setup.py").read_text())
+    assert pin, "setup.py: no transformers>=A,<=B pin"
+    lo, hi = pin.groups()
+    patch = (root / "src/tgvkv/hf/patch.py").read_text()
+    assert f'TRANSFORMERS_MIN, TRANSFORMERS_MAX = "{lo}", "{hi}"' in patch
+    readme = (root / "README.md").read_text()
+    assert f"(transformers `>={lo},<={hi}`; CI runs the Hugging Face tests on both\nends, {lo}.0 and {hi};" \
+        in readme
+    assert readme.count(f"transformers {lo}–{hi}") == 2

@@ -59,9 +59,10 @@ TEXT_MODEL_TYPES = {
 }
 BASE_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "eager")
 PREFIX = "tgvkv|"
-# Tested with transformers 5.17 (the oldest supported: the GPU machine's) and 5.24.0 (the newest
-# release; it renamed ``past_key_values`` to ``cache``); keep in step with setup.py and .ci/run.
-TRANSFORMERS_MIN, TRANSFORMERS_MAX = "5.17", "5.24.0"
+# Tested with transformers 5.17 (the oldest supported: the GPU machine's) and 5.25.0 (the newest
+# release; 5.24 renamed ``past_key_values`` to ``cache``); keep in step with setup.py and the README
+# (tests/test_layout.py checks); CI reads the oldest from setup.py.
+TRANSFORMERS_MIN, TRANSFORMERS_MAX = "5.17", "5.25.0"
 TRANSFORMERS_RANGE = f">={TRANSFORMERS_MIN},<={TRANSFORMERS_MAX}"
 CACHE_ARGS = ("cache", "past_key_values")  # the cache argument's names, newest first
 
