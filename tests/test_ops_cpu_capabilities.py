@@ -120,3 +120,50 @@ def test_thread_count_independence_under_mkl_avx2():
                         *THREAD_TESTS], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
+
+
+def _shared_functions_with_vector_code(path: str) -> dict:
+    """{mangled name: [AVX / AVX-512 mnemonics]} of the functions in the shared object at path
+    whose name the linker may merge across objects (not in an anonymous namespace, not in a
+    capability namespace such as at::vec::AVX512 or tgvkv::cpu::kernels_AVX2, not a local clone
+    such as foo.constprop.0 or foo._omp_fn.0) and whose code uses a VEX / EVEX instruction."""
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", path], capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    import re
+
+    local = re.compile(r"_GLOBAL__N_|AVX2|AVX512|[.@]")
+    found, name = {}, None
+    for line in out.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        if m:
+            name = None if local.search(m.group(1)) else m.group(1)
+            continue
+        parts = line.split("\t")
+        if name and len(parts) >= 2 and re.match(r"v[a-z]", parts[1].strip()):
+            found.setdefault(name, []).append(parts[1].split()[0])
+    return found
+
+
+@pytest.mark.skipif(len(COMPILED) < 2, reason="one CPU capability compiled in: nothing to merge")
+def test_no_capability_code_behind_a_shared_name():
+    # The kernel sources are compiled once per capability, and the headers they include
+    # (tgvkv/cpu_score.h, c10, std) have inline functions with external linkage: each capability's
+    # object has its own copy, and the linker keeps one per name. Only the DEFAULT object's copy is
+    # safe for every caller (setup.py and CMakeLists.txt link it first); had it kept the AVX-512 one
+    # (tgvkv::cpu::finish_scores, for one, is emitted out of line there), the DEFAULT and AVX2
+    # kernels would call AVX-512 code: SIGILL on an AVX2-only CPU, which no forced-capability
+    # test here can show. So: no function the linker could have merged holds AVX or AVX-512 code.
+    import platform
+    import shutil
+
+    if platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None:
+        pytest.skip("needs an x86-64 build and binutils' objdump")
+    found = _shared_functions_with_vector_code(tgvkv._C.__file__)
+    if found and shutil.which("c++filt"):
+        names = subprocess.run(["c++filt"], input="\n".join(found), capture_output=True, text=True,
+                               timeout=60).stdout.splitlines()
+        found = dict(zip(names, found.values()))
+    assert not found, ("AVX / AVX-512 code behind names the linker merges across the capability "
+                       "objects (link the DEFAULT object first): "
+                       + "; ".join(f"{n} ({', '.join(sorted(set(m))[:4])})"
+                                   for n, m in sorted(found.items())[:10]))

@@ -11,7 +11,10 @@
 //
 // Everything below is in an anonymous namespace (internal linkage) except the table getter, whose
 // name carries the capability: no inline function of this file can be merged by the linker with
-// another capability's copy.
+// another capability's copy. The inline functions of the headers it includes (tgvkv/cpu_score.h's
+// finish_scores, c10, std) can: every capability's object has a copy under the same name, and the
+// linker keeps the first, so the build links the DEFAULT object first (setup.py, CMakeLists.txt);
+// tests/test_ops_cpu_capabilities.py checks that no such name holds AVX / AVX-512 code.
 #ifndef CPU_CAPABILITY
 #error "compile with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512 (setup.py and CMakeLists.txt do)"
 #endif
