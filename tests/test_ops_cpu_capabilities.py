@@ -29,6 +29,7 @@ OP_TESTS = [
     "tests/test_ops_select.py::test_evict_noncontiguous_cache",
     # text_score="all_queries" (its own kernel, text_column_mass): evict vs reference, 3 keeps
     "tests/test_text_score.py::test_evict_all_queries_matches_reference_and_evicts_text",
+    "tests/test_text_score.py::test_score_text_vision_both_modes_match_reference",
     # the finiteness check of q (its own kernel, all_finite): every element, every layout
     "tests/test_text_score.py::test_any_non_finite_query_element_is_found",
     # non-finite keys refused at every lane of the row softmax's vectors (their width is the

@@ -1,7 +1,7 @@
 """text_score (SPEC §1.3): "all_queries" (default, the released code: a text slot's score is its
 attention column sum over ALL query rows) and "guidance" (the guidance rows only), in the fused
 ops against the reference on text-heavy prompts (a long system prompt before the image, text
-between two images, left/right padding, GQA, fp32/fp16/bf16) where text IS evicted, and through
+between two images, left/right padding, GQA and MHA, fp32/fp16/bf16) where text IS evicted, and through
 tgvkv.apply on eager tiny models against the eager-attention oracle."""
 
 import math
@@ -30,6 +30,10 @@ LAYOUTS = {
                        [("t", 20), ("v", 12), ("t", 9)]], "right"),
     "text_between_images": ([[("t", 6), ("v", 14), ("t", 18), ("v", 10), ("t", 5)],
                              [("t", 12), ("v", 8), ("t", 9), ("v", 9), ("t", 7)]], "left"),
+    # several row tiles of the CPU text-mass kernel (64 rows with one query head per KV head,
+    # 32 with 8 / 2), the last one short
+    "long_prompt": ([[("t", 37), ("v", 120), ("t", 11), ("v", 45), ("t", 9)],
+                     [("t", 5), ("v", 150), ("t", 20)]], "right"),
 }
 
 
@@ -43,13 +47,14 @@ def _rows(q, q_pos):
     return torch.stack([q[b][:, q_pos[b].clamp(min=0)] for b in range(q.shape[0])])
 
 
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4)], ids=["gqa", "mha"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_score_text_vision_both_modes_match_reference(layout, dtype):
+def test_score_text_vision_both_modes_match_reference(layout, dtype, heads):
     mod = _modality(layout)
     q_pos = ref.guidance_positions(mod)
     B, N = mod.shape
-    Hq, Hkv, D = 8, 2, 32  # GQA
+    (Hq, Hkv), D = heads, 32
     q = randn((B, Hq, N, D), dtype, 1)
     k = randn((B, Hkv, N, D), dtype, 2)
     scale = 1 / math.sqrt(D)
