@@ -363,3 +363,66 @@ def test_video_prompts_match_eager_oracle(name, prompt):
     cache, _ = _prefill(m, inp, TGVKV(keep_ratio=0.25))
     assert torch.equal(cache.result[1].cpu(), keep)
     assert torch.equal(cache.result[0].cpu(), keep_idx)
+
+
+# --------------------------------------------------------------------------------------------
+# Beam search: generate reorders (and duplicates) the cache's batch rows every step
+# --------------------------------------------------------------------------------------------
+def _decode(m, cache, tok, policy):
+    h = hf.patch(m, policy)
+    try:
+        h.runtime.policy = cache.policy  # the cache carries the policy it was made with
+        with torch.no_grad():
+            return m(input_ids=tok, use_cache=True, **hf.cache_kwargs(m, cache)).logits[:, -1]
+    finally:
+        h.remove()
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-llava-next"])
+@pytest.mark.parametrize("idx", [[1, 0], [1, 1], [0, 0]], ids=["swap", "dup1", "dup0"])
+def test_reordered_cache_decodes_as_its_source_rows(name, idx):
+    """reorder_cache (beam search) moves every piece of a row's state with its keys and values:
+    prefill evicted, a row permuted or duplicated, then several steps of decode-time eviction give
+    the logits of the source rows in the unreordered cache (two different prompts, so a row that
+    kept another row's bookkeeping would show)."""
+    m = model(name)
+    inp = tiny.make_inputs(m, [PROMPT, [3, "image", 2, "image", 5]], padding_side="left")
+    pol = TGVKV(keep_ratio=0.3)
+    a, out = _prefill(m, inp, pol)
+    b, _ = _prefill(m, inp, pol)
+    sel = torch.tensor(idx)
+    b.reorder_cache(sel)
+    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    evicted = False
+    for step in range(6):
+        before = [int(layer.length.sum()) for layer in a.layers]
+        got_a = _decode(m, a, tok, pol)
+        got_b = _decode(m, b, tok[sel], pol)
+        assert torch.allclose(got_b, got_a[sel], atol=1e-5, rtol=1e-5), (step, idx)
+        for l, layer in enumerate(a.layers):
+            assert b.kept_positions(l, 0) == a.kept_positions(l, idx[0])
+            assert b.kept_positions(l, 1) == a.kept_positions(l, idx[1])
+        evicted |= any(int(layer.length.sum()) <= n for layer, n in zip(a.layers, before))
+        tok = got_a.argmax(-1, keepdim=True)
+    assert evicted  # decode-time eviction ran on the reordered rows too
+
+
+@pytest.mark.parametrize("name", VLMS)
+def test_beam_search_generate(name):
+    """generate(num_beams=3) under eviction: runs, each returned sequence's cache rows hold the
+    kept fraction, and at keep_ratio=1 it is the unpatched model's beam search, bit for bit."""
+    m = model(name)
+    inp = tiny.make_inputs(m, [PROMPT, [3, "image", 2, "image", 5]])
+    beam = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, num_beams=3,
+                num_return_sequences=2)
+    ref = m.generate(**inp, **beam)
+    with hf.apply(m, TGVKV(keep_ratio=1.0)):
+        assert torch.equal(m.generate(**inp, **beam), ref)
+    with hf.apply(m, TGVKV(keep_ratio=0.3)) as h:
+        out = m.generate(**inp, **beam)
+        cache = h.last_cache
+    assert out.shape == ref.shape
+    # one cache row per beam, each holding far fewer slots than the shorter prompt has
+    assert cache.layers[0].keys.shape[0] == 2 * 3
+    n_real = int(inp["attention_mask"].sum(-1).min())
+    assert all(int(layer.length.max()) < n_real for layer in cache.layers)
