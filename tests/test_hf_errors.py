@@ -193,3 +193,35 @@ def test_cache_under_both_names_is_a_clear_error(llava):
         other = "past_key_values" if hf.cache_arg_name(llava) == "cache" else "cache"
         llava(**inp, **hf.cache_kwargs(llava, cache), **{other: None}, use_cache=True)
         assert cache.phase == "done" and cache.result is not None
+
+
+@pytest.mark.parametrize("how", ["prompt_lookup", "assistant_model", "generation_config",
+                                 "model_default"])
+def test_assisted_decoding_is_a_clear_error(llava, how):
+    # assisted decoding crops the cache after each draft; an evicted cache cannot be cropped
+    from transformers import GenerationConfig
+
+    inp = tiny.make_inputs(llava, [[6, "image", 9]])
+    kw = dict(GEN)
+    saved = llava.generation_config
+    if how == "prompt_lookup":
+        kw["prompt_lookup_num_tokens"] = 3
+    elif how == "assistant_model":
+        kw["assistant_model"] = llava
+    elif how == "generation_config":
+        kw["generation_config"] = GenerationConfig(prompt_lookup_num_tokens=2, max_new_tokens=4)
+    else:
+        llava.generation_config = GenerationConfig(prompt_lookup_num_tokens=2)
+    try:
+        with hf.apply(llava, TGVKV(keep_ratio=0.3)):
+            with pytest.raises(ValueError, match=r"tgvkv: generate\(.*\) is assisted"):
+                llava.generate(**inp, **kw)
+            # nothing was left behind: the next, plain call works under the same handle
+            llava.generation_config = saved
+            kw = {k: v for k, v in kw.items() if k in GEN}
+            assert llava.generate(**inp, **kw).shape[1] == inp["input_ids"].shape[1] + 4
+    finally:
+        llava.generation_config = saved
+    # unpatched, transformers' own assisted decoding still runs
+    out = llava.generate(**inp, max_new_tokens=4, do_sample=False, prompt_lookup_num_tokens=2)
+    assert out.shape[1] == inp["input_ids"].shape[1] + 4

@@ -377,12 +377,34 @@ def _post_hook(rt: _Runtime, module, args, kwargs, output):
     return None
 
 
+# generate() options that make it assisted / speculative decoding (GenerationConfig fields; the
+# assistant model is an argument of generate only)
+ASSISTED = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
+
+
+def _refuse_assisted(orig_generate, kwargs):
+    """Assisted decoding verifies drafted tokens and rolls the cache back with ``crop()``; an
+    evicted cache cannot be cropped (transformers' own error does not say why): say so first."""
+    cfg = kwargs.get("generation_config")
+    if cfg is None:
+        cfg = getattr(getattr(orig_generate, "__self__", None), "generation_config", None)
+    for name in ASSISTED:
+        value = kwargs[name] if name in kwargs else getattr(cfg, name, None)
+        if value is not None and value is not False:
+            raise ValueError(
+                f"tgvkv: generate({name}=...) is assisted / speculative decoding, which rolls the "
+                "KV cache back with crop() after each draft, and an evicted cache cannot be "
+                "cropped: generate without it, or outside tgvkv.apply / with the handle removed")
+
+
 def _generate(rt_ref, orig_generate, cache_arg, *args, **kwargs):
     rt = rt_ref()
     streamer = kwargs.get("streamer")
     try:
         given = _given_cache(kwargs)
         _refuse_foreign(given)  # before generate starts: a streamer must not wait for nothing
+        if rt is not None:
+            _refuse_assisted(orig_generate, kwargs)
         if rt is not None and given is None:
             if kwargs.get("use_cache", True) is False:
                 warnings.warn("tgvkv: generate(use_cache=False) keeps no KV cache, so nothing is "
