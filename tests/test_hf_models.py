@@ -284,14 +284,17 @@ def test_right_padding_scores_match_oracle():
     assert torch.equal(cache.result[0].cpu(), keep_idx)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", ["tiny-llava-next", "tiny-qwen3-vl"])
-def test_ops_backend_matches_reference_backend_end_to_end(name):
+def test_ops_backend_matches_reference_backend_end_to_end(name, dtype):
     """The compiled ops and tgvkv.reference drive the model to the same kept sets and tokens,
-    decode-time eviction included (live slot order may differ: compare sets)."""
+    decode-time eviction included (live slot order may differ: compare sets); a bf16 / fp16 model
+    too (its cache in its dtype, the scores in fp32 from it)."""
     import tgvkv.ops
 
-    m = model(name)
+    m = model(name) if dtype == torch.float32 else tiny.build(name, seed=0, dtype=dtype)
     inp = tiny.make_inputs(m, [PROMPT, [2, "image", 3, "image", 5]])
+    inp = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in inp.items()}
     runs = []
     for backend in (tgvkv.ops, reference):
         with hf.apply(m, TGVKV(keep_ratio=0.3, ops=backend)) as h:
@@ -299,6 +302,8 @@ def test_ops_backend_matches_reference_backend_end_to_end(name):
             c = h.last_cache
         live = [[c.kept_positions(l, b) for b in range(2)] for l in range(len(c.layers))]
         runs.append((out, live, c.result[1].cpu()))
+        assert c.layers[0].keys.dtype == dtype
+        assert int(c.result[1].sum()) < len(c.layers) * int(inp["attention_mask"].sum())
     assert torch.equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]
     assert torch.equal(runs[0][2], runs[1][2])
