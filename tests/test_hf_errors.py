@@ -225,3 +225,22 @@ def test_assisted_decoding_is_a_clear_error(llava, how):
     # unpatched, transformers' own assisted decoding still runs
     out = llava.generate(**inp, max_new_tokens=4, do_sample=False, prompt_lookup_num_tokens=2)
     assert out.shape[1] == inp["input_ids"].shape[1] + 4
+
+
+@pytest.mark.parametrize("where", ["argument", "generation_config"])
+def test_cache_implementation_is_a_clear_error(llava, where):
+    # transformers would build a cache of its own next to the TGVKVCache tgvkv passes, and its
+    # error would blame a cache the caller never passed
+    from transformers import GenerationConfig
+
+    inp = tiny.make_inputs(llava, [[6, "image", 9]])
+    kw = dict(GEN)
+    if where == "argument":
+        kw["cache_implementation"] = "static"
+    else:
+        kw["generation_config"] = GenerationConfig(cache_implementation="static", max_new_tokens=4)
+    with hf.apply(llava, TGVKV(keep_ratio=0.3)):
+        with pytest.raises(ValueError, match=r"tgvkv: generate\(cache_implementation='static'\)"):
+            llava.generate(**inp, **kw)
+    out = llava.generate(**inp, **kw)  # unpatched: transformers' static cache runs
+    assert out.shape[1] == inp["input_ids"].shape[1] + 4

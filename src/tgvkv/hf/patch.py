@@ -382,12 +382,32 @@ def _post_hook(rt: _Runtime, module, args, kwargs, output):
 ASSISTED = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
 
 
-def _refuse_assisted(orig_generate, kwargs):
-    """Assisted decoding verifies drafted tokens and rolls the cache back with ``crop()``; an
-    evicted cache cannot be cropped (transformers' own error does not say why): say so first."""
+def _generation_config(orig_generate, kwargs):
+    """The GenerationConfig a generate() call starts from: its argument, else the model's."""
     cfg = kwargs.get("generation_config")
     if cfg is None:
         cfg = getattr(getattr(orig_generate, "__self__", None), "generation_config", None)
+    return cfg
+
+
+def _refuse_cache_implementation(orig_generate, kwargs):
+    """generate(cache_implementation=...) asks transformers to build its own cache, next to the
+    TGVKVCache tgvkv passes (transformers' error would blame a cache the caller never passed)."""
+    name = "cache_implementation"
+    value = kwargs[name] if name in kwargs else getattr(_generation_config(orig_generate, kwargs),
+                                                        name, None)
+    if value is not None:
+        raise ValueError(
+            f"tgvkv: generate(cache_implementation={value!r}) asks transformers for a cache of its "
+            "own, while tgvkv evicts in the TGVKVCache it passes to generate: drop the option "
+            "(also from the generation config), or run outside tgvkv.apply / with the handle "
+            "removed")
+
+
+def _refuse_assisted(orig_generate, kwargs):
+    """Assisted decoding verifies drafted tokens and rolls the cache back with ``crop()``; an
+    evicted cache cannot be cropped (transformers' own error does not say why): say so first."""
+    cfg = _generation_config(orig_generate, kwargs)
     for name in ASSISTED:
         value = kwargs[name] if name in kwargs else getattr(cfg, name, None)
         if value is not None and value is not False:
@@ -410,6 +430,7 @@ def _generate(rt_ref, orig_generate, cache_arg, *args, **kwargs):
                 warnings.warn("tgvkv: generate(use_cache=False) keeps no KV cache, so nothing is "
                               "evicted: the call runs as unpatched", stacklevel=2)
             else:
+                _refuse_cache_implementation(orig_generate, kwargs)
                 for n in CACHE_ARGS:
                     kwargs.pop(n, None)
                 kwargs[cache_arg] = rt.new_cache()
