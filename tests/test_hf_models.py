@@ -86,6 +86,34 @@ def test_kept_positions_match_eager_oracle(name):
             assert cache.kept_positions(l, b) == keep_idx[l, b, : keep[l, b]].tolist()
 
 
+@pytest.mark.parametrize("name,kv_heads", [("tiny-llava", 4), ("tiny-qwen2.5-vl", 1)],
+                         ids=["mha", "gqa4"])
+def test_head_layouts_match_eager_oracle(name, kv_heads):
+    """The tiny models have 4 query heads on 2 KV heads; LLaVA-1.5 / -NeXT are MHA and Qwen2.5-VL
+    has 7 query heads per KV head: kept slots and budgets against the eager oracle with one query
+    head per KV head and with all 4 on one, then a decode step on the compacted cache."""
+    cfg = tiny.config(name)
+    cfg.get_text_config().num_key_value_heads = kv_heads
+    m = tiny.build(name, seed=0, cfg=cfg)
+    cfg_e = tiny.config(name)
+    cfg_e.get_text_config().num_key_value_heads = kv_heads
+    me = tiny.build(name, seed=0, cfg=cfg_e, attn_implementation="eager")
+    inp = tiny.make_inputs(m, [PROMPT, [3, "image", 2, "image", 5]])
+    with torch.no_grad():
+        att = me(**inp, output_attentions=True).attentions
+    mod = reference.modality_map(inp["input_ids"], hf.vision_token_ids(me.config),
+                                 inp["attention_mask"])
+    keep_idx, keep, n_prot, frac = reference.policy_from_attention(att, mod, 0.3)
+    cache, out = _prefill(m, inp, TGVKV(keep_ratio=0.3))
+    assert cache.layers[0].keys.shape[1] == kv_heads
+    got_idx, n_kept, got_prot, _ = cache.result
+    assert torch.equal(n_kept.cpu(), keep) and torch.equal(got_idx.cpu(), keep_idx)
+    assert torch.equal(got_prot.cpu(), n_prot)
+    assert int(keep.sum()) < keep.shape[0] * int(inp["attention_mask"].sum())
+    logits = _decode(m, cache, out.logits[:, -1].argmax(-1, keepdim=True), TGVKV(keep_ratio=0.3))
+    assert bool(torch.isfinite(logits).all())
+
+
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl"])
 @pytest.mark.parametrize("cfg", [dict(budget="mi"), dict(text_priority=False),
                                  dict(uniform_budgets=True), dict(redistribute=True)])
