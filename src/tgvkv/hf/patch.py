@@ -390,12 +390,15 @@ def _generation_config(orig_generate, kwargs):
     return cfg
 
 
-def _refuse_cache_implementation(orig_generate, kwargs):
+def _option(kwargs, cfg, name):
+    """A generate() option as the call sees it: its argument, else the generation config's."""
+    return kwargs[name] if name in kwargs else getattr(cfg, name, None)
+
+
+def _refuse_cache_implementation(kwargs, cfg):
     """generate(cache_implementation=...) asks transformers to build its own cache, next to the
     TGVKVCache tgvkv passes (transformers' error would blame a cache the caller never passed)."""
-    name = "cache_implementation"
-    value = kwargs[name] if name in kwargs else getattr(_generation_config(orig_generate, kwargs),
-                                                        name, None)
+    value = _option(kwargs, cfg, "cache_implementation")
     if value is not None:
         raise ValueError(
             f"tgvkv: generate(cache_implementation={value!r}) asks transformers for a cache of its "
@@ -404,12 +407,11 @@ def _refuse_cache_implementation(orig_generate, kwargs):
             "removed")
 
 
-def _refuse_assisted(orig_generate, kwargs):
+def _refuse_assisted(kwargs, cfg):
     """Assisted decoding verifies drafted tokens and rolls the cache back with ``crop()``; an
     evicted cache cannot be cropped (transformers' own error does not say why): say so first."""
-    cfg = _generation_config(orig_generate, kwargs)
     for name in ASSISTED:
-        value = kwargs[name] if name in kwargs else getattr(cfg, name, None)
+        value = _option(kwargs, cfg, name)
         if value is not None and value is not False:
             raise ValueError(
                 f"tgvkv: generate({name}=...) is assisted / speculative decoding, which rolls the "
@@ -424,13 +426,14 @@ def _generate(rt_ref, orig_generate, cache_arg, *args, **kwargs):
         given = _given_cache(kwargs)
         _refuse_foreign(given)  # before generate starts: a streamer must not wait for nothing
         if rt is not None:
-            _refuse_assisted(orig_generate, kwargs)
+            cfg = _generation_config(orig_generate, kwargs)
+            _refuse_assisted(kwargs, cfg)
         if rt is not None and given is None:
             if kwargs.get("use_cache", True) is False:
                 warnings.warn("tgvkv: generate(use_cache=False) keeps no KV cache, so nothing is "
                               "evicted: the call runs as unpatched", stacklevel=2)
             else:
-                _refuse_cache_implementation(orig_generate, kwargs)
+                _refuse_cache_implementation(kwargs, cfg)
                 for n in CACHE_ARGS:
                     kwargs.pop(n, None)
                 kwargs[cache_arg] = rt.new_cache()
