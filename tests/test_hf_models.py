@@ -46,8 +46,8 @@ def test_keep_ratio_one_is_bit_identical(name):
         assert torch.equal(a, b)
 
 
-def _oracle(name, inp, keep_ratio, **kw):
-    me = model(name, "eager")
+def _oracle(name, inp, keep_ratio, me=None, **kw):
+    me = model(name, "eager") if me is None else me
     with torch.no_grad():
         out = me(**inp, output_attentions=True)
     L = me.config.get_text_config().num_hidden_layers
@@ -55,6 +55,18 @@ def _oracle(name, inp, keep_ratio, **kw):
     mod = reference.modality_map(inp["input_ids"], hf.vision_token_ids(me.config),
                                  inp["attention_mask"])
     return reference.policy_from_attention(out.attentions, mod, keep_ratio, **kw), mod
+
+
+def _decode(m, cache, step, policy):
+    """Last-position logits of one patched decode step (inputs ``step``) on ``cache``, which
+    keeps the policy it was made with."""
+    h = hf.patch(m, policy)
+    try:
+        h.runtime.policy = cache.policy
+        with torch.no_grad():
+            return m(**{"use_cache": True, **step}, **hf.cache_kwargs(m, cache)).logits[:, -1]
+    finally:
+        h.remove()
 
 
 def _prefill(m, inp, policy):
@@ -99,18 +111,15 @@ def test_head_layouts_match_eager_oracle(name, kv_heads):
     cfg_e.get_text_config().num_key_value_heads = kv_heads
     me = tiny.build(name, seed=0, cfg=cfg_e, attn_implementation="eager")
     inp = tiny.make_inputs(m, [PROMPT, [3, "image", 2, "image", 5]])
-    with torch.no_grad():
-        att = me(**inp, output_attentions=True).attentions
-    mod = reference.modality_map(inp["input_ids"], hf.vision_token_ids(me.config),
-                                 inp["attention_mask"])
-    keep_idx, keep, n_prot, frac = reference.policy_from_attention(att, mod, 0.3)
+    (keep_idx, keep, n_prot, _), _ = _oracle(name, inp, 0.3, me=me)
     cache, out = _prefill(m, inp, TGVKV(keep_ratio=0.3))
     assert cache.layers[0].keys.shape[1] == kv_heads
     got_idx, n_kept, got_prot, _ = cache.result
     assert torch.equal(n_kept.cpu(), keep) and torch.equal(got_idx.cpu(), keep_idx)
     assert torch.equal(got_prot.cpu(), n_prot)
     assert int(keep.sum()) < keep.shape[0] * int(inp["attention_mask"].sum())
-    logits = _decode(m, cache, out.logits[:, -1].argmax(-1, keepdim=True), TGVKV(keep_ratio=0.3))
+    logits = _decode(m, cache, dict(input_ids=out.logits[:, -1].argmax(-1, keepdim=True)),
+                     TGVKV(keep_ratio=0.3))
     assert bool(torch.isfinite(logits).all())
 
 
@@ -188,14 +197,7 @@ def test_compacted_decode_matches_masked_full_cache(name):
     step = dict(input_ids=nxt, use_cache=True)
     if "mm_token_type_ids" in inp:
         step["mm_token_type_ids"] = torch.zeros(B, 1, dtype=torch.int32)
-    h = hf.patch(m, TGVKV(keep_ratio=0.3, decode_evict=False))
-    try:
-        # the same cache object carries the policy it was made with
-        h.runtime.policy = cache.policy
-        with torch.no_grad():
-            got = m(**step, **hf.cache_kwargs(m, cache)).logits[:, -1]
-    finally:
-        h.remove()
+    got = _decode(m, cache, step, TGVKV(keep_ratio=0.3, decode_evict=False))
     # oracle: unpatched full cache, per-layer mask = kept prompt positions + the new token
     full = DynamicCache(config=m.config)
     pre = {k: v for k, v in inp.items()}
@@ -368,13 +370,7 @@ def test_decode_steps_match_masked_full_cache(name):
         kw = dict(input_ids=tok, use_cache=True)
         if "mm_token_type_ids" in inp:
             kw["mm_token_type_ids"] = torch.zeros(B, 1, dtype=torch.int32)
-        h = hf.patch(m, TGVKV(keep_ratio=0.3))
-        try:
-            h.runtime.policy = cache.policy  # the cache carries the policy it was made with
-            with torch.no_grad():
-                got = m(**kw, **hf.cache_kwargs(m, cache)).logits[:, -1]
-        finally:
-            h.remove()
+        got = _decode(m, cache, kw, TGVKV(keep_ratio=0.3))
         want = _masked_oracle_logits(m, full, kw, live, N + step)
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (step, (got - want).abs().max())
         after = [[cache.kept_positions(l, b) for b in range(B)] for l in range(len(live))]
@@ -401,16 +397,6 @@ def test_video_prompts_match_eager_oracle(name, prompt):
 # --------------------------------------------------------------------------------------------
 # Beam search: generate reorders (and duplicates) the cache's batch rows every step
 # --------------------------------------------------------------------------------------------
-def _decode(m, cache, tok, policy):
-    h = hf.patch(m, policy)
-    try:
-        h.runtime.policy = cache.policy  # the cache carries the policy it was made with
-        with torch.no_grad():
-            return m(input_ids=tok, use_cache=True, **hf.cache_kwargs(m, cache)).logits[:, -1]
-    finally:
-        h.remove()
-
-
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-llava-next"])
 @pytest.mark.parametrize("idx", [[1, 0], [1, 1], [0, 0]], ids=["swap", "dup1", "dup0"])
 def test_reordered_cache_decodes_as_its_source_rows(name, idx):
@@ -429,8 +415,8 @@ def test_reordered_cache_decodes_as_its_source_rows(name, idx):
     evicted = False
     for step in range(6):
         before = [int(layer.length.sum()) for layer in a.layers]
-        got_a = _decode(m, a, tok, pol)
-        got_b = _decode(m, b, tok[sel], pol)
+        got_a = _decode(m, a, dict(input_ids=tok), pol)
+        got_b = _decode(m, b, dict(input_ids=tok[sel]), pol)
         assert torch.allclose(got_b, got_a[sel], atol=1e-5, rtol=1e-5), (step, idx)
         for l, layer in enumerate(a.layers):
             assert b.kept_positions(l, 0) == a.kept_positions(l, idx[0])
